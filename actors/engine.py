@@ -1,0 +1,240 @@
+"""The vLLM engine behind a tier: typed requests in, typed token chunks out.
+
+`VLLMEngine` owns one `vllm.v1.engine.async_llm.AsyncLLM`. It renders prompts with the model's
+own tokenizer and chat template, checks them against the context window, maps sampling options
+onto `SamplingParams` in DELTA mode, and turns each `RequestOutput` into `TokenChunk`s. It knows
+nothing of Ray, HTTP or routing, so it can be driven directly (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from tierserve.actors.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from tierserve.actors.types import (
+    GenerateRequest,
+    SamplingOptions,
+    TierStats,
+    TokenChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput
+
+logger = logging.getLogger(__name__)
+
+
+def unknown_engine_options(options: dict[str, Any]) -> list[str]:
+    """Keys of `options` that vLLM's `AsyncEngineArgs` does not have."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return sorted(set(options) - known - {"model"})
+
+
+def context_error(prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> ContextLengthExceeded | None:
+    """The error for a prompt (plus requested completion) that does not fit, else None."""
+    if prompt_tokens >= max_model_len:
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_tokens} tokens, leaving no room for a completion. Please shorten the prompt.",
+            param,
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            "max_tokens",
+        )
+    return None
+
+
+class VLLMEngine:
+    """One vLLM `AsyncLLM` plus the request bookkeeping a tier reports."""
+
+    def __init__(self, model: str, options: dict[str, Any] | None = None):
+        self.model = model
+        self.options = dict(options or {})
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self.max_model_len = 0
+        self._running = 0
+        self._started = 0
+        self._finished = 0
+        self._aborted = 0
+        self._failed = 0
+
+    def start(self) -> None:
+        """Build the engine: loads weights and starts the engine-core process (slow)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model, **self.options)
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len
+        logger.info("engine ready: %s (max_model_len=%d)", self.model, self.max_model_len)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve (not started, or its core process died)."""
+        if self._llm is None:
+            raise ServiceUnavailable(f"engine for {self.model} is not running")
+        if self._llm.errored:
+            raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
+        await self._llm.check_health()
+
+    def stats(self) -> TierStats:
+        return TierStats(
+            running=self._running,
+            started=self._started,
+            finished=self._finished,
+            aborted=self._aborted,
+            failed=self._failed,
+        )
+
+    def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
+        """Tokenize the request's prompt; chat messages go through the model's chat template."""
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            vocab = len(self._tokenizer)
+            if any(i < 0 or i >= vocab for i in ids):
+                raise InvalidRequest("prompt contains token ids outside the model's vocabulary", "prompt")
+            return ids
+        if request.messages is not None:
+            turns = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                text = self._tokenizer.apply_chat_template(
+                    turns, add_generation_prompt=request.add_generation_prompt, tokenize=False
+                )
+            except Exception as exc:  # jinja templates raise on roles/orders they refuse
+                raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", "messages") from exc
+            return self._tokenizer.encode(text, add_special_tokens=False)
+        if request.prompt is not None:
+            return self._tokenizer.encode(request.prompt)
+        raise InvalidRequest("one of prompt, messages or prompt_token_ids is required", "prompt")
+
+    def sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> SamplingParams:
+        """vLLM sampling parameters in DELTA mode; `max_tokens` defaults to the room left."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        max_tokens = options.max_tokens if options.max_tokens is not None else self.max_model_len - prompt_tokens
+        try:
+            return SamplingParams(
+                n=options.n,
+                max_tokens=max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k if options.top_k > 0 else 0,
+                min_p=options.min_p,
+                seed=options.seed,
+                stop=list(options.stop) or None,
+                stop_token_ids=list(options.stop_token_ids) or None,
+                presence_penalty=options.presence_penalty,
+                frequency_penalty=options.frequency_penalty,
+                repetition_penalty=options.repetition_penalty,
+                logprobs=options.logprobs,
+                min_tokens=options.min_tokens,
+                ignore_eos=options.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's VLLMValidationError is a ValueError and names the field
+            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Stream the request's output as chunks; the last chunk carries the usage.
+
+        Leaving the iteration early (the caller went away, or the task was cancelled) aborts
+        the request in the engine and counts it as aborted.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            raise ServiceUnavailable(f"engine for {self.model} is not running")
+        ids = self.prompt_token_ids(request)
+        param = "messages" if request.messages is not None else "prompt"
+        error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len, param)
+        if error is not None:
+            raise error
+        params = self.sampling_params(request.sampling, len(ids))
+
+        self._started += 1
+        self._running += 1
+        outcome = "aborted"
+        step = 0
+        completion_tokens = 0
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request.request_id)
+        try:
+            async for output in stream:
+                step += 1
+                chunks = []
+                for choice in output.outputs:
+                    completion_tokens += len(choice.token_ids)
+                    chunks.append(self._chunk(choice, step, request.sampling.logprobs))
+                if output.finished and chunks:
+                    chunks[-1].usage = Usage(len(ids), completion_tokens)
+                for chunk in chunks:
+                    yield chunk
+            outcome = "finished"
+        except EngineDeadError as exc:
+            outcome = "failed"
+            raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc
+        except ValueError as exc:
+            outcome = "failed"
+            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self._running -= 1
+            if outcome == "finished":
+                self._finished += 1
+            elif outcome == "failed":
+                self._failed += 1
+            else:
+                self._aborted += 1
+                await stream.aclose()  # vLLM aborts a request whose stream is closed early
+                await self._llm.abort(request.request_id)
+
+    def _chunk(self, choice: CompletionOutput, step: int, top_k: int | None) -> TokenChunk:
+        return TokenChunk(
+            index=choice.index,
+            text=choice.text,
+            token_ids=list(choice.token_ids),
+            step=step,
+            finish_reason=choice.finish_reason,
+            stop_reason=choice.stop_reason,
+            logprobs=self._logprobs(choice, top_k) if top_k is not None else None,
+        )
+
+    def _logprobs(self, choice: CompletionOutput, top_k: int) -> list[TokenLogprob] | None:
+        """Per sampled token: its logprob and the `top_k` most likely tokens (vLLM ranks from 1)."""
+        if choice.logprobs is None:
+            return None
+        result = []
+        for token_id, position in zip(choice.token_ids, choice.logprobs):
+            sampled = position[token_id]
+            ranked = sorted((lp.rank, i, lp) for i, lp in position.items() if lp.rank is not None and lp.rank <= top_k)
+            top = [TopLogprob(self._token_text(i, lp.decoded_token), i, lp.logprob) for _, i, lp in ranked]
+            result.append(TokenLogprob(self._token_text(token_id, sampled.decoded_token), token_id, sampled.logprob, top))
+        return result
+
+    def _token_text(self, token_id: int, decoded: str | None) -> str:
+        return decoded if decoded is not None else self._tokenizer.decode([token_id])

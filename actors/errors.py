@@ -1,0 +1,80 @@
+"""Typed user errors.
+
+A `TierServeError` is the caller's fault or a condition the caller must react to (bad input,
+unknown model, prompt too long, service unavailable). It pickles by its positional args, so it
+survives the trip out of a Ray Serve replica, and the ingress renders it in the OpenAI error
+schema with its own status code. Anything else raised in the pipeline is a bug: it is logged
+with the request id and becomes a generic 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TierServeError(Exception):
+    """Base of all user-facing errors; rendered as `{"error": {message, type, param, code}}`."""
+
+    status_code: int = 400
+    error_type: str = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_openai(self) -> dict[str, Any]:
+        """The body of the HTTP error response, in the OpenAI error schema."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(TierServeError):
+    """The request is malformed or asks for something the engine refuses."""
+
+    default_code = "invalid_request"
+
+
+class ContextLengthExceeded(TierServeError):
+    """Prompt tokens plus `max_tokens` do not fit the tier's context window."""
+
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFound(TierServeError):
+    """`model` names neither a tier nor `auto`."""
+
+    status_code = 404
+    default_code = "model_not_found"
+
+
+class ServiceUnavailable(TierServeError):
+    """The engine behind a tier is dead or not ready; retrying later (or elsewhere) may work."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    default_code = "engine_unavailable"
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError and friends), if any."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        break
+    return exc

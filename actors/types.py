@@ -1,0 +1,123 @@
+"""Messages between the ingress and a tier: one generate request in, a stream of token chunks out.
+
+They are plain slotted dataclasses because they cross a Ray boundary per request (and chunks
+per few tokens): cheap to pickle, typed, and free of HTTP or OpenAI shapes. Field names follow
+vLLM's `SamplingParams`, which follow OpenAI's, so values pass straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingOptions:
+    """Sampling parameters, named as in vLLM's `SamplingParams`."""
+
+    max_tokens: int | None = None
+    """Cap on generated tokens per choice; None means 'up to the context window'."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 (or -1) disables top-k."""
+    min_p: float = 0.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    """Return the sampled token's logprob plus this many top alternatives; None returns none."""
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """What a tier needs to run one request. Exactly one of prompt / messages / prompt_token_ids."""
+
+    request_id: str
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    """Chat turns, rendered with the tier model's own chat template."""
+    prompt_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """W3C trace context carrier, so spans in the tier join the caller's trace."""
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Logprob of one sampled token and the top alternatives at that position."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class TokenChunk:
+    """New output of one choice since its previous chunk."""
+
+    index: int
+    """Choice index (0..n-1)."""
+    text: str
+    token_ids: list[int]
+    step: int
+    """How many engine outputs this request had received when this one came (1 = first)."""
+    finish_reason: str | None = None
+    """'stop', 'length' or 'abort' on the choice's last chunk."""
+    stop_reason: str | int | None = None
+    """The stop string or token id that ended the choice, if one did."""
+    logprobs: list[TokenLogprob] | None = None
+    usage: Usage | None = None
+    """Set on the request's very last chunk only."""
+
+
+@dataclass(slots=True)
+class TierInfo:
+    """What a tier tells the ingress about itself."""
+
+    name: str
+    model: str
+    """The model path or id the engine loaded."""
+    max_model_len: int
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier replica since it started."""
+
+    running: int
+    started: int
+    finished: int
+    aborted: int
+    """Requests whose caller went away before they finished, aborted in the engine."""
+    failed: int

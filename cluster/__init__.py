@@ -1,0 +1,1 @@
+"""Config schema, app builder, command line and deployment files."""

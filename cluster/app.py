@@ -1,0 +1,42 @@
+"""The app builder: one validated config in, one Ray Serve application out.
+
+`build_app` is the Serve `import_path` target (`serve run configs/serve.yaml`); `tierserve serve`
+calls `build_application` on the same config, so both start the same application.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from tierserve.actors.deployment import TierDeployment
+from tierserve.cluster.config import AppConfig, load_config
+from tierserve.router.ingress import Ingress
+from tierserve.router.tiers import TierEntry
+
+
+def tier_deployment_name(tier: str) -> str:
+    return f"tier-{tier}"
+
+
+INGRESS_NAME = "ingress"
+
+
+def build_application(config: AppConfig) -> Application:
+    """The ingress bound to one deployment per tier, each with its own Serve options."""
+    handles = {
+        tier.name: TierDeployment.options(
+            name=tier_deployment_name(tier.name), **tier.deployment.serve_options()
+        ).bind(tier, config.model_cache)
+        for tier in config.tiers
+    }
+    entries = [TierEntry(t.name, t.description) for t in config.tiers]
+    return Ingress.options(name=INGRESS_NAME, **config.ingress.deployment.serve_options()).bind(
+        config.ingress, entries, handles
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve app builder. args: `config` (path of a tierserve YAML; default the embedded one)."""
+    return build_application(load_config(args.get("config")))

@@ -1,0 +1,152 @@
+"""The `tierserve` command line.
+
+    tierserve serve [--config FILE] [--host H] [--port P]   start the app and wait (Ctrl-C stops)
+    tierserve models prepare [NAME ...] [--verify]          build embedded checkpoints in the cache
+    tierserve models list                                   embedded models and their cache state
+    tierserve config check FILE                             validate a config file
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tierserve.cluster.config import AppConfig, ConfigError, load_config
+
+
+def _cache(config: AppConfig | None, cache_dir: str | None) -> Path:
+    from tierserve.actors.checkpoints import default_cache_dir
+
+    chosen = cache_dir or (config.model_cache if config else None)
+    return Path(chosen) if chosen else default_cache_dir()
+
+
+def prepare_models(config: AppConfig, cache_dir: Path) -> None:
+    """Prepare every embedded model the config's tiers use, with a progress bar."""
+    from tierserve.actors.checkpoints import prepare_embedded
+
+    for name in sorted({t.embedded_name for t in config.tiers if t.embedded_name}):
+        path = prepare_embedded(name, cache_dir, progress=True)
+        print(f"model {name}: {path}", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from tierserve.cluster.app import build_application
+
+    config = load_config(args.config)
+    server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    cache = _cache(config, None)
+    config = config.model_copy(update={"server": server, "model_cache": str(cache)})
+    if not args.no_prepare:
+        prepare_models(config, cache)
+
+    if config.ray.address:
+        ray.init(address=config.ray.address)
+    else:
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False)
+    http = {"host": server.host, "port": server.port}
+    if server.request_timeout_s:
+        http["request_timeout_s"] = server.request_timeout_s
+    serve.start(http_options=http)
+    print("starting tierserve (engines warm up; the first start compiles the model and takes a few minutes)", flush=True)
+    serve.run(build_application(config), name=config.name, route_prefix="/")
+    print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopping tierserve", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from tierserve.actors.checkpoints import EMBEDDED_MODELS, prepare_embedded, verify_checkpoint
+
+    cache = _cache(None, args.cache_dir)
+    for name in args.names or sorted(EMBEDDED_MODELS):
+        path = prepare_embedded(name, cache, progress=True)
+        print(f"model {name}: {path}", flush=True)
+        if args.verify:
+            bad = verify_checkpoint(path)
+            if bad:
+                print(f"checksum mismatch in {path}: {', '.join(bad)}", file=sys.stderr)
+                return 1
+            print(f"model {name}: checksums match the manifest", flush=True)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from tierserve.actors.checkpoints import EMBEDDED_MODELS, checkpoint_dir, gguf_path, is_prepared, sha256_file
+
+    cache = _cache(None, args.cache_dir)
+    for name, spec in sorted(EMBEDDED_MODELS.items()):
+        try:
+            path = checkpoint_dir(cache, name, sha256_file(gguf_path(spec)))
+            state = f"prepared at {path}" if is_prepared(path) else "not prepared"
+        except FileNotFoundError as exc:
+            state = str(exc)
+        print(f"embedded:{name}  {state}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok ({len(config.tiers)} tier(s): {', '.join(t.name for t in config.tiers)})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierserve", description="Tiered LLM serving on Ray Serve and vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start tierserve and wait")
+    s.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--no-prepare", action="store_true", help="skip preparing embedded models first")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="embedded model checkpoints").add_subparsers(dest="models_command", required=True)
+    mp = m.add_parser("prepare", help="convert embedded models into the cache (idempotent)")
+    mp.add_argument("names", nargs="*", help="embedded model names (default: all)")
+    mp.add_argument("--cache-dir")
+    mp.add_argument("--verify", action="store_true", help="recompute checksums against the manifest")
+    mp.set_defaults(func=cmd_models_prepare)
+    ml = m.add_parser("list", help="embedded models and whether they are prepared")
+    ml.add_argument("--cache-dir")
+    ml.set_defaults(func=cmd_models_list)
+
+    c = sub.add_parser("config", help="config files").add_subparsers(dest="config_command", required=True)
+    cc = c.add_parser("check", help="validate a config file")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("TIERSERVE_LOG_LEVEL", "INFO"))
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"tierserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The application config: one YAML file, validated once, split into each deployment's section.
+
+`load_config` reports every problem with the file, the line and the YAML path of the bad field
+(`configs/x.yaml:12: tiers[0].engine.max_model_len: Input should be a valid integer`), including
+engine options vLLM does not know.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tierserve.actors.config import TierConfig
+from tierserve.router.config import IngressConfig
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names file, line and field."""
+
+
+class ServerConfig(BaseModel):
+    """Where Serve's HTTP proxy listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float | None = Field(None, gt=0)
+    """End-to-end HTTP request timeout enforced by Serve's proxy; None waits as long as it takes."""
+
+
+class RayConfig(BaseModel):
+    """How `tierserve serve` gets a Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    """An existing cluster to join (e.g. 'auto'); None starts a private local one."""
+    num_cpus: float | None = Field(None, gt=0)
+    """Logical CPUs of a local cluster; every replica reserves some."""
+
+
+class AppConfig(BaseModel):
+    """Everything `tierserve` serves: tiers, the ingress, the server and the Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("tierserve", pattern=r"^[A-Za-z0-9_-]+$")
+    """Serve application name."""
+    model_cache: str | None = None
+    """Where prepared checkpoints live; default $TIERSERVE_CACHE or ~/.cache/tierserve."""
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    tiers: list[TierConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _tier_names(self) -> AppConfig:
+        names = [t.name for t in self.tiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tier names must be unique; repeated: {', '.join(dupes)}")
+        if "auto" in names:
+            raise ValueError("'auto' is reserved and cannot name a tier")
+        if self.ingress.default_tier is not None and self.ingress.default_tier not in names:
+            raise ValueError(f"ingress.default_tier {self.ingress.default_tier!r} is not a tier ({', '.join(names)})")
+        return self
+
+
+def bundled_config(name: str = "local.yaml") -> Path:
+    """Path of a config file shipped with the package (`configs/` in the source tree)."""
+    return Path(str(resources.files("tierserve.configs").joinpath(name)))
+
+
+def yaml_path(loc: tuple[Any, ...]) -> str:
+    """('tiers', 0, 'engine') -> 'tiers[0].engine'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node along `loc` that exists in the file."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if pair is None:
+                break
+            node, line = pair[1], pair[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _existing_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The prefix of pydantic's `loc` that is a real path in the data (drops union-branch tags),
+    plus the first missing key (a missing required field is still named)."""
+    out: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str):
+            out.append(part)
+            break
+        else:
+            break
+        out.append(part)
+    return tuple(out)
+
+
+def parse_config(data: Any, source: str = "<config>", text: str | None = None, check_engine: bool = True) -> AppConfig:
+    """Validate a config mapping; raise ConfigError naming each bad field's YAML path."""
+    root = yaml.compose(text) if text else None
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _existing_loc(data, tuple(err["loc"]))
+            line = _line_of(root, loc)
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: {yaml_path(loc)}: {err['msg']}")
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+    if check_engine:
+        _check_engine_options(config, data, source, root)
+    return config
+
+
+def _check_engine_options(config: AppConfig, data: Any, source: str, root: yaml.Node | None) -> None:
+    """Engine options go to vLLM untouched, so a typo is caught here rather than in a replica."""
+    if importlib.util.find_spec("vllm") is None:  # a config-only install: nothing to check against
+        return
+    from tierserve.actors.engine import unknown_engine_options
+
+    lines = []
+    for i, tier in enumerate(config.tiers):
+        for key in unknown_engine_options(tier.engine):
+            loc = ("tiers", i, "engine", key)
+            line = _line_of(root, loc)
+            lines.append(f"{source}:{line}: {yaml_path(loc)}: not an option of vLLM's AsyncEngineArgs")
+    if lines:
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines))
+
+
+def load_config(path: str | Path | None = None, check_engine: bool = True) -> AppConfig:
+    """Load and validate a YAML config file (default: the bundled embedded config)."""
+    path = Path(path) if path else bundled_config()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping at the top level")
+    return parse_config(data, str(path), text, check_engine)

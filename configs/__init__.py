@@ -1,0 +1,1 @@
+"""Bundled tierserve configuration files (YAML), shipped as package data."""

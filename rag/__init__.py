@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: embedder, FAISS index store, ingestion, retriever deployment."""

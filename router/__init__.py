@@ -1,0 +1,1 @@
+"""The ingress: OpenAI-compatible HTTP API, Python handle API and tier selection."""

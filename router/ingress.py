@@ -1,0 +1,274 @@
+"""The ingress deployment: OpenAI-compatible HTTP routes and the Python handle API.
+
+Both front doors share one code path: each HTTP route validates the body and calls the same
+public method a `DeploymentHandle` caller uses (`chat`, `chat_stream`, `complete`,
+`complete_stream`, `list_models`, `health`). The ingress turns an OpenAI request into a
+`GenerateRequest`, streams batches of `TokenChunk`s from the tier's deployment and formats them
+as OpenAI objects. A stream is primed before any HTTP header goes out, so an error raised before
+the first token (bad prompt, context overflow, dead tier) is a proper 4xx/5xx response; an
+error after that ends the SSE stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tierserve.actors.errors import ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.actors.types import GenerateRequest, TokenChunk
+from tierserve.router.config import IngressConfig
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
+from tierserve.router.responses import ChatStreamFormatter, CompletionBuilder, CompletionStreamFormatter
+from tierserve.router.tiers import TierDirectory, TierEntry
+
+logger = logging.getLogger("tierserve.ingress")
+
+TIER_HEADER = "x-tierserve-tier"
+R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+app = FastAPI(title="tierserve", docs_url="/docs", redoc_url=None)
+
+
+def _request_id(prefix: str) -> str:
+    """`<prefix>-<Serve's request id>`, so the id in responses matches Serve's logs."""
+    try:
+        rid = serve.context._get_serve_request_context().request_id
+    except Exception:  # called outside a Serve request (plain unit use)
+        rid = ""
+    return f"{prefix}-{rid or uuid.uuid4().hex}"
+
+
+def _error_response(exc: TierServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+
+def _internal_error(exc: BaseException, where: str) -> dict[str, Any]:
+    rid = _request_id("req")
+    logger.error("%s failed (request %s): %r", where, rid, exc, exc_info=exc)
+    return {
+        "error": {
+            "message": f"internal server error (request id {rid})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(validation_error(list(exc.errors())))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = TierServeError(str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
+    err.status_code = exc.status_code
+    return _error_response(err, getattr(exc, "headers", None))
+
+
+@app.exception_handler(TierServeError)
+async def _on_user_error(_: Request, exc: TierServeError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@app.exception_handler(Exception)
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(_internal_error(exc, f"{request.method} {request.url.path}"), status_code=500)
+
+
+def _coerce(request: R | dict[str, Any], model: type[R]) -> R:
+    """Handle callers may pass the pydantic request or a plain dict in the OpenAI shape."""
+    if isinstance(request, model):
+        return request
+    try:
+        return model.model_validate(request)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+def _as_user_error(exc: BaseException, tier: str) -> BaseException:
+    """Ray's wrappers off; a replica or actor that died means the tier is unavailable."""
+    import ray.exceptions
+
+    cause = unwrap_error(exc)
+    if isinstance(cause, TierServeError):
+        return cause
+    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return ServiceUnavailable(f"tier {tier!r} is unavailable: its replica died", "model")
+    return cause
+
+
+async def _primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first item, so errors before it raise here; then the whole stream."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+
+    async def chained() -> AsyncIterator[T]:
+        if first is None:
+            return
+        yield first
+        async for item in stream:
+            yield item
+
+    return chained()
+
+
+async def _sse(objects: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's framing; a late error becomes a final error event."""
+    try:
+        async for obj in objects:
+            yield f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
+    except TierServeError as exc:
+        yield f"data: {json.dumps(exc.to_openai())}\n\n"
+    except Exception as exc:
+        yield f"data: {json.dumps(_internal_error(exc, 'stream'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """The front door: OpenAI HTTP routes plus typed methods for DeploymentHandle callers."""
+
+    def __init__(self, config: IngressConfig, tiers: list[TierEntry], handles: dict[str, DeploymentHandle]):
+        self.config = config
+        self.directory = TierDirectory(tiers, config.default_tier)
+        self.handles = handles
+        self.created = int(time.time())
+
+    # ----- Python handle API -------------------------------------------------------------
+
+    async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletion:
+        """A whole chat completion (`stream` is ignored)."""
+        body = _coerce(request, ChatCompletionRequest)
+        tier, rid = self.directory.resolve(body.model), _request_id("chatcmpl")
+        built = await self._collect(tier, body.to_generate(rid), body.n)
+        return built.chat(rid, tier)
+
+    async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+        """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
+        body = _coerce(request, ChatCompletionRequest)
+        async for item in self._chat_stream(body, self.directory.resolve(body.model)):
+            yield item
+
+    async def complete(self, request: CompletionRequest | dict[str, Any]) -> Completion:
+        """A whole text completion (`stream` is ignored)."""
+        body = _coerce(request, CompletionRequest)
+        tier, rid = self.directory.resolve(body.model), _request_id("cmpl")
+        built = await self._collect(tier, body.to_generate(rid), body.n)
+        return built.completion(rid, tier)
+
+    async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
+        """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
+        body = _coerce(request, CompletionRequest)
+        async for item in self._complete_stream(body, self.directory.resolve(body.model)):
+            yield item
+
+    async def list_models(self) -> list[Model]:
+        """`auto` and every tier, as OpenAI model objects."""
+        return [Model(id=m, object="model", created=self.created, owned_by="tierserve") for m in self.directory.model_ids()]
+
+    async def health(self) -> dict[str, str]:
+        """Each tier's health: 'ok' or the reason it failed its check."""
+
+        async def check(name: str) -> str:
+            try:
+                await asyncio.wait_for(self.handles[name].check_health.remote(), self.config.health_timeout_s)
+                return "ok"
+            except asyncio.TimeoutError:
+                return f"no answer within {self.config.health_timeout_s:g}s"
+            except Exception as exc:
+                return str(_as_user_error(exc, name))
+
+        names = list(self.directory.tiers)
+        return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
+
+    # ----- HTTP routes -------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def _http_chat(self, body: ChatCompletionRequest) -> Any:
+        tier = self.directory.resolve(body.model)
+        headers = {TIER_HEADER: tier}
+        if body.stream:
+            stream = await _primed(self._chat_stream(body, tier))
+            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
+        return JSONResponse((await self.chat(body)).model_dump(exclude_unset=True), headers=headers)
+
+    @app.post("/v1/completions")
+    async def _http_complete(self, body: CompletionRequest) -> Any:
+        tier = self.directory.resolve(body.model)
+        headers = {TIER_HEADER: tier}
+        if body.stream:
+            stream = await _primed(self._complete_stream(body, tier))
+            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
+        return JSONResponse((await self.complete(body)).model_dump(exclude_unset=True), headers=headers)
+
+    @app.get("/v1/models")
+    async def _http_models(self) -> JSONResponse:
+        models = await self.list_models()
+        return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]})
+
+    @app.get("/health")
+    async def _http_health(self) -> JSONResponse:
+        tiers = await self.health()
+        ok = all(v == "ok" for v in tiers.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "tiers": tiers}, status_code=200 if ok else 503)
+
+    # ----- shared internals --------------------------------------------------------------
+
+    async def _chat_stream(self, body: ChatCompletionRequest, tier: str) -> AsyncIterator[ChatCompletionChunk]:
+        rid = _request_id("chatcmpl")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = ChatStreamFormatter(rid, tier, include_usage)
+        async for chunk in self._tier_stream(tier, body.to_generate(rid)):
+            for item in fmt.format(chunk):
+                yield item
+
+    async def _complete_stream(self, body: CompletionRequest, tier: str) -> AsyncIterator[Completion]:
+        rid = _request_id("cmpl")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = CompletionStreamFormatter(rid, tier, include_usage)
+        async for chunk in self._tier_stream(tier, body.to_generate(rid)):
+            for item in fmt.format(chunk):
+                yield item
+
+    async def _collect(self, tier: str, request: GenerateRequest, n: int) -> CompletionBuilder:
+        built = CompletionBuilder(n)
+        async for chunk in self._tier_stream(tier, request):
+            built.add(chunk)
+        return built
+
+    async def _tier_stream(self, tier: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """The tier's token chunks; leaving early cancels the tier's stream (and so the engine request)."""
+        responses = self.handles[tier].options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for batch in responses:
+                for chunk in batch:
+                    yield chunk
+            finished = True
+        except Exception as exc:
+            raise _as_user_error(exc, tier) from None
+        finally:
+            if not finished:
+                responses.cancel()
+

@@ -1,0 +1,169 @@
+"""OpenAI request models and the mapping from them to a tier's `GenerateRequest`.
+
+Requests are validated here, so that bad input becomes a precise 400 before any tier is asked.
+Responses use the `openai` package's own pydantic models, which keeps their shape identical to
+what OpenAI clients parse. Unknown request fields are ignored, as OpenAI-compatible servers do;
+fields tierserve understands but cannot honour are refused with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tierserve.actors.errors import InvalidRequest
+from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Annotated[TextPart, Field(discriminator="type")]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by chat and text completions, with OpenAI's names and ranges."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and any(not s for s in v):
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+        s = SamplingOptions(max_tokens=max_tokens, n=self.n, seed=self.seed, logprobs=logprobs)
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(s, name, value)
+        s.stop = list(self.stop or [])
+        s.stop_token_ids = list(self.stop_token_ids or [])
+        s.min_tokens = self.min_tokens
+        s.ignore_eos = self.ignore_eos
+        return s
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tool calling is not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("only response_format type 'text' is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def to_generate(self, request_id: str) -> GenerateRequest:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return GenerateRequest(
+            request_id=request_id,
+            sampling=self._sampling(max_tokens, logprobs),
+            messages=[ChatMessage(m.role, m.text()) for m in self.messages],
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions` with one prompt (text or token ids)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("batched prompts are not supported; send one request per prompt")
+            v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    def to_generate(self, request_id: str) -> GenerateRequest:
+        prompt = self.prompt
+        return GenerateRequest(
+            request_id=request_id,
+            sampling=self._sampling(self.max_tokens, self.logprobs),
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=None if isinstance(prompt, str) else list(prompt),
+        )
+
+
+def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """One 400 from pydantic's errors: the first error's message, with its field path as `param`."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # Drop pydantic's union-branch tags (e.g. 'str', 'list[...]') that follow the field path.
+    param = ".".join(p for p in loc if not p.startswith(("list[", "function-")) and p not in ("str", "int", "float", "bool"))
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json")
+    return InvalidRequest(f"{param or 'body'}: {message}" if param else message, param or None)

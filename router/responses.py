@@ -1,0 +1,182 @@
+"""Token chunks to OpenAI response objects (the `openai` package's own models).
+
+Streaming turns each `TokenChunk` into one chunk object; non-streaming folds all chunks of a
+request into one response with `CompletionBuilder`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion import ChoiceLogprobs
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
+from openai.types.completion_choice import Logprobs as CompletionLogprobs
+
+from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """vLLM's finish reason in OpenAI's vocabulary ('abort' never reaches a live client)."""
+    return None if reason is None else _FINISH.get(reason, "stop")
+
+
+def usage(u: Usage) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
+    return [
+        ChatCompletionTokenLogprob(
+            token=t.token,
+            bytes=list(t.token.encode()),
+            logprob=t.logprob,
+            top_logprobs=[TopLogprob(token=a.token, bytes=list(a.token.encode()), logprob=a.logprob) for a in t.top],
+        )
+        for t in items
+    ]
+
+
+def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    offsets = []
+    for t in items:
+        offsets.append(text_offset)
+        text_offset += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[{a.token: a.logprob for a in t.top} for t in items],
+        text_offset=offsets,
+    )
+
+
+class ChatStreamFormatter:
+    """Per request: TokenChunks in, `chat.completion.chunk` objects out."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool):
+        self.request_id = request_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._started: set[int] = set()
+
+    def _chunk(self, choices: list[ChunkChoice], u: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.request_id,
+            object="chat.completion.chunk",
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage(u) if u is not None else None,
+        )
+
+    def format(self, chunk: TokenChunk) -> Iterable[ChatCompletionChunk]:
+        delta = ChoiceDelta(content=chunk.text)
+        if chunk.index not in self._started:
+            self._started.add(chunk.index)
+            delta.role = "assistant"
+        logprobs = ChunkLogprobs(content=chat_logprobs(chunk.logprobs)) if chunk.logprobs is not None else None
+        yield self._chunk(
+            [ChunkChoice(index=chunk.index, delta=delta, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs)]
+        )
+        if chunk.usage is not None and self.include_usage:
+            yield self._chunk([], chunk.usage)
+
+
+class CompletionStreamFormatter:
+    """Per request: TokenChunks in, streamed `text_completion` objects out."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool):
+        self.request_id = request_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._offsets: dict[int, int] = {}
+
+    def _completion(self, choices: list[CompletionChoice], u: Usage | None = None) -> Completion:
+        return Completion(
+            id=self.request_id,
+            object="text_completion",
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage(u) if u is not None else None,
+        )
+
+    def format(self, chunk: TokenChunk) -> Iterable[Completion]:
+        offset = self._offsets.get(chunk.index, 0)
+        self._offsets[chunk.index] = offset + len(chunk.text)
+        logprobs = completion_logprobs(chunk.logprobs, offset) if chunk.logprobs is not None else None
+        # Streamed choices carry finish_reason null until the last one, which the openai
+        # package's CompletionChoice type does not admit; build it without validation.
+        choice = CompletionChoice.model_construct(
+            index=chunk.index, text=chunk.text, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs
+        )
+        yield self._completion([choice])
+        if chunk.usage is not None and self.include_usage:
+            yield self._completion([], chunk.usage)
+
+
+class CompletionBuilder:
+    """Folds all chunks of one request into per-choice text, logprobs and finish reason."""
+
+    def __init__(self, n: int):
+        self.texts = [[] for _ in range(n)]
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self.finish: list[str | None] = [None] * n
+        self.usage: Usage | None = None
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.texts[chunk.index].append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs[chunk.index] = (self.logprobs[chunk.index] or []) + chunk.logprobs
+        if chunk.finish_reason is not None:
+            self.finish[chunk.index] = finish_reason(chunk.finish_reason)
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def chat(self, request_id: str, model: str) -> ChatCompletion:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatCompletionMessage(role="assistant", content="".join(text)),
+                finish_reason=self.finish[i] or "stop",
+                logprobs=ChoiceLogprobs(content=chat_logprobs(lp)) if lp is not None else None,
+            )
+            for i, (text, lp) in enumerate(zip(self.texts, self.logprobs))
+        ]
+        return ChatCompletion(
+            id=request_id,
+            object="chat.completion",
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage(self.usage) if self.usage else None,
+        )
+
+    def completion(self, request_id: str, model: str) -> Completion:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(text),
+                finish_reason=self.finish[i] or "stop",
+                logprobs=completion_logprobs(lp, 0) if lp is not None else None,
+            )
+            for i, (text, lp) in enumerate(zip(self.texts, self.logprobs))
+        ]
+        return Completion(
+            id=request_id,
+            object="text_completion",
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage(self.usage) if self.usage else None,
+        )

@@ -1,0 +1,1 @@
+"""Safety and PII guards, the guard chain and streaming redaction."""

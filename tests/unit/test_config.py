@@ -1,0 +1,110 @@
+"""Config loading: the bundled files load, and every kind of mistake names its YAML path and line."""
+
+from pathlib import Path
+
+import pytest
+
+from tierserve.actors.config import DeploymentOptions
+from tierserve.cluster.config import ConfigError, bundled_config, load_config, yaml_path
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+tiers:
+  - name: small
+    model: embedded:smollm2-135m-instruct
+    engine:
+      max_model_len: 1024
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_bundled_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert config.tiers
+
+
+def test_default_is_the_packaged_local_config():
+    assert bundled_config().name == "local.yaml"
+    config = load_config()
+    assert config.tiers[0].embedded_name == "smollm2-135m-instruct"
+    assert config.ingress.default_tier == config.tiers[0].name
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.server.port == 8000
+    assert config.tiers[0].engine == {"max_model_len": 1024}
+    assert config.tiers[0].deployment.num_replicas == 1
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        # wrong type, nested in a list
+        (GOOD + "    deployment:\n      num_cpus: many\n", ":7: tiers[0].deployment.num_cpus: Input should be a valid number"),
+        # unknown key
+        (GOOD + "    deployment:\n      cpus: 1\n", ":7: tiers[0].deployment.cpus: Extra inputs are not permitted"),
+        # engine options are checked against vLLM's AsyncEngineArgs
+        (GOOD + "      max_modle_len: 5\n", ":6: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs"),
+        # missing required field
+        ("tiers:\n  - name: small\n", ":2: tiers[0].model: Field required"),
+        ("server:\n  port: 8000\n", ":1: tiers: Field required"),
+        # value constraints
+        (GOOD.replace("name: small", "name: Small Tier"), ":2: tiers[0].name: String should match pattern"),
+        (GOOD + "server:\n  port: 70000\n", ":7: server.port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_errors_name_the_yaml_path_and_line(tmp_path, text, where):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert where in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("  - name: small\n    model: x\n", "tier names must be unique; repeated: small"),
+        ("  - name: auto\n    model: x\n", "'auto' is reserved"),
+    ],
+)
+def test_tier_set_rules(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, GOOD + extra))
+
+
+def test_default_tier_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="ingress.default_tier 'large' is not a tier"):
+        load_config(write(tmp_path, GOOD + "ingress:\n  default_tier: large\n"))
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "tiers: [\n"))
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_path_formatting():
+    assert yaml_path(("tiers", 0, "engine", "dtype")) == "tiers[0].engine.dtype"
+    assert yaml_path(()) == "<root>"
+
+
+def test_deployment_options_map_to_serve():
+    opts = DeploymentOptions(num_replicas=2, num_cpus=4, num_gpus=1, resources={"tier_large": 1}, env={"A": "1"})
+    serve_opts = opts.serve_options()
+    assert serve_opts["num_replicas"] == 2
+    assert serve_opts["ray_actor_options"] == {
+        "num_cpus": 4,
+        "num_gpus": 1,
+        "resources": {"tier_large": 1},
+        "runtime_env": {"env_vars": {"A": "1"}},
+    }

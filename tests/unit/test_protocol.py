@@ -1,0 +1,110 @@
+"""OpenAI request validation and the mapping onto a tier's GenerateRequest."""
+
+import pytest
+from pydantic import ValidationError
+
+from tierserve.actors.errors import InvalidRequest
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_sampling_names_pass_through():
+    req = ChatCompletionRequest(
+        model="auto", messages=MSG, max_tokens=7, temperature=0.2, top_p=0.9, top_k=5, n=2, seed=11,
+        stop="\n", presence_penalty=0.5, frequency_penalty=0.25, logprobs=True, top_logprobs=3,
+    )
+    gen = req.to_generate("r1")
+    s = gen.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.n, s.seed) == (7, 0.2, 0.9, 5, 2, 11)
+    assert s.stop == ["\n"] and s.presence_penalty == 0.5 and s.frequency_penalty == 0.25
+    assert s.logprobs == 3
+    assert gen.request_id == "r1" and gen.messages[0].role == "user" and gen.messages[0].content == "hi"
+
+
+def test_chat_defaults_and_aliases():
+    s = ChatCompletionRequest(model="auto", messages=MSG).to_generate("r").sampling
+    assert s.max_tokens is None and s.temperature == 1.0 and s.logprobs is None and s.n == 1
+    # newer clients send max_completion_tokens; it wins over the deprecated max_tokens
+    s = ChatCompletionRequest(model="auto", messages=MSG, max_tokens=9, max_completion_tokens=4).to_generate("r").sampling
+    assert s.max_tokens == 4
+    # logprobs without top_logprobs: the sampled token's logprob only
+    assert ChatCompletionRequest(model="a", messages=MSG, logprobs=True).to_generate("r").sampling.logprobs == 0
+
+
+def test_chat_text_parts_are_joined():
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert ChatCompletionRequest(model="a", messages=parts).to_generate("r").messages[0].content == "ab"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
+        ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_chat_field_errors_name_the_field(fields, param):
+    body = {"model": "auto", "messages": MSG, **fields}
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate(body)
+    error = validation_error(err.value.errors())
+    assert isinstance(error, InvalidRequest) and error.status_code == 400
+    assert error.param is not None and error.param.startswith(param)
+    assert error.to_openai()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "fields, text",
+    [
+        ({"tools": [{"type": "function"}]}, "tool calling is not supported"),
+        ({"response_format": {"type": "json_object"}}, "only response_format type 'text'"),
+        ({"top_logprobs": 2}, "top_logprobs requires logprobs"),
+    ],
+)
+def test_chat_unsupported_features_are_refused(fields, text):
+    with pytest.raises(ValidationError, match=text):
+        ChatCompletionRequest.model_validate({"model": "auto", "messages": MSG, **fields})
+
+
+def test_unknown_fields_are_ignored():
+    req = ChatCompletionRequest.model_validate({"model": "auto", "messages": MSG, "parallel_tool_calls": False})
+    assert req.model == "auto"
+
+
+def test_completion_prompt_shapes():
+    assert CompletionRequest(model="a", prompt="x").to_generate("r").prompt == "x"
+    assert CompletionRequest(model="a", prompt=["x"]).to_generate("r").prompt == "x"
+    gen = CompletionRequest(model="a", prompt=[1, 2, 3]).to_generate("r")
+    assert gen.prompt is None and gen.prompt_token_ids == [1, 2, 3]
+    assert CompletionRequest(model="a", prompt=[[4, 5]]).to_generate("r").prompt_token_ids == [4, 5]
+    # OpenAI's default for text completions is 16 tokens
+    assert CompletionRequest(model="a", prompt="x").to_generate("r").sampling.max_tokens == 16
+    assert CompletionRequest(model="a", prompt="x", logprobs=2).to_generate("r").sampling.logprobs == 2
+
+
+@pytest.mark.parametrize(
+    "fields, text",
+    [
+        ({"prompt": ["a", "b"]}, "batched prompts are not supported"),
+        ({"prompt": []}, "prompt must not be empty"),
+        ({"prompt": "a", "echo": True}, "echo is not supported"),
+        ({"prompt": "a", "suffix": "z"}, "suffix is not supported"),
+    ],
+)
+def test_completion_refusals(fields, text):
+    with pytest.raises(ValidationError, match=text):
+        CompletionRequest.model_validate({"model": "a", **fields})
+
+
+def test_malformed_json_error():
+    errors = [{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    error = validation_error(errors)
+    assert error.code == "invalid_json" and "not valid JSON" in error.message

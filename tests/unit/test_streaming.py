@@ -1,0 +1,78 @@
+"""batch_stream: first item at once, later items batched, errors and cancellation propagate."""
+
+import asyncio
+import time
+
+import pytest
+
+from tierserve.actors.streaming import batch_stream
+
+
+async def ticker(n: int, gap: float, log: list[str] | None = None, fail_after: int | None = None):
+    try:
+        for i in range(n):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("engine broke")
+            yield i
+            await asyncio.sleep(gap)
+    finally:
+        if log is not None:
+            log.append("source closed")
+
+
+async def test_first_item_alone_then_everything_that_piled_up():
+    batches = []
+    async for batch in batch_stream(ticker(6, 0.0)):
+        batches.append(batch)
+        await asyncio.sleep(0.05)  # a slow consumer lets items pile up
+    assert batches[0] == [0]
+    assert [i for b in batches for i in b] == list(range(6))
+    assert len(batches) < 6
+
+
+async def test_fast_consumer_gets_items_one_by_one():
+    batches = [b async for b in batch_stream(ticker(4, 0.02))]
+    assert batches == [[0], [1], [2], [3]]
+
+
+async def test_min_interval_spaces_sends():
+    stamps = []
+    async for batch in batch_stream(ticker(10, 0.005), min_interval_s=0.04):
+        stamps.append((time.monotonic(), batch))
+    assert stamps[0][1] == [0]
+    gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    assert all(g >= 0.035 for g in gaps)
+    assert [i for _, b in stamps for i in b] == list(range(10))
+
+
+async def test_error_arrives_after_the_items_before_it():
+    seen = []
+    with pytest.raises(RuntimeError, match="engine broke"):
+        async for batch in batch_stream(ticker(5, 0.0, fail_after=3)):
+            seen.extend(batch)
+    assert seen == [0, 1, 2]
+
+
+async def test_closing_early_closes_the_source():
+    log: list[str] = []
+    stream = batch_stream(ticker(1000, 0.001, log))
+    async for batch in stream:
+        if batch[-1] >= 3:
+            break
+    await stream.aclose()
+    assert log == ["source closed"]
+
+
+async def test_cancelling_the_consumer_closes_the_source():
+    log: list[str] = []
+
+    async def consume():
+        async for _ in batch_stream(ticker(1000, 0.01, log)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["source closed"]
