@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from tierserve.cluster.config import AppConfig, ConfigError, load_config
@@ -43,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierserve.cluster.app import build_application
 
     config = load_config(args.config)
+    if args.address:
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": args.address})})
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     cache = _cache(config, None)
     config = config.model_copy(update={"server": server, "model_cache": str(cache)})
@@ -61,12 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.run(build_application(config), name=config.name, route_prefix="/")
     print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
 
+    # Explicit handlers: a process started in the background inherits SIGINT as ignored.
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.is_set():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
         pass
     print("stopping tierserve", flush=True)
     serve.shutdown()
@@ -118,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--address", help="join this Ray cluster (e.g. 'auto') instead of starting a private one")
     s.add_argument("--no-prepare", action="store_true", help="skip preparing embedded models first")
     s.set_defaults(func=cmd_serve)
 

@@ -1,0 +1,91 @@
+"""One local Ray Serve app for all integration tests, built from configs/local.yaml exactly as
+`serve run configs/serve.yaml` builds it, on a free port of this machine."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+APP_NAME = "tierserve-test"
+TIER = "small"
+
+
+@dataclass
+class RunningApp:
+    name: str
+    http: str
+    """Base URL of Serve's HTTP proxy, e.g. http://127.0.0.1:PORT"""
+
+    @property
+    def openai_base(self) -> str:
+        return f"{self.http}/v1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app() -> RunningApp:
+    import ray
+    from ray import serve
+
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.cluster.app import build_app
+
+    prepare_embedded("smollm2-135m-instruct", progress=False)
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(REPO / "configs" / "local.yaml")}), name=APP_NAME, route_prefix="/")
+    running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}")
+    yield running
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app.openai_base, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(app):
+    with httpx.Client(base_url=app.http, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def ingress_handle(app):
+    from ray import serve
+
+    return serve.get_app_handle(app.name)
+
+
+@pytest.fixture(scope="session")
+def tier_handle(app):
+    from ray import serve
+
+    from tierserve.cluster.app import tier_deployment_name
+
+    return serve.get_deployment_handle(tier_deployment_name(TIER), app_name=app.name)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    """Poll `predicate` until it returns a truthy value or `timeout` seconds pass; return the last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value

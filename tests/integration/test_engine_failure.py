@@ -1,0 +1,45 @@
+"""A dead engine: the stream in flight ends with an SSE error event, health says so, Serve
+replaces the replica, and the tier serves again. Breaks the shared app, so it runs last."""
+
+import json
+import signal
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import TIER, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.destructive]
+
+
+def engine_core_processes() -> list[psutil.Process]:
+    """vLLM names its engine-core process 'VLLM::EngineCore'; the session runs exactly one engine."""
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [p.info["name"]])]
+
+
+def test_engine_death_mid_stream(app, http):
+    (core,) = engine_core_processes()
+    body = {"model": "auto", "prompt": "Tell me a long story.", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    events = []
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: "):])
+            if len(events) == 3:
+                core.send_signal(signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "engine_unavailable" and error["type"] == "service_unavailable_error"
+    assert len(events) < 1000  # cut short, not 1500 tokens
+
+    # Health reports the dead tier while it is down ...
+    down = wait_for(lambda: http.get("/health", timeout=30).status_code == 503, timeout=60)
+    assert down, "health never reported the dead engine"
+    # ... and Serve's health check replaces the replica, after which the tier serves again.
+    up = wait_for(lambda: http.get("/health", timeout=30).status_code == 200, timeout=420, interval=2)
+    assert up, "the tier did not recover"
+    r = httpx.post(f"{app.http}/v1/completions", json={"model": TIER, "prompt": "Hello", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -1,0 +1,76 @@
+"""Bad input gets a 4xx in the OpenAI error schema, never a 500 or a hang."""
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code, param",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "invalid_json", None),
+        ("/v1/chat/completions", b'{"model": "auto", "messages": "hi"}', 400, "invalid_request", "messages"),
+        ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "invalid_request", "temperature"),
+        ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', 400, "invalid_request", "max_tokens"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request", "model"),
+        ("/v1/chat/completions", b'{"model": "auto", "messages": []}', 400, "invalid_request", "messages"),
+        ("/v1/completions", b'{"model": "auto", "prompt": 5}', 400, "invalid_request", "prompt"),
+        ("/v1/completions", b'{"model": "auto", "prompt": ["a", "b"]}', 400, "invalid_request", "prompt"),
+        ("/v1/completions", b'[1, 2]', 400, "invalid_request", None),
+    ],
+)
+def test_malformed_requests(http, path, body, status, code, param):
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error" and err["code"] == code
+    if param:
+        assert err["param"].startswith(param)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model_is_404(client, stream):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=MSG, stream=stream)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_over_context_is_400(client, stream):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="auto", messages=MSG, max_tokens=4096, stream=stream)
+    assert err.value.code == "context_length_exceeded" and "maximum context length is 2048" in err.value.message
+
+
+def test_prompt_over_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="auto", prompt="word " * 3000, max_tokens=1)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_token_ids_outside_vocab_are_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="auto", prompt=[1, 10_000_000], max_tokens=1)
+    assert err.value.param == "prompt"
+
+
+def test_logprobs_above_limit_are_400(http):
+    r = http.post("/v1/completions", json={"model": "auto", "prompt": "x", "logprobs": 21})
+    assert r.status_code == 400 and error_of(r)["param"] == "logprobs"
+
+
+def test_unknown_route_and_method(http):
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and error_of(r)["code"] == "not_found"
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and error_of(r)["message"]
