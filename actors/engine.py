@@ -40,7 +40,9 @@ def unknown_engine_options(options: dict[str, Any]) -> list[str]:
     return sorted(set(options) - known - {"model"})
 
 
-def context_error(prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> ContextLengthExceeded | None:
+def context_error(
+    prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str
+) -> ContextLengthExceeded | None:
     """The error for a prompt (plus requested completion) that does not fit, else None."""
     if prompt_tokens >= max_model_len:
         return ContextLengthExceeded(
@@ -233,7 +235,9 @@ class VLLMEngine:
             sampled = position[token_id]
             ranked = sorted((lp.rank, i, lp) for i, lp in position.items() if lp.rank is not None and lp.rank <= top_k)
             top = [TopLogprob(self._token_text(i, lp.decoded_token), i, lp.logprob) for _, i, lp in ranked]
-            result.append(TokenLogprob(self._token_text(token_id, sampled.decoded_token), token_id, sampled.logprob, top))
+            result.append(
+                TokenLogprob(self._token_text(token_id, sampled.decoded_token), token_id, sampled.logprob, top)
+            )
         return result
 
     def _token_text(self, token_id: int, decoded: str | None) -> str:

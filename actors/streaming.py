@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+from tierserve.actors.types import TokenChunk
+
 T = TypeVar("T")
 
 
@@ -66,3 +68,36 @@ async def batch_stream(source: AsyncIterator[T], min_interval_s: float = 0.0) ->
             task.cancel()
             # wait() neither raises the pump's CancelledError nor swallows our own.
             await asyncio.wait({task})
+
+
+def coalesce(chunks: list[TokenChunk]) -> list[TokenChunk]:
+    """Merge the chunks of a batch per choice, so each choice travels as one chunk.
+
+    Choices keep the order in which they first appear; the request's usage, which rides on its
+    last chunk, stays on the last chunk of the result.
+    """
+    merged: dict[int, TokenChunk] = {}
+    usage = None
+    for c in chunks:
+        usage = c.usage or usage
+        prev = merged.get(c.index)
+        if prev is None:
+            merged[c.index] = TokenChunk(
+                c.index,
+                c.text,
+                list(c.token_ids),
+                c.step,
+                c.finish_reason,
+                c.stop_reason,
+                None if c.logprobs is None else list(c.logprobs),
+            )
+            continue
+        prev.text += c.text
+        prev.token_ids.extend(c.token_ids)
+        prev.step, prev.finish_reason, prev.stop_reason = c.step, c.finish_reason, c.stop_reason
+        if c.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + c.logprobs
+    out = list(merged.values())
+    if out:
+        out[-1].usage = usage
+    return out

@@ -6,7 +6,7 @@ with greedy decoding and `ignore_eos`, so every request produces exactly `--max-
 For each system and concurrency it reports TTFT p50/p95, inter-chunk latency p50/p95, time per
 output token (TPOT) and output tokens/s, prints a table and writes it to docs/benchmarks.md.
 
-    make bench                       # or: .venv/bin/python bench/serving.py [--quick]
+    make bench                       # or: .venv/bin/python bench/serving.py [--systems ...]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 32}
@@ -57,7 +58,8 @@ class Result:
     samples: list[Sample]
     wall: float
     errors: int = 0
-    notes: list[str] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """Per process role: CPU seconds per second of the run (1.0 = one core busy)."""
 
     def q(self, values: list[float], p: float) -> float:
         values = sorted(values)
@@ -108,6 +110,29 @@ async def measure_one(stream: Stream, prompt: str, max_tokens: int) -> Sample:
     return Sample(arrivals[0] - start, gaps, end - start, tokens if tokens is not None else len(arrivals))
 
 
+ROLES = [
+    ("vLLM worker (model)", "VLLM::Worker"),
+    ("vLLM engine core", "VLLM::EngineCore"),
+    ("Serve proxy", "ProxyActor"),
+    ("Serve replicas", "ServeReplica"),
+    ("vLLM API server", "vllm.entrypoints.openai"),
+    ("load generator", "bench/serving.py"),
+]
+
+
+def cpu_times() -> dict[str, float]:
+    """CPU seconds used so far by each process role (first match in ROLES), 'other' for the rest."""
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        role = next((name for name, needle in ROLES if needle in cmd), "other")
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    return totals
+
+
 async def run_load(system: str, stream: Stream, concurrency: int, requests: int, max_tokens: int) -> Result:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(requests):
@@ -125,9 +150,14 @@ async def run_load(system: str, stream: Stream, concurrency: int, requests: int,
                 errors += 1
                 print(f"  {system}: request failed: {exc!r}", file=sys.stderr)
 
+    before = cpu_times()
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(system, concurrency, samples, time.perf_counter() - start, errors)
+    wall = time.perf_counter() - start
+    after = cpu_times()
+    # Processes that exist at both ends only; a process started meanwhile has no baseline.
+    cpu = {role: (after[role] - before.get(role, 0.0)) / wall for role in after if role in before}
+    return Result(system, concurrency, samples, wall, errors, cpu)
 
 
 def openai_stream(base_url: str, model: str) -> Stream:
@@ -183,7 +213,7 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # leftovers of a Ray-based system
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # Ray leftovers
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -195,14 +225,32 @@ def server_command(system: str, checkpoint: str, port: int) -> tuple[list[str], 
     """(command, readiness URL, model name to send) for an HTTP system."""
     py = sys.executable
     if system == "tierserve":
-        return [py, "-m", "tierserve.cluster.cli", "serve", "--port", str(port), "--no-prepare"], f"http://127.0.0.1:{port}/health", "auto"
+        return (
+            [py, "-m", "tierserve.cluster.cli", "serve", "--port", str(port), "--no-prepare"],
+            f"http://127.0.0.1:{port}/health",
+            "auto",
+        )
     if system == "vllm serve":
-        args = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--port", str(port), "--host", "127.0.0.1"]
+        args = [
+            py,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            checkpoint,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         for k, v in ENGINE.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         return args + ["--served-model-name", "smollm2"], f"http://127.0.0.1:{port}/health", "smollm2"
     if system == "Ray Serve LLM":
-        return [py, __file__, "--ray-serve-llm", checkpoint, "--port", str(port)], f"http://127.0.0.1:{port}/v1/models", "smollm2"
+        return (
+            [py, __file__, "--ray-serve-llm", checkpoint, "--port", str(port)],
+            f"http://127.0.0.1:{port}/v1/models",
+            "smollm2",
+        )
     raise ValueError(system)
 
 
@@ -245,9 +293,13 @@ def inprocess_stream(checkpoint: str) -> tuple[Stream, Callable[[], None]]:
     async def stream(prompt: str, max_tokens: int) -> AsyncIterator[tuple[str, int | None]]:
         nonlocal counter
         counter += 1
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer.encode(text, add_special_tokens=False)
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
         produced = 0
         async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"bench-{counter}"):
             produced += len(out.outputs[0].token_ids)
@@ -266,7 +318,8 @@ async def bench_system(system: str, stream: Stream, args: argparse.Namespace) ->
     for c in (1, 16):
         n = args.requests_c1 if c == 1 else args.requests_c16
         r = await run_load(system, stream, c, n, args.max_tokens)
-        print(f"  {system:14s} c={c:<3d} TTFT p50 {r.ttft_p50 * 1e3:7.1f} ms  tok/s {r.throughput:7.1f}  errors {r.errors}", flush=True)
+        ttft = r.ttft_p50 * 1e3
+        print(f"  {system:20s} c={c:<3d} TTFT p50 {ttft:7.1f} ms  tok/s {r.throughput:7.1f}  errors {r.errors}")
         results.append(r)
     return results
 
@@ -300,17 +353,30 @@ def table(results: list[Result]) -> str:
     by = {(r.system, r.concurrency): r for r in results}
     base_ttft = by.get(("AsyncLLM in-process", 1))
     base_tput = by.get(("vllm serve", 16))
-    rows = [
-        "| system | concurrency | TTFT p50 (ms) | TTFT p95 (ms) | chunk gap p50 (ms) | chunk gap p95 (ms) | TPOT (ms) | output tok/s | TTFT p50 / in-process (c=1) | tok/s / vllm serve (c=16) | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = [
+        "system", "concurrency", "TTFT p50 (ms)", "TTFT p95 (ms)", "chunk gap p50 (ms)", "chunk gap p95 (ms)",
+        "TPOT (ms)", "output tok/s", "TTFT p50 / in-process (c=1)", "tok/s / vllm serve (c=16)", "errors",
+    ]  # fmt: skip
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         ttft_ratio = f"{r.ttft_p50 / base_ttft.ttft_p50:.2f}x" if base_ttft and r.concurrency == 1 else ""
         tput_ratio = f"{r.throughput / base_tput.throughput:.2f}x" if base_tput and r.concurrency == 16 else ""
-        rows.append(
-            f"| {r.system} | {r.concurrency} | {r.ttft_p50 * 1e3:.1f} | {r.ttft_p95 * 1e3:.1f} | {r.gap_p50 * 1e3:.1f} | "
-            f"{r.gap_p95 * 1e3:.1f} | {r.tpot * 1e3:.1f} | {r.throughput:.1f} | {ttft_ratio} | {tput_ratio} | {r.errors} |"
-        )
+        cells = [
+            r.system, r.concurrency, f"{r.ttft_p50 * 1e3:.1f}", f"{r.ttft_p95 * 1e3:.1f}", f"{r.gap_p50 * 1e3:.1f}",
+            f"{r.gap_p95 * 1e3:.1f}", f"{r.tpot * 1e3:.1f}", f"{r.throughput:.1f}", ttft_ratio, tput_ratio, r.errors,
+        ]  # fmt: skip
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def cpu_table(results: list[Result]) -> str:
+    """Where the 2 cores went during each system's concurrency-16 run."""
+    runs = [r for r in results if r.concurrency == 16]
+    roles = [name for name, _ in ROLES] + ["other"]
+    rows = ["| system | " + " | ".join(roles) + " | total |", "|" + "---|" * (len(roles) + 2)]
+    for r in runs:
+        cells = [f"{r.cpu.get(role, 0.0):.2f}" for role in roles]
+        rows.append(f"| {r.system} | " + " | ".join(cells) + f" | {sum(r.cpu.values()):.2f} |")
     return "\n".join(rows)
 
 
@@ -318,7 +384,7 @@ def write_doc(results: list[Result], args: argparse.Namespace) -> Path:
     doc = REPO / "docs" / "benchmarks.md"
     header = f"""# Serving benchmark
 
-Measured by `python bench/serving.py` (`make bench`) on {time.strftime('%Y-%m-%d')}, {platform.machine()},
+Measured by `python bench/serving.py` (`make bench`) on {time.strftime("%Y-%m-%d")}, {platform.machine()},
 {os.cpu_count()} cores, no GPU. SmolLM2-135M-Instruct (bf16), vLLM CPU {_vllm_version()}, engine options {ENGINE}
 for every system. Chat requests, greedy, `ignore_eos`, {args.max_tokens} output tokens each;
 {args.requests_c1} requests at concurrency 1, {args.requests_c16} at concurrency 16, after 2 warm-up requests.
@@ -331,7 +397,32 @@ or a direct `AsyncLLM.generate` loop for the in-process row).
 - output tok/s: all output tokens / wall time of the run.
 
 """
-    doc.write_text(header + table(results) + "\n")
+    cpu = """
+
+## Where the CPU goes (concurrency 16)
+
+CPU seconds per second of the concurrency-16 run, by process role (1.00 = one core busy; the
+machine has 2). Sampled with psutil over all processes on the machine at the start and end of
+the run.
+
+"""
+    reading = """
+## Reading the numbers
+
+- tierserve streams each request through two Ray Serve hops the in-process engine does not
+  have: the tier replica to the ingress (a streaming DeploymentHandle; the tier sends its first
+  chunk at once and afterwards whatever piled up, merged per choice) and the ingress to Serve's
+  HTTP proxy. Each hop is a Python process doing per-chunk work; `bench/ttft_breakdown.py`
+  measures what each entry point adds to TTFT (docs/ttft-breakdown.md).
+- On this 2-core machine vLLM pins its model worker to one core and keeps the other for the
+  frontend; the engine-core process busy-polls the worker, and every serving process (proxy,
+  replicas, API server) and the load generator share what is left. The CPU table shows how
+  much each system's serving processes take from the cores the model needs. On a GPU node the
+  model runs on the accelerator and the same CPU work does not slow decoding.
+- Ray Serve LLM runs the same engine behind the same kind of hops, with its own batching of
+  streamed chunks.
+"""
+    doc.write_text(header + table(results) + cpu + cpu_table(results) + "\n" + reading)
     return doc
 
 
@@ -362,6 +453,7 @@ def main() -> None:
         return
     results = run_all(args)
     print(table(results))
+    print(cpu_table(results))
     if not args.no_write:
         print(f"wrote {write_doc(results, args)}")
 

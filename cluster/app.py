@@ -26,9 +26,9 @@ INGRESS_NAME = "ingress"
 def build_application(config: AppConfig) -> Application:
     """The ingress bound to one deployment per tier, each with its own Serve options."""
     handles = {
-        tier.name: TierDeployment.options(
-            name=tier_deployment_name(tier.name), **tier.deployment.serve_options()
-        ).bind(tier, config.model_cache)
+        tier.name: TierDeployment.options(name=tier_deployment_name(tier.name), **tier.deployment.serve_options()).bind(
+            tier, config.model_cache
+        )
         for tier in config.tiers
     }
     entries = [TierEntry(t.name, t.description) for t in config.tiers]

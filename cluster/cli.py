@@ -1,9 +1,9 @@
 """The `tierserve` command line.
 
-    tierserve serve [--config FILE] [--host H] [--port P]   start the app and wait (Ctrl-C stops)
-    tierserve models prepare [NAME ...] [--verify]          build embedded checkpoints in the cache
-    tierserve models list                                   embedded models and their cache state
-    tierserve config check FILE                             validate a config file
+tierserve serve [--config FILE] [--host H] [--port P]   start the app and wait (Ctrl-C stops)
+tierserve models prepare [NAME ...] [--verify]          build embedded checkpoints in the cache
+tierserve models list                                   embedded models and their cache state
+tierserve config check FILE                             validate a config file
 """
 
 from __future__ import annotations
@@ -35,6 +35,20 @@ def prepare_models(config: AppConfig, cache_dir: Path) -> None:
         print(f"model {name}: {path}", flush=True)
 
 
+def start_ray(config: AppConfig, **init_kwargs: object) -> None:
+    """Join `config.ray.address`, or start a private local cluster, with `config.ray.env` set
+    in every Ray process this job starts (Serve reads its tuning flags at import time)."""
+    import ray
+
+    os.environ.update(config.ray.env)
+    runtime_env = {"env_vars": dict(config.ray.env)}
+    if config.ray.address:
+        ray.init(address=config.ray.address, runtime_env=runtime_env, **init_kwargs)
+    else:
+        local = {"num_cpus": config.ray.num_cpus, "include_dashboard": False}
+        ray.init(address="local", runtime_env=runtime_env, **local, **init_kwargs)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -50,15 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_prepare:
         prepare_models(config, cache)
 
-    if config.ray.address:
-        ray.init(address=config.ray.address)
-    else:
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False)
+    start_ray(config)
     http = {"host": server.host, "port": server.port}
     if server.request_timeout_s:
         http["request_timeout_s"] = server.request_timeout_s
     serve.start(http_options=http)
-    print("starting tierserve (engines warm up; the first start compiles the model and takes a few minutes)", flush=True)
+    print(
+        "starting tierserve (engines warm up; the first start compiles the model and takes a few minutes)", flush=True
+    )
     serve.run(build_application(config), name=config.name, route_prefix="/")
     print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
 
@@ -69,7 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         pass
     print("stopping tierserve", flush=True)
-    serve.shutdown()
+    if config.ray.address:  # a shared cluster: remove only our application
+        serve.delete(config.name)
+    else:
+        serve.shutdown()
     ray.shutdown()
     return 0
 

@@ -132,11 +132,12 @@ async def _primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     return chained()
 
 
-async def _sse(objects: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's framing; a late error becomes a final error event."""
+async def _sse(batches: AsyncIterator[list[BaseModel]]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's framing, one write per batch; a late error becomes a final
+    error event."""
     try:
-        async for obj in objects:
-            yield f"data: {obj.model_dump_json(exclude_unset=True)}\n\n"
+        async for batch in batches:
+            yield "".join(f"data: {obj.model_dump_json(exclude_unset=True)}\n\n" for obj in batch)
     except TierServeError as exc:
         yield f"data: {json.dumps(exc.to_openai())}\n\n"
     except Exception as exc:
@@ -167,8 +168,9 @@ class Ingress:
     async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
         body = _coerce(request, ChatCompletionRequest)
-        async for item in self._chat_stream(body, self.directory.resolve(body.model)):
-            yield item
+        async for batch in self._chat_batches(body, self.directory.resolve(body.model)):
+            for item in batch:
+                yield item
 
     async def complete(self, request: CompletionRequest | dict[str, Any]) -> Completion:
         """A whole text completion (`stream` is ignored)."""
@@ -180,12 +182,15 @@ class Ingress:
     async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
         """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
         body = _coerce(request, CompletionRequest)
-        async for item in self._complete_stream(body, self.directory.resolve(body.model)):
-            yield item
+        async for batch in self._complete_batches(body, self.directory.resolve(body.model)):
+            for item in batch:
+                yield item
 
     async def list_models(self) -> list[Model]:
         """`auto` and every tier, as OpenAI model objects."""
-        return [Model(id=m, object="model", created=self.created, owned_by="tierserve") for m in self.directory.model_ids()]
+        return [
+            Model(id=m, object="model", created=self.created, owned_by="tierserve") for m in self.directory.model_ids()
+        ]
 
     async def health(self) -> dict[str, str]:
         """Each tier's health: 'ok' or the reason it failed its check."""
@@ -209,7 +214,7 @@ class Ingress:
         tier = self.directory.resolve(body.model)
         headers = {TIER_HEADER: tier}
         if body.stream:
-            stream = await _primed(self._chat_stream(body, tier))
+            stream = await _primed(self._chat_batches(body, tier))
             return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
         return JSONResponse((await self.chat(body)).model_dump(exclude_unset=True), headers=headers)
 
@@ -218,7 +223,7 @@ class Ingress:
         tier = self.directory.resolve(body.model)
         headers = {TIER_HEADER: tier}
         if body.stream:
-            stream = await _primed(self._complete_stream(body, tier))
+            stream = await _primed(self._complete_batches(body, tier))
             return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
         return JSONResponse((await self.complete(body)).model_dump(exclude_unset=True), headers=headers)
 
@@ -235,40 +240,38 @@ class Ingress:
 
     # ----- shared internals --------------------------------------------------------------
 
-    async def _chat_stream(self, body: ChatCompletionRequest, tier: str) -> AsyncIterator[ChatCompletionChunk]:
+    async def _chat_batches(self, body: ChatCompletionRequest, tier: str) -> AsyncIterator[list[ChatCompletionChunk]]:
         rid = _request_id("chatcmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = ChatStreamFormatter(rid, tier, include_usage)
-        async for chunk in self._tier_stream(tier, body.to_generate(rid)):
-            for item in fmt.format(chunk):
-                yield item
+        async for batch in self._tier_batches(tier, body.to_generate(rid)):
+            yield [item for chunk in batch for item in fmt.format(chunk)]
 
-    async def _complete_stream(self, body: CompletionRequest, tier: str) -> AsyncIterator[Completion]:
+    async def _complete_batches(self, body: CompletionRequest, tier: str) -> AsyncIterator[list[Completion]]:
         rid = _request_id("cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = CompletionStreamFormatter(rid, tier, include_usage)
-        async for chunk in self._tier_stream(tier, body.to_generate(rid)):
-            for item in fmt.format(chunk):
-                yield item
+        async for batch in self._tier_batches(tier, body.to_generate(rid)):
+            yield [item for chunk in batch for item in fmt.format(chunk)]
 
     async def _collect(self, tier: str, request: GenerateRequest, n: int) -> CompletionBuilder:
         built = CompletionBuilder(n)
-        async for chunk in self._tier_stream(tier, request):
-            built.add(chunk)
+        async for batch in self._tier_batches(tier, request):
+            for chunk in batch:
+                built.add(chunk)
         return built
 
-    async def _tier_stream(self, tier: str, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        """The tier's token chunks; leaving early cancels the tier's stream (and so the engine request)."""
+    async def _tier_batches(self, tier: str, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
+        """The tier's batches of token chunks; leaving early cancels the tier's stream (and so
+        the engine request)."""
         responses = self.handles[tier].options(stream=True).generate.remote(request)
         finished = False
         try:
             async for batch in responses:
-                for chunk in batch:
-                    yield chunk
+                yield batch
             finished = True
         except Exception as exc:
             raise _as_user_error(exc, tier) from None
         finally:
             if not finished:
                 responses.cancel()
-

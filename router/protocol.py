@@ -78,7 +78,15 @@ class _SamplingFields(BaseModel):
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
         s = SamplingOptions(max_tokens=max_tokens, n=self.n, seed=self.seed, logprobs=logprobs)
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, value)
@@ -162,8 +170,12 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # Drop pydantic's union-branch tags (e.g. 'str', 'list[...]') that follow the field path.
-    param = ".".join(p for p in loc if not p.startswith(("list[", "function-")) and p not in ("str", "int", "float", "bool"))
+    param = ".".join(
+        p for p in loc if not p.startswith(("list[", "function-")) and p not in ("str", "int", "float", "bool")
+    )
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
-        return InvalidRequest(f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json")
+        return InvalidRequest(
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json"
+        )
     return InvalidRequest(f"{param or 'body'}: {message}" if param else message, param or None)

@@ -30,7 +30,9 @@ def finish_reason(reason: str | None) -> str | None:
 
 
 def usage(u: Usage) -> CompletionUsage:
-    return CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+    )
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
@@ -85,7 +87,11 @@ class ChatStreamFormatter:
             delta.role = "assistant"
         logprobs = ChunkLogprobs(content=chat_logprobs(chunk.logprobs)) if chunk.logprobs is not None else None
         yield self._chunk(
-            [ChunkChoice(index=chunk.index, delta=delta, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs)]
+            [
+                ChunkChoice(
+                    index=chunk.index, delta=delta, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs
+                )
+            ]
         )
         if chunk.usage is not None and self.include_usage:
             yield self._chunk([], chunk.usage)

@@ -1,8 +1,6 @@
 """Test layout: tests/unit needs nothing running; tests/integration shares one local Ray Serve app
 (real vLLM engine, real weights), started once per session by the `app` fixture."""
 
-import pytest
-
 
 def pytest_collection_modifyitems(config, items):
     # Tests that break the shared app on purpose (killing its engine) run after all others.

@@ -40,12 +40,15 @@ def app() -> RunningApp:
 
     from tierserve.actors.checkpoints import prepare_embedded
     from tierserve.cluster.app import build_app
+    from tierserve.cluster.cli import start_ray
+    from tierserve.cluster.config import load_config
 
+    config_path = REPO / "configs" / "local.yaml"
     prepare_embedded("smollm2-135m-instruct", progress=False)
     port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(load_config(config_path), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(REPO / "configs" / "local.yaml")}), name=APP_NAME, route_prefix="/")
+    serve.run(build_app({"config": str(config_path)}), name=APP_NAME, route_prefix="/")
     running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}")
     yield running
     serve.shutdown()

@@ -15,7 +15,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 
 def engine_core_processes() -> list[psutil.Process]:
     """vLLM names its engine-core process 'VLLM::EngineCore'; the session runs exactly one engine."""
-    return [p for p in psutil.process_iter(["name", "cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [p.info["name"]])]
+    return [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if "EngineCore" in " ".join(p.info["cmdline"] or [p.info["name"]])
+    ]
 
 
 def test_engine_death_mid_stream(app, http):
@@ -27,7 +31,7 @@ def test_engine_death_mid_stream(app, http):
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
-            events.append(line[len("data: "):])
+            events.append(line[len("data: ") :])
             if len(events) == 3:
                 core.send_signal(signal.SIGKILL)
     assert events[-1] == "[DONE]"

@@ -20,13 +20,25 @@ def error_of(response) -> dict:
     [
         ("/v1/chat/completions", b"{not json", 400, "invalid_json", None),
         ("/v1/chat/completions", b'{"model": "auto", "messages": "hi"}', 400, "invalid_request", "messages"),
-        ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "invalid_request", "temperature"),
-        ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', 400, "invalid_request", "max_tokens"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+            400,
+            "invalid_request",
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+            400,
+            "invalid_request",
+            "max_tokens",
+        ),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request", "model"),
         ("/v1/chat/completions", b'{"model": "auto", "messages": []}', 400, "invalid_request", "messages"),
         ("/v1/completions", b'{"model": "auto", "prompt": 5}', 400, "invalid_request", "prompt"),
         ("/v1/completions", b'{"model": "auto", "prompt": ["a", "b"]}', 400, "invalid_request", "prompt"),
-        ("/v1/completions", b'[1, 2]', 400, "invalid_request", None),
+        ("/v1/completions", b"[1, 2]", 400, "invalid_request", None),
     ],
 )
 def test_malformed_requests(http, path, body, status, code, param):

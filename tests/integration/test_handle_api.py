@@ -1,9 +1,9 @@
 """The same pipeline through Python DeploymentHandle calls."""
 
 import pytest
-from pydantic import ValidationError
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import ValidationError
 
 from tierserve.actors.errors import ContextLengthExceeded, ModelNotFound, TierServeError, unwrap_error
 from tierserve.router.client import TierServeClient
@@ -63,7 +63,10 @@ def test_user_errors_keep_their_type(ingress_handle, request_body, error_type):
 def test_typed_client(app):
     client = TierServeClient(app.name)
     reply = client.chat(model="auto", messages=CAPITAL, max_tokens=8, temperature=0)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat_stream(model="auto", messages=CAPITAL, max_tokens=8, temperature=0))
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat_stream(model="auto", messages=CAPITAL, max_tokens=8, temperature=0)
+    )
     assert streamed == reply.choices[0].message.content
     assert [m.id for m in client.models()] == ["auto", TIER] and client.health() == {TIER: "ok"}
     with pytest.raises(ValidationError):
@@ -73,7 +76,11 @@ def test_typed_client(app):
 async def test_typed_client_async(app):
     client = TierServeClient(app.name)
     whole = await client.acomplete(model="auto", prompt="The sky is", max_tokens=6, temperature=0)
-    parts = [c.choices[0].text async for c in client.acomplete_stream(model="auto", prompt="The sky is", max_tokens=6, temperature=0) if c.choices]
+    parts = [
+        c.choices[0].text
+        async for c in client.acomplete_stream(model="auto", prompt="The sky is", max_tokens=6, temperature=0)
+        if c.choices
+    ]
     assert "".join(parts) == whole.choices[0].text
     reply = await client.achat(model="auto", messages=CAPITAL, max_tokens=4)
     assert reply.usage.completion_tokens <= 4

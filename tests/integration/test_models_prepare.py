@@ -47,7 +47,9 @@ def test_killed_conversion_never_leaves_a_usable_checkpoint(tmp_path):
     models = cache / "models"
     deadline = time.monotonic() + 180
     # Kill it while the conversion is writing its temporary directory.
-    while time.monotonic() < deadline and not any(p.name.startswith(".") and ".partial-" in p.name for p in _entries(models)):
+    while time.monotonic() < deadline and not any(
+        p.name.startswith(".") and ".partial-" in p.name for p in _entries(models)
+    ):
         assert proc.poll() is None, "conversion finished before it could be interrupted"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -34,7 +34,12 @@ def test_chat_stream_matches_non_stream(client):
     whole = client.chat.completions.create(model="auto", messages=CAPITAL, max_tokens=24, temperature=0)
     chunks = list(
         client.chat.completions.create(
-            model="auto", messages=CAPITAL, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+            model="auto",
+            messages=CAPITAL,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     content = [c for c in chunks if c.choices]
@@ -54,20 +59,32 @@ def test_stream_says_which_tier_served_it(client):
 
 
 def test_max_tokens_ends_with_length(client):
-    r = client.completions.create(model="auto", prompt="Count: one, two, three,", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="auto", prompt="Count: one, two, three,", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
 
 
 def test_stop_sequence_cuts_the_text(client):
     free = client.completions.create(model="auto", prompt="Count: one, two, three,", max_tokens=12, temperature=0)
     assert "," in free.choices[0].text
-    stopped = client.completions.create(model="auto", prompt="Count: one, two, three,", max_tokens=12, temperature=0, stop=[","])
+    stopped = client.completions.create(
+        model="auto", prompt="Count: one, two, three,", max_tokens=12, temperature=0, stop=[","]
+    )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == free.choices[0].text.split(",")[0]
 
 
 def test_n_choices_and_seed(client):
-    kwargs = dict(model="auto", prompt="Once upon a time", max_tokens=12, temperature=1.0, n=3, seed=1234, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="auto",
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=1234,
+        extra_body={"ignore_eos": True},
+    )
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)
     assert sorted(c.index for c in a.choices) == [0, 1, 2]
@@ -78,8 +95,12 @@ def test_n_choices_and_seed(client):
 
 def test_top_k_and_top_p_are_honoured(client):
     greedy = client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=0)
-    top1 = client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=1.5, seed=3, extra_body={"top_k": 1})
-    nucleus = client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=1.5, top_p=1e-6, seed=4)
+    top1 = client.completions.create(
+        model="auto", prompt="The sky is", max_tokens=8, temperature=1.5, seed=3, extra_body={"top_k": 1}
+    )
+    nucleus = client.completions.create(
+        model="auto", prompt="The sky is", max_tokens=8, temperature=1.5, top_p=1e-6, seed=4
+    )
     assert top1.choices[0].text == greedy.choices[0].text == nucleus.choices[0].text
 
 
@@ -114,7 +135,9 @@ def test_completion_from_token_ids(client):
 
 
 def test_completion_stream(client):
-    chunks = list(client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=0, stream=True)
+    )
     whole = client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=0)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason

@@ -48,11 +48,17 @@ def test_minimal_config_gets_defaults(tmp_path):
     "text, where",
     [
         # wrong type, nested in a list
-        (GOOD + "    deployment:\n      num_cpus: many\n", ":7: tiers[0].deployment.num_cpus: Input should be a valid number"),
+        (
+            GOOD + "    deployment:\n      num_cpus: many\n",
+            ":7: tiers[0].deployment.num_cpus: Input should be a valid number",
+        ),
         # unknown key
         (GOOD + "    deployment:\n      cpus: 1\n", ":7: tiers[0].deployment.cpus: Extra inputs are not permitted"),
         # engine options are checked against vLLM's AsyncEngineArgs
-        (GOOD + "      max_modle_len: 5\n", ":6: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs"),
+        (
+            GOOD + "      max_modle_len: 5\n",
+            ":6: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs",
+        ),
         # missing required field
         ("tiers:\n  - name: small\n", ":2: tiers[0].model: Field required"),
         ("server:\n  port: 8000\n", ":1: tiers: Field required"),
@@ -108,3 +114,9 @@ def test_deployment_options_map_to_serve():
         "resources": {"tier_large": 1},
         "runtime_env": {"env_vars": {"A": "1"}},
     }
+
+
+def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
+    env = load_config(write(tmp_path, GOOD)).ray.env
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert load_config(write(tmp_path, GOOD + "ray:\n  env: {}\n")).ray.env == {}

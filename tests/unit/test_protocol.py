@@ -11,8 +11,19 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def test_chat_sampling_names_pass_through():
     req = ChatCompletionRequest(
-        model="auto", messages=MSG, max_tokens=7, temperature=0.2, top_p=0.9, top_k=5, n=2, seed=11,
-        stop="\n", presence_penalty=0.5, frequency_penalty=0.25, logprobs=True, top_logprobs=3,
+        model="auto",
+        messages=MSG,
+        max_tokens=7,
+        temperature=0.2,
+        top_p=0.9,
+        top_k=5,
+        n=2,
+        seed=11,
+        stop="\n",
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        logprobs=True,
+        top_logprobs=3,
     )
     gen = req.to_generate("r1")
     s = gen.sampling
@@ -26,7 +37,11 @@ def test_chat_defaults_and_aliases():
     s = ChatCompletionRequest(model="auto", messages=MSG).to_generate("r").sampling
     assert s.max_tokens is None and s.temperature == 1.0 and s.logprobs is None and s.n == 1
     # newer clients send max_completion_tokens; it wins over the deprecated max_tokens
-    s = ChatCompletionRequest(model="auto", messages=MSG, max_tokens=9, max_completion_tokens=4).to_generate("r").sampling
+    s = (
+        ChatCompletionRequest(model="auto", messages=MSG, max_tokens=9, max_completion_tokens=4)
+        .to_generate("r")
+        .sampling
+    )
     assert s.max_tokens == 4
     # logprobs without top_logprobs: the sampled token's logprob only
     assert ChatCompletionRequest(model="a", messages=MSG, logprobs=True).to_generate("r").sampling.logprobs == 0
@@ -105,6 +120,8 @@ def test_completion_refusals(fields, text):
 
 
 def test_malformed_json_error():
-    errors = [{"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    errors = [
+        {"type": "json_invalid", "loc": ("body", 1), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}
+    ]
     error = validation_error(errors)
     assert error.code == "invalid_json" and "not valid JSON" in error.message

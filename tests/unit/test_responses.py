@@ -15,7 +15,9 @@ def test_chat_stream_role_once_per_choice_and_usage_chunk():
     assert first[0].choices[0].delta.role == "assistant" and first[0].choices[0].delta.content == "Hel"
     assert second[0].choices[0].delta.role is None and second[0].choices[0].finish_reason == "stop"
     assert second[1].choices == [] and second[1].usage.total_tokens == 5
-    assert all(c.id == "chatcmpl-1" and c.model == "small" and c.object == "chat.completion.chunk" for c in first + second)
+    assert all(
+        c.id == "chatcmpl-1" and c.model == "small" and c.object == "chat.completion.chunk" for c in first + second
+    )
 
 
 def test_chat_stream_without_usage_option():

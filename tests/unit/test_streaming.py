@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from tierserve.actors.streaming import batch_stream
+from tierserve.actors.streaming import batch_stream, coalesce
+from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
 
 
 async def ticker(n: int, gap: float, log: list[str] | None = None, fail_after: int | None = None):
@@ -76,3 +77,21 @@ async def test_cancelling_the_consumer_closes_the_source():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert log == ["source closed"]
+
+
+def test_coalesce_merges_per_choice_and_keeps_usage_last():
+    batch = [
+        TokenChunk(0, "a", [1], 1, logprobs=[TokenLogprob("a", 1, -0.1)]),
+        TokenChunk(1, "x", [7], 1),
+        TokenChunk(1, "y", [8], 2, finish_reason="stop", stop_reason="."),
+        TokenChunk(0, "b", [2], 2, finish_reason="length", logprobs=[TokenLogprob("b", 2, -0.2)], usage=Usage(3, 4)),
+    ]
+    merged = coalesce(batch)
+    assert [(c.index, c.text, c.token_ids, c.step, c.finish_reason) for c in merged] == [
+        (0, "ab", [1, 2], 2, "length"),
+        (1, "xy", [7, 8], 2, "stop"),
+    ]
+    assert [t.token for t in merged[0].logprobs] == ["a", "b"] and merged[1].logprobs is None
+    assert merged[1].stop_reason == "." and merged[-1].usage == Usage(3, 4) and merged[0].usage is None
+    assert batch[0].text == "a"  # inputs are not modified
+    assert coalesce([]) == []

@@ -1,0 +1,61 @@
+"""The app builder and the Serve YAML: both build the same application from one config."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from tierserve.cluster.app import INGRESS_NAME, build_app, build_application, tier_deployment_name
+from tierserve.cluster.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bound(app: Application):
+    return app._bound_deployment  # Serve keeps the bound ingress deployment here
+
+
+def test_serve_yaml_is_valid_and_points_at_the_builder():
+    raw = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(raw)
+    (spec,) = schema.applications
+    assert spec.import_path == "tierserve.cluster.app:build_app"
+    module, attr = spec.import_path.split(":")
+    builder = getattr(__import__(module, fromlist=[attr]), attr)
+    assert builder is build_app
+    app = builder(spec.args)
+    assert isinstance(app, Application) and bound(app).name == INGRESS_NAME
+
+
+def test_each_tier_is_its_own_deployment_with_its_options():
+    config = load_config(REPO / "configs" / "gpu.yaml")
+    ingress = bound(build_application(config))
+    ingress_config, entries, handles = ingress.init_args
+    assert [e.name for e in entries] == [t.name for t in config.tiers]
+    tier = bound(handles[config.tiers[0].name])
+    assert tier.name == tier_deployment_name(config.tiers[0].name)
+    actor_options = tier.ray_actor_options
+    assert actor_options["num_gpus"] == 1 and actor_options["num_cpus"] == 4
+    assert tier.num_replicas == 2
+    tier_config, cache = tier.init_args
+    assert tier_config.engine["max_model_len"] == 16384
+    assert ingress.num_replicas == 2
+
+
+def test_cli_config_check(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "tierserve.cluster.cli", "config", "check", str(REPO / "configs" / "local.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "1 tier(s): small" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers:\n  - name: small\n    model: x\n    engine:\n      max_modle_len: 5\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "tierserve.cluster.cli", "config", "check", str(bad)], capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    assert f"{bad}:5: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs" in res.stderr

@@ -1,0 +1,40 @@
+"""`pip install .` (a built wheel, not the editable install) carries every package and config."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ["actors", "router", "rag", "safety", "cluster", "configs"]
+
+
+def test_wheel_installs_and_imports(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tierserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for pkg in PACKAGES:
+        assert f"tierserve/{pkg}/__init__.py" in names
+    assert {"tierserve/configs/local.yaml", "tierserve/configs/gpu.yaml", "tierserve/configs/serve.yaml"} <= set(names)
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    probe = (
+        "import tierserve.cluster.config as c, tierserve.actors.types, tierserve.router.protocol, "
+        "tierserve.rag, tierserve.safety; print(c.__file__); print(c.load_config(check_engine=False).tiers[0].name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert out[0].startswith(str(target)) and out[1] == "small"
