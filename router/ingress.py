@@ -16,12 +16,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, ValidationError
@@ -33,7 +33,12 @@ from tierserve.actors.errors import ServiceUnavailable, TierServeError, unwrap_e
 from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.router.config import IngressConfig
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
-from tierserve.router.responses import ChatStreamFormatter, CompletionBuilder, CompletionStreamFormatter
+from tierserve.router.responses import (
+    ChatStreamFormatter,
+    CompletionBuilder,
+    CompletionStreamFormatter,
+    StreamFormatter,
+)
 from tierserve.router.tiers import TierDirectory, TierEntry
 
 logger = logging.getLogger("tierserve.ingress")
@@ -161,28 +166,28 @@ class Ingress:
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletion:
         """A whole chat completion (`stream` is ignored)."""
         body = _coerce(request, ChatCompletionRequest)
-        tier, rid = self.directory.resolve(body.model), _request_id("chatcmpl")
+        tier, rid = self.directory.resolve(body.model), _request_id(ChatStreamFormatter.id_prefix)
         built = await self._collect(tier, body.to_generate(rid), body.n)
         return built.chat(rid, tier)
 
     async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
         body = _coerce(request, ChatCompletionRequest)
-        async for batch in self._chat_batches(body, self.directory.resolve(body.model)):
+        async for batch in self._stream_batches(body, self.directory.resolve(body.model), ChatStreamFormatter):
             for item in batch:
                 yield item
 
     async def complete(self, request: CompletionRequest | dict[str, Any]) -> Completion:
         """A whole text completion (`stream` is ignored)."""
         body = _coerce(request, CompletionRequest)
-        tier, rid = self.directory.resolve(body.model), _request_id("cmpl")
+        tier, rid = self.directory.resolve(body.model), _request_id(CompletionStreamFormatter.id_prefix)
         built = await self._collect(tier, body.to_generate(rid), body.n)
         return built.completion(rid, tier)
 
     async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
         """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
         body = _coerce(request, CompletionRequest)
-        async for batch in self._complete_batches(body, self.directory.resolve(body.model)):
+        async for batch in self._stream_batches(body, self.directory.resolve(body.model), CompletionStreamFormatter):
             for item in batch:
                 yield item
 
@@ -210,22 +215,12 @@ class Ingress:
     # ----- HTTP routes -------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def _http_chat(self, body: ChatCompletionRequest) -> Any:
-        tier = self.directory.resolve(body.model)
-        headers = {TIER_HEADER: tier}
-        if body.stream:
-            stream = await _primed(self._chat_batches(body, tier))
-            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
-        return JSONResponse((await self.chat(body)).model_dump(exclude_unset=True), headers=headers)
+    async def _http_chat(self, body: ChatCompletionRequest) -> Response:
+        return await self._http_reply(body, ChatStreamFormatter, self.chat)
 
     @app.post("/v1/completions")
-    async def _http_complete(self, body: CompletionRequest) -> Any:
-        tier = self.directory.resolve(body.model)
-        headers = {TIER_HEADER: tier}
-        if body.stream:
-            stream = await _primed(self._complete_batches(body, tier))
-            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
-        return JSONResponse((await self.complete(body)).model_dump(exclude_unset=True), headers=headers)
+    async def _http_complete(self, body: CompletionRequest) -> Response:
+        return await self._http_reply(body, CompletionStreamFormatter, self.complete)
 
     @app.get("/v1/models")
     async def _http_models(self) -> JSONResponse:
@@ -240,17 +235,26 @@ class Ingress:
 
     # ----- shared internals --------------------------------------------------------------
 
-    async def _chat_batches(self, body: ChatCompletionRequest, tier: str) -> AsyncIterator[list[ChatCompletionChunk]]:
-        rid = _request_id("chatcmpl")
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = ChatStreamFormatter(rid, tier, include_usage)
-        async for batch in self._tier_batches(tier, body.to_generate(rid)):
-            yield [item for chunk in batch for item in fmt.format(chunk)]
+    async def _http_reply(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        whole: Callable[[Any], Awaitable[BaseModel]],
+    ) -> Response:
+        """SSE for `stream: true` (primed, so early errors are plain HTTP errors), else JSON."""
+        tier = self.directory.resolve(body.model)
+        headers = {TIER_HEADER: tier}
+        if body.stream:
+            stream = await _primed(self._stream_batches(body, tier, formatter))
+            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
+        return JSONResponse((await whole(body)).model_dump(exclude_unset=True), headers=headers)
 
-    async def _complete_batches(self, body: CompletionRequest, tier: str) -> AsyncIterator[list[Completion]]:
-        rid = _request_id("cmpl")
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = CompletionStreamFormatter(rid, tier, include_usage)
+    async def _stream_batches(
+        self, body: ChatCompletionRequest | CompletionRequest, tier: str, formatter: type[StreamFormatter]
+    ) -> AsyncIterator[list[BaseModel]]:
+        """The request's stream as lists of OpenAI objects, one list per batch from the tier."""
+        rid = _request_id(formatter.id_prefix)
+        fmt = formatter(rid, tier, bool(body.stream_options and body.stream_options.include_usage))
         async for batch in self._tier_batches(tier, body.to_generate(rid)):
             yield [item for chunk in batch for item in fmt.format(chunk)]
 

@@ -60,75 +60,81 @@ def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> Completi
     )
 
 
-class ChatStreamFormatter:
-    """Per request: TokenChunks in, `chat.completion.chunk` objects out."""
+class StreamFormatter:
+    """Per request: TokenChunks in, streamed OpenAI objects out. Subclasses say which objects."""
+
+    id_prefix = ""
+    """Prefix of the response id (`chatcmpl-...`, `cmpl-...`), as OpenAI uses."""
+    response_type: type[ChatCompletionChunk] | type[Completion]
+    object_name = ""
 
     def __init__(self, request_id: str, model: str, include_usage: bool):
         self.request_id = request_id
         self.model = model
         self.include_usage = include_usage
         self.created = int(time.time())
-        self._started: set[int] = set()
 
-    def _chunk(self, choices: list[ChunkChoice], u: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
+    def _response(self, choices: list, u: Usage | None = None) -> ChatCompletionChunk | Completion:
+        return self.response_type(
             id=self.request_id,
-            object="chat.completion.chunk",
+            object=self.object_name,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=usage(u) if u is not None else None,
         )
 
-    def format(self, chunk: TokenChunk) -> Iterable[ChatCompletionChunk]:
+    def format(self, chunk: TokenChunk) -> Iterable[ChatCompletionChunk | Completion]:
+        yield self._response([self._choice(chunk)])
+        if chunk.usage is not None and self.include_usage:
+            yield self._response([], chunk.usage)
+
+    def _choice(self, chunk: TokenChunk) -> ChunkChoice | CompletionChoice:
+        raise NotImplementedError
+
+
+class ChatStreamFormatter(StreamFormatter):
+    """`chat.completion.chunk` objects; the first delta of each choice carries the role."""
+
+    id_prefix = "chatcmpl"
+    response_type = ChatCompletionChunk
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str, include_usage: bool):
+        super().__init__(request_id, model, include_usage)
+        self._started: set[int] = set()
+
+    def _choice(self, chunk: TokenChunk) -> ChunkChoice:
         delta = ChoiceDelta(content=chunk.text)
         if chunk.index not in self._started:
             self._started.add(chunk.index)
             delta.role = "assistant"
         logprobs = ChunkLogprobs(content=chat_logprobs(chunk.logprobs)) if chunk.logprobs is not None else None
-        yield self._chunk(
-            [
-                ChunkChoice(
-                    index=chunk.index, delta=delta, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs
-                )
-            ]
+        return ChunkChoice(
+            index=chunk.index, delta=delta, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs
         )
-        if chunk.usage is not None and self.include_usage:
-            yield self._chunk([], chunk.usage)
 
 
-class CompletionStreamFormatter:
-    """Per request: TokenChunks in, streamed `text_completion` objects out."""
+class CompletionStreamFormatter(StreamFormatter):
+    """Streamed `text_completion` objects; logprob text offsets run on across chunks."""
+
+    id_prefix = "cmpl"
+    response_type = Completion
+    object_name = "text_completion"
 
     def __init__(self, request_id: str, model: str, include_usage: bool):
-        self.request_id = request_id
-        self.model = model
-        self.include_usage = include_usage
-        self.created = int(time.time())
+        super().__init__(request_id, model, include_usage)
         self._offsets: dict[int, int] = {}
 
-    def _completion(self, choices: list[CompletionChoice], u: Usage | None = None) -> Completion:
-        return Completion(
-            id=self.request_id,
-            object="text_completion",
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=usage(u) if u is not None else None,
-        )
-
-    def format(self, chunk: TokenChunk) -> Iterable[Completion]:
+    def _choice(self, chunk: TokenChunk) -> CompletionChoice:
         offset = self._offsets.get(chunk.index, 0)
         self._offsets[chunk.index] = offset + len(chunk.text)
         logprobs = completion_logprobs(chunk.logprobs, offset) if chunk.logprobs is not None else None
         # Streamed choices carry finish_reason null until the last one, which the openai
         # package's CompletionChoice type does not admit; build it without validation.
-        choice = CompletionChoice.model_construct(
+        return CompletionChoice.model_construct(
             index=chunk.index, text=chunk.text, finish_reason=finish_reason(chunk.finish_reason), logprobs=logprobs
         )
-        yield self._completion([choice])
-        if chunk.usage is not None and self.include_usage:
-            yield self._completion([], chunk.usage)
 
 
 class CompletionBuilder:

@@ -85,3 +85,10 @@ async def test_typed_client_async(app):
     reply = await client.achat(model="auto", messages=CAPITAL, max_tokens=4)
     assert reply.usage.completion_tokens <= 4
     assert [c async for c in client.achat_stream(model="auto", messages=CAPITAL, max_tokens=4)]
+
+
+def test_tier_reports_itself(tier_handle):
+    info = tier_handle.info.remote().result()
+    assert info.name == TIER and info.max_model_len == 2048 and info.model.startswith("embedded:")
+    stats = tier_handle.stats.remote().result()
+    assert stats.started >= stats.finished + stats.aborted + stats.failed and stats.running >= 0
