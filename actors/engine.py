@@ -8,7 +8,6 @@ nothing of Ray, HTTP or routing, so it can be driven directly (tests, benchmarks
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -199,12 +198,10 @@ class VLLMEngine:
         except ValueError as exc:
             outcome = "failed"
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
         except Exception:
             outcome = "failed"
             raise
-        finally:
+        finally:  # CancelledError / GeneratorExit (the caller left) keep outcome "aborted"
             self._running -= 1
             if outcome == "finished":
                 self._finished += 1
