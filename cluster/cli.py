@@ -69,9 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if server.request_timeout_s:
         http["request_timeout_s"] = server.request_timeout_s
     serve.start(http_options=http)
-    print(
-        "starting tierserve (engines warm up; the first start compiles the model and takes a few minutes)", flush=True
-    )
+    print("starting tierserve: each tier's engine loads and warms up (a minute or more)", flush=True)
     serve.run(build_application(config), name=config.name, route_prefix="/")
     print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
 
