@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TypeVar
 
 from tierserve.actors.types import TokenChunk
@@ -82,15 +83,8 @@ def coalesce(chunks: list[TokenChunk]) -> list[TokenChunk]:
         usage = c.usage or usage
         prev = merged.get(c.index)
         if prev is None:
-            merged[c.index] = TokenChunk(
-                c.index,
-                c.text,
-                list(c.token_ids),
-                c.step,
-                c.finish_reason,
-                c.stop_reason,
-                None if c.logprobs is None else list(c.logprobs),
-            )
+            logprobs = None if c.logprobs is None else list(c.logprobs)
+            merged[c.index] = replace(c, token_ids=list(c.token_ids), logprobs=logprobs, usage=None)
             continue
         prev.text += c.text
         prev.token_ids.extend(c.token_ids)
