@@ -1,6 +1,6 @@
 """The `tierserve` command line.
 
-tierserve serve [--config FILE] [--host H] [--port P]   start the app and wait (Ctrl-C stops)
+tierserve serve [--config FILE] [--host H] [--port P] [--address A]   start the app and wait (Ctrl-C stops)
 tierserve models prepare [NAME ...] [--verify]          build embedded checkpoints in the cache
 tierserve models list                                   embedded models and their cache state
 tierserve config check FILE                             validate a config file

@@ -36,8 +36,8 @@ class ServerConfig(BaseModel):
 
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 """Ray Serve's throughput mode (user code and router on each replica's main event loop, gRPC
-between proxy and replicas), keeping the HTTP proxy in front: measured +20-30% output tokens/s
-at concurrency 16 on 2 cores (docs/benchmarks.md)."""
+between proxy and replicas), keeping the HTTP proxy in front. configs/serve.yaml repeats it as
+the application's runtime_env (a test keeps the two equal)."""
 
 
 class RayConfig(BaseModel):

@@ -9,7 +9,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from tierserve.cluster.app import INGRESS_NAME, build_app, build_application, tier_deployment_name
-from tierserve.cluster.config import load_config
+from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,8 @@ def test_serve_yaml_is_valid_and_points_at_the_builder():
     assert builder is build_app
     app = builder(spec.args)
     assert isinstance(app, Application) and bound(app).name == INGRESS_NAME
+    # `serve run` gets the same Ray Serve tuning that `tierserve serve` applies from ray.env
+    assert spec.runtime_env["env_vars"] == SERVE_THROUGHPUT_ENV
 
 
 def test_each_tier_is_its_own_deployment_with_its_options():
