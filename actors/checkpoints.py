@@ -22,7 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,11 @@ def sha256_file(path: Path, progress: bool = False) -> str:
 
 def checkpoint_dir(cache_dir: Path, name: str, source_sha256: str) -> Path:
     return cache_dir / "models" / f"{name}-{source_sha256[:12]}"
+
+
+def draft_checkpoint_dir(target_dir: Path) -> Path:
+    """Where `tierserve models distill` writes the draft distilled from the checkpoint at `target_dir`."""
+    return target_dir.with_name(target_dir.name + "-draft")
 
 
 def is_prepared(path: Path) -> bool:
@@ -211,3 +216,23 @@ def verify_checkpoint(path: Path) -> list[str]:
         if not f.is_file() or sha256_file(f) != expected:
             bad.append(name)
     return bad
+
+
+def publish_checkpoint(final: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Have `write` fill a temporary directory next to `final`, then rename it into place, under a lock
+    beside it, as `prepare_embedded` does. With `replace`, an existing `final` is swapped out: readers
+    may briefly find no checkpoint there, never a half-written one."""
+    with _locked(final.with_name(f".{final.name}.lock")):
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        old = final.with_name(f".{final.name}.partial-{os.getpid()}-old")
+        try:
+            tmp.mkdir()
+            write(tmp)
+            if replace and final.exists():
+                os.rename(final, old)
+            publish_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib.util
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_PREFIX = "embedded:"
+DISTILLED_PREFIX = "distilled:"
 
 
 class DeploymentOptions(BaseModel):
@@ -14,8 +16,11 @@ class DeploymentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, ge=1)
-    """Replicas of this deployment."""
+    num_replicas: int | None = Field(None, ge=1)
+    """Replicas of this deployment: 1 when unset, chosen by Serve's autoscaler when `autoscaling` is set."""
+    autoscaling: dict[str, Any] | None = None
+    """Ray Serve's `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests, ...),
+    checked against Serve's own schema; replaces `num_replicas`."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica accepts at once; more wait in the caller's queue."""
     num_cpus: float = Field(1.0, ge=0)
@@ -30,6 +35,21 @@ class DeploymentOptions(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
 
+    @field_validator("autoscaling")
+    @classmethod
+    def _serve_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**value)  # raises naming the bad field
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -39,14 +59,87 @@ class DeploymentOptions(BaseModel):
             actor_options["resources"] = dict(self.resources)
         if self.env:
             actor_options["runtime_env"] = {"env_vars": dict(self.env)}
+        replicas: dict[str, Any] = (
+            {"autoscaling_config": dict(self.autoscaling)}
+            if self.autoscaling is not None
+            else {"num_replicas": self.num_replicas or 1}
+        )
         return {
-            "num_replicas": self.num_replicas,
+            **replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": actor_options,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
+
+
+class SpeculationConfig(BaseModel):
+    """Speculative decoding of a tier, mapped onto vLLM's `speculative_config`.
+
+    `draft_model`: a small model with the target's tokenizer proposes tokens that the target
+    verifies in one forward pass. `ngram`: proposals are copied from earlier in the prompt
+    (prompt lookup), which pays when answers quote their context (RAG, code edits).
+    Greedy output is the same with or without speculation; only the speed changes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["draft_model", "ngram"]
+    model: str | None = None
+    """The draft (draft_model only): a checkpoint directory or id, `embedded:<name>`, or
+    `distilled:<embedded target>` for the draft `tierserve models distill` writes."""
+    num_speculative_tokens: int = Field(3, ge=1, le=16)
+    """Tokens proposed per step (k)."""
+    prompt_lookup_min: int = Field(1, ge=1)
+    """ngram: shortest suffix of the sequence looked up in the prompt."""
+    prompt_lookup_max: int = Field(4, ge=1)
+    """ngram: longest suffix looked up."""
+    draft_tensor_parallel_size: int | None = Field(None, ge=1)
+    """draft_model on GPU: ranks of the draft, 1 or the target's tensor_parallel_size (vLLM's rule)."""
+    disable_above_batch_size: int | None = Field(None, ge=1)
+    """Load-aware speculation: vLLM proposes nothing in steps that run more sequences than this,
+    where verifying drafts costs more compute than it saves (see docs/speculation.md)."""
+    tokens_per_batch_size: list[tuple[int, int, int]] | None = None
+    """vLLM's own schedule, `[(first_batch_size, last_batch_size, k), ...]`, for finer control
+    than `disable_above_batch_size`; k may be 0."""
+    fallback: Literal["ngram", "none"] = "ngram"
+    """When a `distilled:` draft has not been distilled yet: serve with n-gram speculation
+    (logged) or with none."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Further keys of vLLM's speculative config, passed untouched."""
+
+    @field_validator("tokens_per_batch_size")
+    @classmethod
+    def _vllm_schedule(cls, value: list[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        if value is not None and importlib.util.find_spec("vllm") is not None:
+            from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
+
+            validate_and_normalize_dynamic_sd_schedule(list(value))  # raises ValueError naming the problem
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculationConfig:
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("method 'draft_model' needs `model`, the draft checkpoint")
+        if self.method == "ngram" and self.model:
+            raise ValueError("method 'ngram' takes no `model`")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must not exceed prompt_lookup_max")
+        if self.disable_above_batch_size is not None and self.tokens_per_batch_size is not None:
+            raise ValueError("set disable_above_batch_size or tokens_per_batch_size, not both")
+        return self
+
+    @property
+    def distilled_target(self) -> str | None:
+        """The embedded target's name when `model` is `distilled:<name>`."""
+        if self.model and self.model.startswith(DISTILLED_PREFIX):
+            return self.model[len(DISTILLED_PREFIX) :]
+        return None
+
+
+# Keys tierserve sets itself: the engine block must not set them a second time.
+_ENGINE_KEYS_OWNED = {"tensor_parallel_size": "tensor_parallel_size", "speculative_config": "speculative"}
 
 
 class TierConfig(BaseModel):
@@ -62,10 +155,44 @@ class TierConfig(BaseModel):
     description: str = ""
     engine: dict[str, Any] = Field(default_factory=dict)
     """Passed untouched to vLLM's `AsyncEngineArgs` (max_model_len, dtype, tensor_parallel_size, ...)."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """Most tokens one choice may generate on this tier: a request asking for more is refused
+    with a 400, one that does not say gets at most this many. None: whatever the context allows."""
     stream_interval_ms: float = Field(0.0, ge=0, le=1000)
     """Chunks of a stream are sent to the ingress at most this often; the first goes at once and
     whatever piled up meanwhile travels as one message. 0 sends as fast as the consumer takes them."""
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    """Where the engine runs. `gpu`: each tensor-parallel rank reserves one GPU as a bundle of the
+    replica's placement group. `cpu`: ranks are worker processes bound to cores of the node."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Ranks the model is sharded over (vLLM's tensor_parallel_size)."""
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    """gpu: Ray placement-group strategy of the replica's rank bundles (STRICT_PACK: one node)."""
+    speculative: SpeculationConfig | None = None
+    """Speculative decoding; None decodes one token per step."""
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TierConfig:
+        for key, field in _ENGINE_KEYS_OWNED.items():
+            if key in self.engine:
+                raise ValueError(f"engine.{key} is set by the tier's `{field}` field; set it there")
+        if self.accelerator == "gpu" and self.deployment.num_gpus:
+            raise ValueError(
+                "accelerator 'gpu' reserves one GPU per tensor-parallel rank itself; leave deployment.num_gpus at 0"
+            )
+        if self.accelerator == "cpu" and self.deployment.num_cpus < self.tensor_parallel_size:
+            raise ValueError(
+                f"on CPU each tensor-parallel rank gets its own core: deployment.num_cpus "
+                f"({self.deployment.num_cpus:g}) must be at least tensor_parallel_size ({self.tensor_parallel_size})"
+            )
+        draft_tp = self.speculative.draft_tensor_parallel_size if self.speculative else None
+        if draft_tp not in (None, 1, self.tensor_parallel_size):
+            raise ValueError(
+                f"speculative.draft_tensor_parallel_size must be 1 or tensor_parallel_size "
+                f"({self.tensor_parallel_size}), got {draft_tp}"
+            )
+        return self
 
     @property
     def embedded_name(self) -> str | None:

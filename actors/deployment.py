@@ -7,16 +7,37 @@ and health for the ingress and for Serve's health checks.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
 from tierserve.actors.checkpoints import resolve_model
 from tierserve.actors.config import TierConfig
 from tierserve.actors.engine import VLLMEngine
+from tierserve.actors.placement import (
+    BIND_ENV,
+    binding_spec,
+    claim_cpu_binding,
+    engine_placement_options,
+    release_cpu_binding,
+)
+from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.streaming import batch_stream, coalesce
 from tierserve.actors.types import GenerateRequest, TierInfo, TierStats, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+def engine_options(config: TierConfig, speculation: ResolvedSpeculation | None) -> dict[str, Any]:
+    """The tier's vLLM engine arguments: its engine block plus what placement and speculation add."""
+    options = {**config.engine, **engine_placement_options(config)}
+    if config.speculative is not None and speculation is not None:
+        options["speculative_config"] = vllm_speculative_config(config.speculative, speculation)
+    return options
 
 
 @serve.deployment
@@ -26,8 +47,17 @@ class TierDeployment:
     def __init__(self, config: TierConfig, model_cache: str | None = None):
         self.config = config
         # Resolved here, on the replica's node: an embedded model is prepared where it is served.
-        model = resolve_model(config.model, Path(model_cache) if model_cache else None, progress=False)
-        self.engine = VLLMEngine(model, config.engine)
+        cache = Path(model_cache) if model_cache else None
+        model = resolve_model(config.model, cache, progress=False)
+        speculation = resolve_speculation(config.speculative, cache) if config.speculative else None
+        self._bound = False
+        if config.accelerator == "cpu" and BIND_ENV not in os.environ:
+            # The engine's worker processes inherit this; they bind their OpenMP threads to it.
+            cores = claim_cpu_binding(config.tensor_parallel_size, config.deployment.num_cpus)
+            os.environ[BIND_ENV] = binding_spec(cores)
+            self._bound = True
+            logger.info("tier %s: ranks bound to cores %s", config.name, os.environ[BIND_ENV])
+        self.engine = VLLMEngine(model, engine_options(config, speculation), speculation, config.max_completion_tokens)
         self.engine.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
@@ -37,7 +67,14 @@ class TierDeployment:
             yield coalesce(batch)
 
     async def info(self) -> TierInfo:
-        return TierInfo(name=self.config.name, model=self.config.model, max_model_len=self.engine.max_model_len)
+        return TierInfo(
+            name=self.config.name,
+            model=self.config.model,
+            max_model_len=self.engine.max_model_len,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            max_completion_tokens=self.config.max_completion_tokens,
+            speculation=self.engine.speculation.describe() if self.engine.speculation else None,
+        )
 
     async def stats(self) -> TierStats:
         return self.engine.stats()
@@ -48,3 +85,5 @@ class TierDeployment:
 
     def __del__(self) -> None:
         self.engine.shutdown()
+        if self._bound:
+            release_cpu_binding()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tierserve.actors.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, request_speculation
 from tierserve.actors.types import (
     GenerateRequest,
     SamplingOptions,
@@ -59,12 +60,48 @@ def context_error(
     return None
 
 
+def _step_logger_factory(recorder: StepRecorder) -> Any:
+    """A vLLM stat-logger factory feeding `recorder` once per engine step."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class StepLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
+            spec = scheduler_stats.spec_decoding_stats if scheduler_stats is not None else None
+            recorder.record(
+                running=scheduler_stats.num_running_reqs if scheduler_stats is not None else 0,
+                generation_tokens=iteration_stats.num_generation_tokens if iteration_stats is not None else 0,
+                drafts=spec.num_drafts if spec is not None else 0,
+                draft_tokens=spec.num_draft_tokens if spec is not None else 0,
+                accepted=spec.num_accepted_tokens if spec is not None else 0,
+            )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return StepLogger
+
+
 class VLLMEngine:
     """One vLLM `AsyncLLM` plus the request bookkeeping a tier reports."""
 
-    def __init__(self, model: str, options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str,
+        options: dict[str, Any] | None = None,
+        speculation: ResolvedSpeculation | None = None,
+        max_completion_tokens: int | None = None,
+    ):
         self.model = model
         self.options = dict(options or {})
+        self.max_completion_tokens = max_completion_tokens
+        self.speculation = speculation
+        """How `options["speculative_config"]` speculates, for the counters; None when it does not."""
+        if speculation is not None:
+            self.options.setdefault("per_request_spec_decode_metrics", "summary")
+        self._steps = StepRecorder(speculation)
         self._llm: Any = None
         self._tokenizer: Any = None
         self.max_model_len = 0
@@ -80,7 +117,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model, **self.options)
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._steps)])
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
         logger.info("engine ready: %s (max_model_len=%d)", self.model, self.max_model_len)
@@ -99,12 +136,17 @@ class VLLMEngine:
         await self._llm.check_health()
 
     def stats(self) -> TierStats:
+        spec = self._steps.speculation
         return TierStats(
             running=self._running,
             started=self._started,
             finished=self._finished,
             aborted=self._aborted,
             failed=self._failed,
+            steps=self._steps.steps,
+            generation_tokens=self._steps.generation_tokens,
+            mean_batch_size=self._steps.mean_batch_size,
+            speculation=dataclasses.replace(spec) if spec is not None else None,
         )
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
@@ -133,7 +175,9 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        max_tokens = options.max_tokens if options.max_tokens is not None else self.max_model_len - prompt_tokens
+        max_tokens = options.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.max_model_len - prompt_tokens, self.max_completion_tokens or self.max_model_len)
         try:
             return SamplingParams(
                 n=options.n,
@@ -172,6 +216,9 @@ class VLLMEngine:
         error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len, param)
         if error is not None:
             raise error
+        cap, asked = self.max_completion_tokens, request.sampling.max_tokens
+        if cap is not None and asked is not None and asked > cap:
+            raise InvalidRequest(f"max_tokens is {asked}, but this tier generates at most {cap} tokens", "max_tokens")
         params = self.sampling_params(request.sampling, len(ids))
 
         self._started += 1
@@ -179,6 +226,7 @@ class VLLMEngine:
         outcome = "aborted"
         step = 0
         completion_tokens = 0
+        spec_metrics: dict[int, Any] = {}
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request.request_id)
         try:
             async for output in stream:
@@ -187,8 +235,13 @@ class VLLMEngine:
                 for choice in output.outputs:
                     completion_tokens += len(choice.token_ids)
                     chunks.append(self._chunk(choice, step, request.sampling.logprobs))
+                    if choice.spec_decode_metrics is not None:
+                        spec_metrics[choice.index] = choice.spec_decode_metrics.to_dict()
                 if output.finished and chunks:
-                    chunks[-1].usage = Usage(len(ids), completion_tokens)
+                    speculation = (
+                        request_speculation(spec_metrics.values(), self.speculation) if self.speculation else None
+                    )
+                    chunks[-1].usage = Usage(len(ids), completion_tokens, speculation)
                 for chunk in chunks:
                     yield chunk
             outcome = "finished"

@@ -73,9 +73,54 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class SpeculationStats:
+    """Speculative-decoding counts, for one request or a whole tier.
+
+    A verify step checks `k` drafted tokens and keeps the accepted prefix plus one token of the
+    target's own, so a step yields `mean_accepted_length` tokens instead of one.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    """k, the most tokens drafted per step."""
+    steps: int = 0
+    """Verify steps that checked at least one drafted token."""
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify step yields on average: accepted drafts plus the target's own token."""
+        return 1.0 + self.accepted_tokens / self.steps if self.steps else 1.0
+
+    def add(self, steps: int, draft_tokens: int, accepted_tokens: int) -> None:
+        self.steps += steps
+        self.draft_tokens += draft_tokens
+        self.accepted_tokens += accepted_tokens
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "method": self.method,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "steps": self.steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+        }
+
+
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    speculation: SpeculationStats | None = None
+    """This request's speculative decoding, when its tier speculates."""
 
     @property
     def total_tokens(self) -> int:
@@ -109,6 +154,10 @@ class TierInfo:
     model: str
     """The model path or id the engine loaded."""
     max_model_len: int
+    tensor_parallel_size: int = 1
+    max_completion_tokens: int | None = None
+    speculation: str | None = None
+    """How the tier speculates ('draft_model <path>', 'ngram'), None when it does not."""
 
 
 @dataclass(slots=True)
@@ -121,3 +170,9 @@ class TierStats:
     aborted: int
     """Requests whose caller went away before they finished, aborted in the engine."""
     failed: int
+    steps: int = 0
+    """Engine steps that produced tokens."""
+    generation_tokens: int = 0
+    mean_batch_size: float = 0.0
+    """Sequences running per engine step, averaged over steps."""
+    speculation: SpeculationStats | None = None

@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from tierserve.actors.deployment import TierDeployment
+from tierserve.actors.placement import placement_options
 from tierserve.cluster.config import AppConfig, load_config
 from tierserve.router.ingress import Ingress
 from tierserve.router.tiers import TierEntry
@@ -26,7 +27,7 @@ INGRESS_NAME = "ingress"
 def build_application(config: AppConfig) -> Application:
     """The ingress bound to one deployment per tier, each with its own Serve options."""
     handles = {
-        tier.name: TierDeployment.options(name=tier_deployment_name(tier.name), **tier.deployment.serve_options()).bind(
+        tier.name: TierDeployment.options(name=tier_deployment_name(tier.name), **placement_options(tier)).bind(
             tier, config.model_cache
         )
         for tier in config.tiers

@@ -12,6 +12,7 @@ error after that ends the SSE stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -212,6 +213,19 @@ class Ingress:
         names = list(self.directory.tiers)
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
 
+    async def tiers(self) -> list[dict[str, Any]]:
+        """Each tier's info and counters (of the replica that answers), speculation included."""
+
+        async def one(name: str) -> dict[str, Any]:
+            handle = self.handles[name]
+            info, stats = await asyncio.gather(handle.info.remote(), handle.stats.remote())
+            counters = dataclasses.asdict(stats)
+            counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
+            description = self.directory.tiers[name].description
+            return {**dataclasses.asdict(info), "description": description, "stats": counters}
+
+        return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
+
     # ----- HTTP routes -------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
@@ -226,6 +240,10 @@ class Ingress:
     async def _http_models(self) -> JSONResponse:
         models = await self.list_models()
         return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]})
+
+    @app.get("/v1/tiers")
+    async def _http_tiers(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": await self.tiers()})
 
     @app.get("/health")
     async def _http_health(self) -> JSONResponse:

@@ -30,8 +30,11 @@ def finish_reason(reason: str | None) -> str | None:
 
 
 def usage(u: Usage) -> CompletionUsage:
+    """OpenAI's usage; a speculating tier adds `speculation` (drafted and accepted tokens of this
+    request), an extra field OpenAI clients keep (`usage.model_extra`)."""
+    extra = {"speculation": u.speculation.as_dict()} if u.speculation is not None else {}
     return CompletionUsage(
-        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens, **extra
     )
 
 

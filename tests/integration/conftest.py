@@ -14,6 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 APP_NAME = "tierserve-test"
 TIER = "small"
+"""The default tier (`model: auto`)."""
+TIERS = ["small", "quality"]
+"""Every tier of configs/local.yaml, in order."""
 
 
 @dataclass
@@ -46,7 +49,11 @@ def app() -> RunningApp:
     config_path = REPO / "configs" / "local.yaml"
     prepare_embedded("smollm2-135m-instruct", progress=False)
     port = _free_port()
-    start_ray(load_config(config_path), log_to_driver=False)
+    config = load_config(config_path)
+    # Logical CPUs only: the shared app and the apps some tests deploy beside it reserve more
+    # than the 2 physical cores; vLLM's core binding bounds what they really use.
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})})
+    start_ray(config, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(config_path)}), name=APP_NAME, route_prefix="/")
     running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}")

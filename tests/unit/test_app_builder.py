@@ -36,15 +36,22 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     config = load_config(REPO / "configs" / "gpu.yaml")
     ingress = bound(build_application(config))
     ingress_config, entries, handles = ingress.init_args
-    assert [e.name for e in entries] == [t.name for t in config.tiers]
-    tier = bound(handles[config.tiers[0].name])
-    assert tier.name == tier_deployment_name(config.tiers[0].name)
-    actor_options = tier.ray_actor_options
-    assert actor_options["num_gpus"] == 1 and actor_options["num_cpus"] == 4
-    assert tier.num_replicas == 2
-    tier_config, cache = tier.init_args
-    assert tier_config.engine["max_model_len"] == 16384
+    assert [e.name for e in entries] == ["llama-8b", "llama-70b"]
     assert ingress.num_replicas == 2
+
+    small = bound(handles["llama-8b"])
+    assert small.name == tier_deployment_name("llama-8b")
+    assert small._deployment_config.autoscaling_config.max_replicas == 8
+    assert small.ray_actor_options["num_cpus"] == 4 and "num_gpus" not in small.ray_actor_options
+    assert small._replica_config.placement_group_bundles == [{"GPU": 1, "CPU": 4}]
+    tier_config, cache = small.init_args
+    assert tier_config.engine["max_model_len"] == 16384
+    assert tier_config.speculative.model == "/models/Llama-3.2-1B-Instruct"
+
+    large = bound(handles["llama-70b"])
+    assert large.num_replicas == 1
+    assert large._replica_config.placement_group_bundles == [{"GPU": 1, "CPU": 8}, {"GPU": 1}, {"GPU": 1}, {"GPU": 1}]
+    assert large._replica_config.placement_group_strategy == "STRICT_PACK"
 
 
 def test_cli_config_check(tmp_path):
@@ -53,7 +60,7 @@ def test_cli_config_check(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert ok.returncode == 0 and "1 tier(s): small" in ok.stdout
+    assert ok.returncode == 0 and "tier(s): small" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiers:\n  - name: small\n    model: x\n    engine:\n      max_modle_len: 5\n")
     res = subprocess.run(

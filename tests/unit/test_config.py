@@ -41,7 +41,7 @@ def test_minimal_config_gets_defaults(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config.server.port == 8000
     assert config.tiers[0].engine == {"max_model_len": 1024}
-    assert config.tiers[0].deployment.num_replicas == 1
+    assert config.tiers[0].deployment.serve_options()["num_replicas"] == 1
 
 
 @pytest.mark.parametrize(
@@ -120,3 +120,48 @@ def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
     env = load_config(write(tmp_path, GOOD)).ray.env
     assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     assert load_config(write(tmp_path, GOOD + "ray:\n  env: {}\n")).ray.env == {}
+
+
+@pytest.mark.parametrize(
+    "tier_yaml, message",
+    [
+        ("    engine:\n      tensor_parallel_size: 2\n", "engine.tensor_parallel_size is set by the tier's"),
+        ("    tensor_parallel_size: 2\n", r"deployment.num_cpus \(1\) must be at least tensor_parallel_size \(2\)"),
+        ("    accelerator: gpu\n    deployment:\n      num_gpus: 1\n", "leave deployment.num_gpus at 0"),
+        ("    accelerator: tpu\n", r":4: tiers\[0\].accelerator: Input should be 'cpu' or 'gpu'"),
+        ("    speculative:\n      method: draft_model\n", "method 'draft_model' needs `model`"),
+        ("    speculative:\n      method: ngram\n      model: /d\n", "method 'ngram' takes no `model`"),
+        ("    speculative:\n      method: medusa\n", "Input should be 'draft_model' or 'ngram'"),
+        (
+            "    speculative:\n      method: ngram\n      prompt_lookup_min: 5\n      prompt_lookup_max: 2\n",
+            "prompt_lookup_min must not exceed prompt_lookup_max",
+        ),
+        (
+            "    accelerator: gpu\n    tensor_parallel_size: 4\n    speculative:\n      method: draft_model\n"
+            "      model: /d\n      draft_tensor_parallel_size: 2\n",
+            r"draft_tensor_parallel_size must be 1 or tensor_parallel_size \(4\), got 2",
+        ),
+        (  # vLLM's own check of its per-batch-size schedule
+            "    speculative:\n      method: ngram\n      tokens_per_batch_size: [[2, 8, 3]]\n",
+            "The first batch-size range must start at 1",
+        ),
+        (
+            "    speculative:\n      method: ngram\n      disable_above_batch_size: 4\n"
+            "      tokens_per_batch_size: [[1, 8, 3]]\n",
+            "set disable_above_batch_size or tokens_per_batch_size, not both",
+        ),
+        ("    deployment:\n      num_replicas: 2\n      autoscaling: {max_replicas: 4}\n", "not both"),
+        ("    deployment:\n      autoscaling: {max_replicas: 0}\n", "max_replicas"),
+    ],
+)
+def test_tier_placement_and_speculation_rules(tmp_path, tier_yaml, message):
+    text = "tiers:\n  - name: small\n    model: embedded:smollm2-135m-instruct\n" + tier_yaml
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_autoscaling_replaces_num_replicas():
+    opts = DeploymentOptions(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
+    serve_opts = opts.serve_options()
+    assert "num_replicas" not in serve_opts
+    assert serve_opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}

@@ -1,0 +1,69 @@
+"""Fixes to the installed vLLM, applied in every vLLM process through its plugin hook.
+
+vLLM loads the `vllm.general_plugins` entry points (pyproject.toml registers `register` below)
+in the engine-core and worker processes before any model runs, so a fix here reaches code that
+tierserve never imports itself. Each fix names the failure it prevents and is a no-op where
+vLLM no longer has the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def _empty_top_k_batch() -> None:
+    """vLLM 0.32 CPU: a speculating engine dies on a step with no drafted tokens when a request
+    in it sets top_k. The rejection sampler then applies top-k to an empty batch, and the
+    CPU-only `apply_top_k_only` calls `k.max()` on an empty tensor (RuntimeError in the model
+    worker, engine dead). An empty batch has nothing to mask, so return it as it is."""
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    original = topk_topp_sampler.apply_top_k_only
+    if getattr(original, "tierserve_fix", False):
+        return
+
+    @functools.wraps(original)
+    def apply_top_k_only(logits, k):
+        if k.numel() == 0:
+            return logits
+        return original(logits, k)
+
+    apply_top_k_only.tierserve_fix = True  # type: ignore[attr-defined]
+    topk_topp_sampler.apply_top_k_only = apply_top_k_only
+
+
+def expand_per_token(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:
+    """vLLM's `expand_kernel`: write request i's value (`replace_from` swapped for `replace_to`)
+    into output[cu[i-1]:cu[i]], in place, for any dtype.
+
+    vLLM 0.32's CPU stand-in for this Triton kernel converts `output` to int64 and lets the C++
+    kernel fill the converted copy, so the caller's tensor keeps uninitialised memory; it also
+    truncates float inputs. The rejection sampler expands per-request temperature and top-k with
+    it, so random sampling with speculation read garbage temperatures and top-k values (wrong
+    samples, or a dead engine on "selected index k out of range")."""
+    import torch
+
+    cu = cu_num_tokens.to(torch.long)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from, torch.tensor(replace_to, dtype=input_val.dtype), input_val)
+    expanded = torch.repeat_interleave(values, counts)
+    output[: expanded.numel()].copy_(expanded)
+
+
+def _cpu_expand_kernel() -> None:
+    """Swap vLLM's CPU `expand_kernel` stand-in for `expand_per_token`. vLLM registers its CPU
+    kernels right after loading plugins, reading them from this module, so it picks ours up."""
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:  # not a CPU build
+        return
+    cpu_triton_utils._expand_kernel_impl = expand_per_token
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point; vLLM may call it more than once per process."""
+    _cpu_expand_kernel()
+    _empty_top_k_batch()

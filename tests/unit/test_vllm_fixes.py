@@ -1,0 +1,38 @@
+"""The fixes tierserve applies to vLLM, on hand-built tensors (no model)."""
+
+import pytest
+import torch
+
+from tierserve.actors.vllm_fixes import expand_per_token, register
+
+
+@pytest.mark.parametrize(
+    "values, cu, replace, expected",
+    [
+        # per-request temperature to per-draft-token; greedy's -1 becomes 1 (vLLM's GREEDY_TEMPERATURE)
+        (torch.tensor([0.7, -1.0, 1.5]), [2, 5, 6], (-1.0, 1.0), [0.7, 0.7, 1.0, 1.0, 1.0, 1.5]),
+        # per-request top-k (int32, as vLLM keeps it); a request with no drafts takes no slots
+        (torch.tensor([5, 1, 49152], dtype=torch.int32), [3, 3, 4], (0, 0), [5, 5, 5, 49152]),
+        (torch.tensor([5], dtype=torch.int32), [0], (0, 0), []),
+    ],
+)
+def test_expand_per_token_writes_in_place_for_any_dtype(values, cu, replace, expected):
+    out = torch.full((len(expected),), 12345, dtype=values.dtype)
+    expand_per_token(out, values, torch.tensor(cu, dtype=torch.int32), *replace)
+    assert out.tolist() == pytest.approx(expected)
+
+
+def test_register_patches_vllm_and_is_idempotent():
+    from vllm.utils import cpu_triton_utils
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    register()
+    register()
+    assert cpu_triton_utils._expand_kernel_impl is expand_per_token
+    fixed = topk_topp_sampler.apply_top_k_only
+    assert fixed.tierserve_fix and not getattr(fixed.__wrapped__, "tierserve_fix", False)
+    empty = torch.empty((0, 8))
+    assert fixed(empty, torch.empty((0,), dtype=torch.int32)) is empty
+    logits = torch.tensor([[0.1, 0.9, 0.5]])
+    masked = fixed(logits.clone(), torch.tensor([1]))
+    assert masked[0, 1] == pytest.approx(0.9) and torch.isinf(masked[0, [0, 2]]).all()
