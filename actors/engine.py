@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,7 @@ def _step_logger_factory(recorder: StepRecorder) -> Any:
                 drafts=spec.num_drafts if spec is not None else 0,
                 draft_tokens=spec.num_draft_tokens if spec is not None else 0,
                 accepted=spec.num_accepted_tokens if spec is not None else 0,
+                at=iteration_stats.iteration_timestamp if iteration_stats is not None else time.time(),
             )
 
         def log_engine_initialized(self) -> None:
@@ -146,6 +148,7 @@ class VLLMEngine:
             steps=self._steps.steps,
             generation_tokens=self._steps.generation_tokens,
             mean_batch_size=self._steps.mean_batch_size,
+            mean_step_ms=self._steps.mean_step_ms,
             speculation=dataclasses.replace(spec) if spec is not None else None,
         )
 
@@ -216,6 +219,9 @@ class VLLMEngine:
         error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len, param)
         if error is not None:
             raise error
+        if self.speculation is not None and request.sampling.min_p > 0:
+            # vLLM's speculative sampler ignores min_p; refuse rather than silently sample without it.
+            raise InvalidRequest("min_p is not supported on a tier that decodes speculatively", "min_p")
         cap, asked = self.max_completion_tokens, request.sampling.max_tokens
         if cap is not None and asked is not None and asked > cap:
             raise InvalidRequest(f"max_tokens is {asked}, but this tier generates at most {cap} tokens", "max_tokens")

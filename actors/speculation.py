@@ -108,24 +108,41 @@ def request_speculation(
 
 
 class StepRecorder:
-    """Per-tier engine-step counters, fed by vLLM's stat-logger hook once per engine step."""
+    """Per-tier engine-step counters, fed by vLLM's stat-logger hook once per engine step.
 
-    def __init__(self, resolved: ResolvedSpeculation | None):
+    Step cost is the time between consecutive steps that produced tokens, counted only while
+    the engine stays busy (gaps longer than `idle_gap_s` are idle time, not step time)."""
+
+    def __init__(self, resolved: ResolvedSpeculation | None, idle_gap_s: float = 0.5):
         self.steps = 0
         self.generation_tokens = 0
         self.batch_size_sum = 0
+        self.step_time_s = 0.0
+        self.timed_steps = 0
+        self.idle_gap_s = idle_gap_s
+        self._last_step_at: float | None = None
         self.speculation = (
             SpeculationStats(resolved.method, resolved.num_speculative_tokens) if resolved is not None else None
         )
 
-    def record(self, running: int, generation_tokens: int, drafts: int, draft_tokens: int, accepted: int) -> None:
+    def record(
+        self, running: int, generation_tokens: int, drafts: int, draft_tokens: int, accepted: int, at: float
+    ) -> None:
         if generation_tokens:
             self.steps += 1
             self.generation_tokens += generation_tokens
             self.batch_size_sum += running
+            if self._last_step_at is not None and at - self._last_step_at < self.idle_gap_s:
+                self.step_time_s += at - self._last_step_at
+                self.timed_steps += 1
+            self._last_step_at = at
         if self.speculation is not None and drafts:
             self.speculation.add(drafts, draft_tokens, accepted)
 
     @property
     def mean_batch_size(self) -> float:
         return self.batch_size_sum / self.steps if self.steps else 0.0
+
+    @property
+    def mean_step_ms(self) -> float:
+        return 1e3 * self.step_time_s / self.timed_steps if self.timed_steps else 0.0

@@ -175,4 +175,6 @@ class TierStats:
     generation_tokens: int = 0
     mean_batch_size: float = 0.0
     """Sequences running per engine step, averaged over steps."""
+    mean_step_ms: float = 0.0
+    """Time per engine step while the engine is busy: with tokens per step, what a step costs."""
     speculation: SpeculationStats | None = None

@@ -56,3 +56,11 @@ def test_completion_limit_is_per_tier(client):
     assert err.value.body["param"] == "max_tokens" and "at most 512 tokens" in err.value.body["message"]
     reply = client.chat.completions.create(model="quality", messages=QUESTION, max_tokens=600, temperature=0)
     assert reply.usage.completion_tokens <= 600
+
+
+def test_min_p_is_refused_where_speculation_would_ignore_it(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="quality", messages=QUESTION, max_tokens=4, extra_body={"min_p": 0.1})
+    assert err.value.body["param"] == "min_p"
+    plain = client.chat.completions.create(model="small", messages=QUESTION, max_tokens=4, extra_body={"min_p": 0.1})
+    assert plain.choices[0].message.content

@@ -106,11 +106,14 @@ def test_request_speculation_sums_choices_from_vllms_per_sequence_metrics():
 
 
 def test_step_recorder_counts_steps_batches_and_acceptance():
-    recorder = StepRecorder(ResolvedSpeculation("ngram", None, 2))
-    recorder.record(running=4, generation_tokens=6, drafts=4, draft_tokens=8, accepted=2)
-    recorder.record(running=2, generation_tokens=2, drafts=0, draft_tokens=0, accepted=0)
-    recorder.record(running=0, generation_tokens=0, drafts=0, draft_tokens=0, accepted=0)  # idle: not a step
-    assert (recorder.steps, recorder.generation_tokens, recorder.mean_batch_size) == (2, 8, 3.0)
+    recorder = StepRecorder(ResolvedSpeculation("ngram", None, 2), idle_gap_s=0.5)
+    recorder.record(running=4, generation_tokens=6, drafts=4, draft_tokens=8, accepted=2, at=10.00)
+    recorder.record(running=2, generation_tokens=2, drafts=0, draft_tokens=0, accepted=0, at=10.02)
+    recorder.record(running=0, generation_tokens=0, drafts=0, draft_tokens=0, accepted=0, at=10.03)  # no tokens
+    recorder.record(running=1, generation_tokens=1, drafts=0, draft_tokens=0, accepted=0, at=15.00)  # after idle
+    recorder.record(running=1, generation_tokens=1, drafts=0, draft_tokens=0, accepted=0, at=15.04)
+    assert (recorder.steps, recorder.generation_tokens, recorder.mean_batch_size) == (4, 10, 2.0)
+    assert recorder.mean_step_ms == pytest.approx(30.0)  # (20 ms + 40 ms) / 2; the idle gap is not a step
     spec = recorder.speculation
     assert spec.as_dict() == {
         "method": "ngram",
