@@ -2,6 +2,8 @@
 
 tierserve serve [--config FILE] [--host H] [--port P] [--address A]   start the app and wait (Ctrl-C stops)
 tierserve models prepare [NAME ...] [--verify]          build embedded checkpoints in the cache
+tierserve models distill [NAME] [--layers N] [--minutes M] [--prompts N] [--max-new-tokens N] [--force]
+                                                        train a speculative-decoding draft for NAME
 tierserve models list                                   embedded models and their cache state
 tierserve config check FILE                             validate a config file
 """
@@ -104,6 +106,36 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_distill(args: argparse.Namespace) -> int:
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.actors.distill import distill
+
+    target = prepare_embedded(args.name, _cache(None, args.cache_dir), progress=True)
+    try:
+        report = distill(
+            target,
+            layers=args.layers,
+            minutes=args.minutes,
+            max_prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            force=args.force,
+        )
+    except FileExistsError as exc:
+        print(f"tierserve: {exc}", file=sys.stderr)
+        return 1
+    print(f"draft for {args.name}: {report.draft_dir}", flush=True)
+    print(
+        f"held-out greedy acceptance {report.acceptance_before:.3f} -> {report.acceptance_after:.3f} "
+        f"({report.held_out_prompts} prompts, {report.held_out_tokens} tokens)"
+    )
+    print(
+        f"{report.layers} layers from target layers {report.init_layers}, trained on {report.tokens_trained} "
+        f"tokens ({report.epochs:.1f} epochs of {report.train_tokens} from {report.train_prompts} prompts)"
+    )
+    print("seconds: " + ", ".join(f"{phase} {s:.0f}" for phase, s in report.seconds.items()))
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     from tierserve.actors.checkpoints import EMBEDDED_MODELS, checkpoint_dir, gguf_path, is_prepared, sha256_file
 
@@ -142,6 +174,15 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--cache-dir")
     mp.add_argument("--verify", action="store_true", help="recompute checksums against the manifest")
     mp.set_defaults(func=cmd_models_prepare)
+    md = m.add_parser("distill", help="train a speculative-decoding draft from an embedded model (CPU, ~20 min)")
+    md.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="embedded target model")
+    md.add_argument("--layers", type=int, default=4, help="decoder layers of the draft")
+    md.add_argument("--minutes", type=float, default=10.0, help="training time; generating data adds ~6 min")
+    md.add_argument("--prompts", type=int, help="use only this many training prompts (default: all)")
+    md.add_argument("--max-new-tokens", type=int, default=128, help="length of the target's completions")
+    md.add_argument("--cache-dir")
+    md.add_argument("--force", action="store_true", help="replace an existing draft")
+    md.set_defaults(func=cmd_models_distill)
     ml = m.add_parser("list", help="embedded models and whether they are prepared")
     ml.add_argument("--cache-dir")
     ml.set_defaults(func=cmd_models_list)
