@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tierserve-installed
 
-.PHONY: install serve test bench lint
+.PHONY: install serve test bench bench-spec lint
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test: install
 
 bench: install
 	$(BIN)/python bench/serving.py $(ARGS)
+
+bench-spec: install
+	$(BIN)/python bench/speculation.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -221,12 +221,28 @@ def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def one_tier_config() -> Path:
+    """configs/local.yaml with its default tier only (`small`: the engine options of every other
+    system here, no speculation), so tierserve runs one engine like the others."""
+    import yaml
+
+    from tierserve.cluster.config import bundled_config
+
+    data = yaml.safe_load(bundled_config().read_text())
+    data["tiers"] = [t for t in data["tiers"] if t["name"] == data["ingress"]["default_tier"]]
+    path = REPO / "bench" / "results" / "tierserve-one-tier.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def server_command(system: str, checkpoint: str, port: int) -> tuple[list[str], str, str]:
     """(command, readiness URL, model name to send) for an HTTP system."""
     py = sys.executable
     if system == "tierserve":
+        config = one_tier_config()
         return (
-            [py, "-m", "tierserve.cluster.cli", "serve", "--port", str(port), "--no-prepare"],
+            [py, "-m", "tierserve.cluster.cli", "serve", "--config", str(config), "--port", str(port), "--no-prepare"],
             f"http://127.0.0.1:{port}/health",
             "auto",
         )
