@@ -143,21 +143,13 @@ def prepare_embedded(name: str, cache_dir: Path | None = None, progress: bool = 
     source = gguf_path(spec)
     source_sha = sha256_file(source, progress=progress)
     final = checkpoint_dir(cache_dir, name, source_sha)
-    if is_prepared(final):
-        return final
-    with _locked(cache_dir / "models" / f".{name}.lock"):
-        if is_prepared(final):  # another process finished while we waited
-            return final
-        # Leftovers of a killed conversion are garbage; holding the lock, nobody else is writing.
-        for stale in final.parent.glob(f".{final.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        try:
+    if not is_prepared(final):
+
+        def write(tmp: Path) -> None:
             _convert_gguf(spec, source, tmp, progress)
-            _write_manifest(tmp, spec, source_sha, progress)
-            publish_dir(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            write_manifest(tmp, _source_info(spec, source_sha), progress)
+
+        publish_checkpoint(final, write)
     return final
 
 
@@ -184,27 +176,22 @@ def _convert_gguf(spec: EmbeddedModel, source: Path, out: Path, progress: bool) 
         steps.set_postfix_str("write safetensors")
         steps.update()
 
-        out.mkdir(parents=True)
         fresh.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         steps.set_postfix_str("done")
         steps.update()
 
 
-def _write_manifest(out: Path, spec: EmbeddedModel, source_sha: str, progress: bool) -> None:
+def _source_info(spec: EmbeddedModel, source_sha: str) -> dict[str, object]:
+    source = {"distribution": spec.distribution, "version": spec.version, "file": spec.gguf_file, "sha256": source_sha}
+    return {"name": spec.name, "source": source, "dtype": spec.dtype}
+
+
+def write_manifest(out: Path, info: dict[str, object], progress: bool = False) -> None:
+    """The manifest of the checkpoint being written in `out`: `info` plus the SHA-256 of every file
+    there (what `verify_checkpoint` checks and `is_prepared` looks for)."""
     files = {p.name: sha256_file(p, progress=progress) for p in sorted(out.iterdir()) if p.is_file()}
-    manifest = {
-        "name": spec.name,
-        "source": {
-            "distribution": spec.distribution,
-            "version": spec.version,
-            "file": spec.gguf_file,
-            "sha256": source_sha,
-        },
-        "dtype": spec.dtype,
-        "files": files,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=2) + "\n")
 
 
 def verify_checkpoint(path: Path) -> list[str]:
@@ -219,10 +206,15 @@ def verify_checkpoint(path: Path) -> list[str]:
 
 
 def publish_checkpoint(final: Path, write: Callable[[Path], None], replace: bool = False) -> None:
-    """Have `write` fill a temporary directory next to `final`, then rename it into place, under a lock
-    beside it, as `prepare_embedded` does. With `replace`, an existing `final` is swapped out: readers
-    may briefly find no checkpoint there, never a half-written one."""
+    """Have `write` fill a temporary directory next to `final`, then rename it into place, all under
+    a lock beside it, so a crash never leaves a half-written checkpoint where a reader would pick it
+    up. A checkpoint another process finished while this one waited for the lock is kept; with
+    `replace` an existing one is swapped out: readers may briefly find no checkpoint there, never a
+    half-written one."""
     with _locked(final.with_name(f".{final.name}.lock")):
+        if is_prepared(final) and not replace:
+            return
+        # Leftovers of a killed write are garbage; holding the lock, nobody else is writing.
         for stale in final.parent.glob(f".{final.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")

@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from tierserve.actors.checkpoints import MANIFEST, draft_checkpoint_dir, is_prepared, publish_checkpoint, sha256_file
+from tierserve.actors.checkpoints import (
+    MANIFEST,
+    draft_checkpoint_dir,
+    is_prepared,
+    publish_checkpoint,
+    sha256_file,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -451,9 +458,8 @@ def distill(
         clock.lap("write")
         report.seconds = {**clock.seconds, "total": round(time.monotonic() - clock.started, 1)}
         (tmp / REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {"name": out_dir.name, "target": report.target_dir, "target_sha256": report.target_sha256}
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "dtype": "bfloat16", "files": files}, indent=2) + "\n")
+        info = {"name": out_dir.name, "target": report.target_dir, "target_sha256": report.target_sha256}
+        write_manifest(tmp, {**info, "dtype": "bfloat16"})
 
     publish_checkpoint(out_dir, write, replace=force)
     return report
