@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tierserve-installed
 
-.PHONY: install serve test bench bench-spec lint
+.PHONY: install serve test bench bench-spec bench-tracing lint
 
 install: $(STAMP)
 
@@ -36,5 +36,35 @@ bench: install
 bench-spec: install
 	$(BIN)/python bench/speculation.py $(ARGS)
 
+bench-tracing: install
+	$(BIN)/python bench/tracing.py $(ARGS)
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Trace UI: Arize Phoenix in its own virtualenv (its dependencies clash with vLLM's pins), receiving
+# OTLP on 127.0.0.1:6006 (HTTP: /v1/traces) and gRPC on 4317. Its data stays under .venv-phoenix/.
+#   make trace-ui     then: OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:6006 make serve
+#   make dashboards   end-to-end check: Phoenix + tierserve + headless Chromium screenshot + Prometheus
+PHOENIX_VENV ?= .venv-phoenix
+PHOENIX_VERSION := 20.26.1
+PLAYWRIGHT_VERSION := 1.65.2
+PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-$(PHOENIX_VERSION)-installed
+PHOENIX_PORT ?= 6006
+PHOENIX_GRPC_PORT ?= 4317
+
+.PHONY: trace-ui dashboards
+
+$(PHOENIX_STAMP):
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	# Playwright drives Debian's chromium (apt-get install chromium) for bench/dashboards.py; no browser download.
+	$(PHOENIX_VENV)/bin/pip install "arize-phoenix==$(PHOENIX_VERSION)" "playwright==$(PLAYWRIGHT_VERSION)"
+	$(PHOENIX_VENV)/bin/python -c "import phoenix.server.main, playwright.sync_api"
+	touch $@
+
+trace-ui: $(PHOENIX_STAMP)
+	PHOENIX_WORKING_DIR=$(PHOENIX_VENV)/data PHOENIX_ALLOW_EXTERNAL_RESOURCES=false PHOENIX_TELEMETRY_ENABLED=false \
+		$(PHOENIX_VENV)/bin/phoenix serve --host 127.0.0.1 --port $(PHOENIX_PORT) --grpc-port $(PHOENIX_GRPC_PORT) $(ARGS)
+
+dashboards: install $(PHOENIX_STAMP)
+	$(BIN)/python bench/dashboards.py $(ARGS)

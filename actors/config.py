@@ -74,6 +74,24 @@ class DeploymentOptions(BaseModel):
         }
 
 
+class AdaptiveSpeculationConfig(BaseModel):
+    """Speculation only where it pays: the tier measures, per batch-size bucket, the tokens per
+    second each stream gets with and without speculation, and turns k down to 0 where it does
+    not pay (and back up where it does) on the running engine. `true` enables the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    probe_every_s: float = Field(20.0, gt=0)
+    """How often a bucket re-measures the setting it is not using (load and traffic change)."""
+    probe_steps: int = Field(24, ge=4)
+    """Decode steps measured in each probe; also the window of the running estimates."""
+    min_steps: int = Field(16, ge=1)
+    """Decode steps a bucket measures on its starting setting before its first probe."""
+    margin: float = Field(0.05, ge=0.0, lt=1.0)
+    """A probe switches only if the other setting is faster by more than this fraction."""
+
+
 class SpeculationConfig(BaseModel):
     """Speculative decoding of a tier, mapped onto vLLM's `speculative_config`.
 
@@ -103,11 +121,19 @@ class SpeculationConfig(BaseModel):
     tokens_per_batch_size: list[tuple[int, int, int]] | None = None
     """vLLM's own schedule, `[(first_batch_size, last_batch_size, k), ...]`, for finer control
     than `disable_above_batch_size`; k may be 0."""
+    adaptive: AdaptiveSpeculationConfig = Field(default_factory=AdaptiveSpeculationConfig)
+    """Measure the payoff and switch speculation per batch size at run time (docs/speculation.md);
+    the load rule above, if any, is where it starts."""
     fallback: Literal["ngram", "none"] = "ngram"
     """When a `distilled:` draft has not been distilled yet: serve with n-gram speculation
     (logged) or with none."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Further keys of vLLM's speculative config, passed untouched."""
+
+    @field_validator("adaptive", mode="before")
+    @classmethod
+    def _adaptive_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("tokens_per_batch_size")
     @classmethod
@@ -170,10 +196,14 @@ class TierConfig(BaseModel):
     """gpu: Ray placement-group strategy of the replica's rank bundles (STRICT_PACK: one node)."""
     speculative: SpeculationConfig | None = None
     """Speculative decoding; None decodes one token per step."""
+    token_spans: Literal["all", "none"] | int | None = None
+    """This tier's own `telemetry.token_spans` (a span per token: all, none, or one in N)."""
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
     def _consistent(self) -> TierConfig:
+        if isinstance(self.token_spans, int) and self.token_spans < 1:
+            raise ValueError("token_spans: one in N needs N >= 1 (or 'none')")
         for key, field in _ENGINE_KEYS_OWNED.items():
             if key in self.engine:
                 raise ValueError(f"engine.{key} is set by the tier's `{field}` field; set it there")

@@ -7,6 +7,7 @@ and health for the ingress and for Serve's health checks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from ray import serve
 from tierserve.actors.checkpoints import resolve_model
 from tierserve.actors.config import TierConfig
 from tierserve.actors.engine import VLLMEngine
+from tierserve.actors.metrics import TierMetrics, sample_forever
 from tierserve.actors.placement import (
     BIND_ENV,
     binding_spec,
@@ -27,7 +29,9 @@ from tierserve.actors.placement import (
 )
 from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.streaming import batch_stream, coalesce
+from tierserve.actors.tracing import traced_generation
 from tierserve.actors.types import GenerateRequest, TierInfo, TierStats, TokenChunk
+from tierserve.cluster.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +48,10 @@ def engine_options(config: TierConfig, speculation: ResolvedSpeculation | None) 
 class TierDeployment:
     """One replica of a tier: one vLLM engine."""
 
-    def __init__(self, config: TierConfig, model_cache: str | None = None):
+    def __init__(self, config: TierConfig, model_cache: str | None = None, telemetry: TelemetryConfig | None = None):
         self.config = config
+        self.telemetry = telemetry or TelemetryConfig()
+        setup_telemetry(self.telemetry, "tier", tier=config.name)
         # Resolved here, on the replica's node: an embedded model is prepared where it is served.
         cache = Path(model_cache) if model_cache else None
         model = resolve_model(config.model, cache, progress=False)
@@ -57,13 +63,29 @@ class TierDeployment:
             os.environ[BIND_ENV] = binding_spec(cores)
             self._bound = True
             logger.info("tier %s: ranks bound to cores %s", config.name, os.environ[BIND_ENV])
-        self.engine = VLLMEngine(model, engine_options(config, speculation), speculation, config.max_completion_tokens)
+        adaptive = config.speculative.adaptive if config.speculative else None
+        self.engine = VLLMEngine(
+            model, engine_options(config, speculation), speculation, config.max_completion_tokens, adaptive
+        )
         self.engine.start()
+        self.metrics = TierMetrics(config.name)
+        self._sampler: asyncio.Task | None = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
         """Stream the request's chunks in batches: the first at once, the rest as they pile up,
         merged per choice."""
-        async for batch in batch_stream(self.engine.generate(request), self.config.stream_interval_ms / 1000):
+        if self._sampler is None:  # the replica's event loop runs by now
+            self._sampler = asyncio.get_running_loop().create_task(sample_forever(self.metrics, self.engine))
+        chunks = traced_generation(
+            self.metrics.observe(self.engine.generate(request)),
+            request,
+            self.config.name,
+            self.config.model,
+            token_every=self.telemetry.token_span_every(self.config.token_spans),
+            speculating=self.engine.speculation is not None,
+            decode=self.engine.token_text if self.telemetry.token_text else None,
+        )
+        async for batch in batch_stream(chunks, self.config.stream_interval_ms / 1000):
             yield coalesce(batch)
 
     async def info(self) -> TierInfo:
@@ -79,11 +101,16 @@ class TierDeployment:
     async def stats(self) -> TierStats:
         return self.engine.stats()
 
+    async def speculation_schedule(self) -> list[int]:
+        """The batch-size → k lookup this replica's engine runs now (see `adaptive.py`)."""
+        return await self.engine.speculation_schedule()
+
     async def check_health(self) -> None:
         """Called by Serve every `health_check_period_s`; raising marks the replica unhealthy."""
         await self.engine.check_health()
 
     def __del__(self) -> None:
         self.engine.shutdown()
+        shutdown_telemetry()
         if self._bound:
             release_cpu_binding()

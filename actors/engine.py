@@ -8,12 +8,15 @@ nothing of Ray, HTTP or routing, so it can be driven directly (tests, benchmarks
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from tierserve.actors.adaptive import AdaptiveSpeculation
+from tierserve.actors.config import AdaptiveSpeculationConfig
 from tierserve.actors.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, request_speculation
 from tierserve.actors.types import (
@@ -61,8 +64,9 @@ def context_error(
     return None
 
 
-def _step_logger_factory(recorder: StepRecorder) -> Any:
-    """A vLLM stat-logger factory feeding `recorder` once per engine step."""
+def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
+    """A vLLM stat-logger factory calling `on_step(scheduler_stats, iteration_stats)` once per
+    engine step (vLLM calls it from its output-handler task, on the engine's event loop)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class StepLogger(StatLoggerBase):
@@ -70,15 +74,7 @@ def _step_logger_factory(recorder: StepRecorder) -> Any:
             pass
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
-            spec = scheduler_stats.spec_decoding_stats if scheduler_stats is not None else None
-            recorder.record(
-                running=scheduler_stats.num_running_reqs if scheduler_stats is not None else 0,
-                generation_tokens=iteration_stats.num_generation_tokens if iteration_stats is not None else 0,
-                drafts=spec.num_drafts if spec is not None else 0,
-                draft_tokens=spec.num_draft_tokens if spec is not None else 0,
-                accepted=spec.num_accepted_tokens if spec is not None else 0,
-                at=iteration_stats.iteration_timestamp if iteration_stats is not None else time.time(),
-            )
+            on_step(scheduler_stats, iteration_stats)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -95,6 +91,7 @@ class VLLMEngine:
         options: dict[str, Any] | None = None,
         speculation: ResolvedSpeculation | None = None,
         max_completion_tokens: int | None = None,
+        adaptive: AdaptiveSpeculationConfig | None = None,
     ):
         self.model = model
         self.options = dict(options or {})
@@ -104,10 +101,16 @@ class VLLMEngine:
         if speculation is not None:
             self.options.setdefault("per_request_spec_decode_metrics", "summary")
         self._steps = StepRecorder(speculation)
+        self._adaptive = adaptive if speculation is not None and adaptive is not None and adaptive.enabled else None
+        self._control: AdaptiveSpeculation | None = None
+        """Built in `start`, once the engine's schedule is known."""
+        self._push_task: asyncio.Task | None = None
+        self._push_again = False
         self._llm: Any = None
         self._tokenizer: Any = None
         self.max_model_len = 0
         self._running = 0
+        self._waiting = 0
         self._started = 0
         self._finished = 0
         self._aborted = 0
@@ -119,10 +122,79 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model, **self.options)
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._steps)])
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
+        if self._adaptive is not None:
+            self._control = AdaptiveSpeculation(
+                self._adaptive, self.speculation.num_speculative_tokens, self._schedule()
+            )
         logger.info("engine ready: %s (max_model_len=%d)", self.model, self.max_model_len)
+
+    def _schedule(self) -> list[int]:
+        """The dense batch-size → k lookup the engine's scheduler starts with (vLLM's own expansion)."""
+        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+        config = self._llm.vllm_config
+        spec = config.speculative_config
+        return build_dynamic_sd_schedule_lookup(
+            spec.num_speculative_tokens_per_batch_size,
+            config.scheduler_config.max_num_seqs,
+            spec.num_speculative_tokens,
+        )
+
+    def _on_step(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """One engine step's stats: count it, and let adaptive speculation measure decode steps."""
+        spec = scheduler_stats.spec_decoding_stats if scheduler_stats is not None else None
+        running = scheduler_stats.num_running_reqs if scheduler_stats is not None else 0
+        if scheduler_stats is not None:
+            self._waiting = scheduler_stats.num_waiting_reqs
+        generated = iteration_stats.num_generation_tokens if iteration_stats is not None else 0
+        at = iteration_stats.iteration_timestamp if iteration_stats is not None else time.time()
+        duration = self._steps.record(
+            running=running,
+            generation_tokens=generated,
+            drafts=spec.num_drafts if spec is not None else 0,
+            draft_tokens=spec.num_draft_tokens if spec is not None else 0,
+            accepted=spec.num_accepted_tokens if spec is not None else 0,
+            at=at,
+        )
+        if self._control is None or iteration_stats is None or iteration_stats.num_prompt_tokens:
+            return  # adaptive speculation measures decode-only steps
+        # The step's length as the engine core timed it: the shortest gap since a request's
+        # previous token (the client may process outputs late or in bursts).
+        gaps = iteration_stats.inter_token_latencies_iter
+        step = min(gaps) if gaps else duration
+        if step is not None and self._control.observe(running, generated, step, at):
+            self._push_schedule()
+
+    def _push_schedule(self) -> None:
+        """Send the controller's lookup to the engine core, one call at a time, latest wins."""
+        if self._push_task is not None and not self._push_task.done():
+            self._push_again = True
+            return
+        self._push_task = asyncio.get_running_loop().create_task(self._send_schedule())
+
+    async def _send_schedule(self) -> None:
+        from tierserve.actors.vllm_plugin import SCHEDULE_UTILITY
+
+        while self._control is not None and self._llm is not None:
+            self._push_again = False
+            try:
+                await self._llm.engine_core.call_utility_async(SCHEDULE_UTILITY, self._control.lookup())
+            except Exception:  # a dead engine is reported by health checks; keep serving what runs
+                logger.warning("could not update the speculation schedule", exc_info=True)
+                return
+            if not self._push_again:
+                return
+
+    async def speculation_schedule(self) -> list[int]:
+        """The batch-size → k lookup the engine's scheduler is using now (index 0 unused)."""
+        from tierserve.actors.vllm_plugin import SCHEDULE_UTILITY
+
+        if self._llm is None:
+            raise ServiceUnavailable(f"engine for {self.model} is not running")
+        return await self._llm.engine_core.call_utility_async(SCHEDULE_UTILITY)
 
     def shutdown(self) -> None:
         if self._llm is not None:
@@ -137,6 +209,10 @@ class VLLMEngine:
             raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
         await self._llm.check_health()
 
+    def waiting(self) -> int:
+        """Requests queued in the engine's scheduler for a slot, as of the last step."""
+        return self._waiting
+
     def stats(self) -> TierStats:
         spec = self._steps.speculation
         return TierStats(
@@ -150,6 +226,7 @@ class VLLMEngine:
             mean_batch_size=self._steps.mean_batch_size,
             mean_step_ms=self._steps.mean_step_ms,
             speculation=dataclasses.replace(spec) if spec is not None else None,
+            speculation_control=self._control.snapshot() if self._control is not None else None,
         )
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
@@ -295,6 +372,10 @@ class VLLMEngine:
                 TokenLogprob(self._token_text(token_id, sampled.decoded_token), token_id, sampled.logprob, top)
             )
         return result
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as the tokenizer decodes it alone."""
+        return self._tokenizer.decode([token_id])
 
     def _token_text(self, token_id: int, decoded: str | None) -> str:
         return decoded if decoded is not None else self._tokenizer.decode([token_id])

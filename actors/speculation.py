@@ -5,10 +5,10 @@ lookup when a distilled draft is missing), turns `disable_above_batch_size` into
 per-batch-size schedule, and counts acceptance per tier and per request.
 
 Load-aware speculation is vLLM's own `num_speculative_tokens_per_batch_size`: the scheduler
-looks up k for each step's batch size, and k = 0 proposes nothing. The schedule is fixed when the
-engine starts (vLLM 0.32 has no call to change it on a running engine), so tierserve reports
-what speculation yields per step and `bench/speculation.py` measures the payoff per batch size,
-from which an operator sets the rule.
+looks up k for each step's batch size, and k = 0 proposes nothing. A tier sets that schedule from
+its load rule when the engine starts; with `adaptive` on, `adaptive.AdaptiveSpeculation` then
+rewrites it on the running engine from the payoff it measures (vLLM 0.32 has no public call for
+this: `vllm_plugin` adds one).
 """
 
 from __future__ import annotations
@@ -66,13 +66,15 @@ def resolve_speculation(spec: SpeculationConfig, cache_dir: Path | None = None) 
 
 def batch_size_schedule(spec: SpeculationConfig) -> list[tuple[int, int, int]] | None:
     """vLLM's `(first, last, k)` schedule: the configured one, or k up to
-    `disable_above_batch_size` and 0 above it; None speculates at every batch size.
+    `disable_above_batch_size` and 0 above it; None speculates at every batch size (an adaptive
+    tier gets k at every batch size spelled out as a schedule).
     (vLLM carries the last range's k on up to its max_num_seqs.)"""
     if spec.tokens_per_batch_size is not None:
         return [tuple(entry) for entry in spec.tokens_per_batch_size]
     limit = spec.disable_above_batch_size
     if limit is None:
-        return None
+        # Adaptive speculation rewrites the engine's schedule, so the engine must start with one.
+        return [(1, 1, spec.num_speculative_tokens)] if spec.adaptive.enabled else None
     return [(1, limit, spec.num_speculative_tokens), (limit + 1, limit + 1, 0)]
 
 
@@ -127,17 +129,21 @@ class StepRecorder:
 
     def record(
         self, running: int, generation_tokens: int, drafts: int, draft_tokens: int, accepted: int, at: float
-    ) -> None:
+    ) -> float | None:
+        """Count one step; returns its duration when it followed another step without an idle gap."""
+        duration = None
         if generation_tokens:
             self.steps += 1
             self.generation_tokens += generation_tokens
             self.batch_size_sum += running
             if self._last_step_at is not None and at - self._last_step_at < self.idle_gap_s:
-                self.step_time_s += at - self._last_step_at
+                duration = at - self._last_step_at
+                self.step_time_s += duration
                 self.timed_steps += 1
             self._last_step_at = at
         if self.speculation is not None and drafts:
             self.speculation.add(drafts, draft_tokens, accepted)
+        return duration
 
     @property
     def mean_batch_size(self) -> float:

@@ -8,6 +8,7 @@ vLLM's `SamplingParams`, which follow OpenAI's, so values pass straight through.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -147,6 +148,50 @@ class TokenChunk:
 
 
 @dataclass(slots=True)
+class SpeculationBucket:
+    """Adaptive speculation in one batch-size range: what it measured and what it chose."""
+
+    first_batch_size: int
+    last_batch_size: int
+    num_speculative_tokens: int
+    """k in force for these batch sizes now (0: no drafting)."""
+    speculating_tokens_per_s: float | None = None
+    """Tokens per second per stream in decode steps with drafting (decayed estimate)."""
+    plain_tokens_per_s: float | None = None
+    """The same with k = 0."""
+    speculating_steps: int = 0
+    plain_steps: int = 0
+    probes: int = 0
+    switches: int = 0
+    reason: str = "starting setting"
+
+    @property
+    def payoff(self) -> float | None:
+        """Speculating / plain speed: above 1 speculation pays at this load."""
+        if not self.speculating_tokens_per_s or not self.plain_tokens_per_s:
+            return None
+        return self.speculating_tokens_per_s / self.plain_tokens_per_s
+
+    def as_dict(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "first_batch_size": self.first_batch_size,
+            "last_batch_size": self.last_batch_size,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "speculating_tokens_per_s": rounded(self.speculating_tokens_per_s),
+            "plain_tokens_per_s": rounded(self.plain_tokens_per_s),
+            "payoff": rounded(self.payoff),
+            "speculating_steps": self.speculating_steps,
+            "plain_steps": self.plain_steps,
+            "probes": self.probes,
+            "switches": self.switches,
+            "reason": self.reason,
+        }
+
+
+@dataclass(slots=True)
 class TierInfo:
     """What a tier tells the ingress about itself."""
 
@@ -178,3 +223,5 @@ class TierStats:
     mean_step_ms: float = 0.0
     """Time per engine step while the engine is busy: with tokens per step, what a step costs."""
     speculation: SpeculationStats | None = None
+    speculation_control: list[SpeculationBucket] | None = None
+    """Adaptive speculation per batch-size bucket; None when the tier does not adapt."""

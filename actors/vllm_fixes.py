@@ -1,7 +1,7 @@
 """Fixes to the installed vLLM, applied in every vLLM process through its plugin hook.
 
-vLLM loads the `vllm.general_plugins` entry points (pyproject.toml registers `register` below)
-in the engine-core and worker processes before any model runs, so a fix here reaches code that
+`vllm_plugin.register` (tierserve's `vllm.general_plugins` entry point) applies them in the
+engine-core and worker processes before any model runs, so a fix here reaches code that
 tierserve never imports itself. Each fix names the failure it prevents and is a no-op where
 vLLM no longer has the problem.
 """
@@ -63,7 +63,7 @@ def _cpu_expand_kernel() -> None:
     cpu_triton_utils._expand_kernel_impl = expand_per_token
 
 
-def register() -> None:
-    """The `vllm.general_plugins` entry point; vLLM may call it more than once per process."""
+def apply_all() -> None:
+    """Apply every fix; safe to call more than once per process."""
     _cpu_expand_kernel()
     _empty_top_k_batch()

@@ -191,18 +191,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str = "server") -> None:
+    """Poll `url` until it answers 200; fail early if `proc` exits, or after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=3).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+    raise TimeoutError(f"{what}: {url} not ready after {timeout:.0f}s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -7,7 +7,13 @@ Serve in front) in several variants, one at a time:
 - off:          no speculation;
 - ngram:        n-gram prompt lookup (k=3) at every batch size;
 - <method>:     the tier's own speculation at every batch size;
-- <method> + rule: the tier's speculation with its load rule (`disable_above_batch_size`).
+- <method> + rule: the tier's speculation with its load rule (`disable_above_batch_size`);
+- ngram + adaptive: n-gram lookup at every batch size to start with, `adaptive` on (the tier
+  measures the payoff per batch size and switches k between 3 and 0 on the running engine;
+  actors/adaptive.py);
+- <method> [+ rule] + adaptive: the tier as configured, when its config turns `adaptive` on.
+
+The notes give what each adaptive variant had decided per batch-size bucket by the end of its run.
 
 Each variant runs two workloads, greedy, up to `--max-tokens` tokens per answer: `chat`
 (open-ended questions) and `rag` (a context passage and a question whose answer quotes it, the
@@ -21,7 +27,8 @@ It also measures the machine's memory bandwidth from one core (the core a tier's
 bound to) and reports single-stream speed as a fraction of the bandwidth limit: a decode step
 reads every weight once, so one stream cannot beat bandwidth / weight bytes tokens per second.
 
-    .venv/bin/python bench/speculation.py [--config FILE] [--tiers small quality] [--max-tokens N]
+    .venv/bin/python bench/speculation.py [--config FILE] [--tiers small quality]
+        [--variants off ngram "ngram + adaptive" ...] [--max-tokens N]
 """
 
 from __future__ import annotations
@@ -160,22 +167,50 @@ async def run_load(engine, prompts: list[str], concurrency: int, requests: int, 
 
 
 def variants(tier) -> list[tuple[str, object]]:
-    """(name, tier config) pairs: no speculation; n-gram lookup at every batch size; the tier's own
-    speculation at every batch size; and with its load rule, when it has one."""
-    from tierserve.actors.config import SpeculationConfig
+    """(name, tier config) pairs: no speculation; n-gram lookup at every batch size, fixed and
+    adaptive; the tier's own speculation at every batch size and with its load rule, both fixed;
+    and the tier as configured, when that adds `adaptive` to them."""
+    from tierserve.actors.config import AdaptiveSpeculationConfig, SpeculationConfig
 
+    fixed = AdaptiveSpeculationConfig()
     out = [("off", tier.model_copy(update={"speculative": None}))]
     ngram = SpeculationConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_max=4)
     out.append(("ngram", tier.model_copy(update={"speculative": ngram})))
+    adaptive_ngram = ngram.model_copy(update={"adaptive": AdaptiveSpeculationConfig(enabled=True)})
+    out.append(("ngram + adaptive", tier.model_copy(update={"speculative": adaptive_ngram})))
     spec = tier.speculative
     if spec is None:
         return out
-    always = spec.model_copy(update={"disable_above_batch_size": None, "tokens_per_batch_size": None})
-    if always.method != "ngram" or always != ngram:
-        out.append((f"{spec.method}", tier.model_copy(update={"speculative": always})))
-    if spec.disable_above_batch_size is not None or spec.tokens_per_batch_size is not None:
-        out.append((f"{spec.method} + rule", tier))
+    has_rule = spec.disable_above_batch_size is not None or spec.tokens_per_batch_size is not None
+    always = spec.model_copy(
+        update={"disable_above_batch_size": None, "tokens_per_batch_size": None, "adaptive": fixed}
+    )
+    if always != ngram:
+        out.append((spec.method, tier.model_copy(update={"speculative": always})))
+    if has_rule:
+        ruled = spec.model_copy(update={"adaptive": fixed})
+        out.append((f"{spec.method} + rule", tier.model_copy(update={"speculative": ruled})))
+    if spec.adaptive.enabled:
+        name = f"{spec.method}{' + rule' if has_rule else ''} + adaptive"
+        if name != "ngram + adaptive" or spec != adaptive_ngram:
+            out.append((name, tier))
     return out
+
+
+def decisions(buckets) -> str:
+    """An adaptive engine's end state: k per batch-size bucket that saw traffic, with its payoff."""
+    parts = []
+    for b in buckets:
+        if not b.speculating_steps and not b.plain_steps:
+            continue
+        sizes = (
+            str(b.first_batch_size)
+            if b.first_batch_size == b.last_batch_size
+            else f"{b.first_batch_size}-{b.last_batch_size}"
+        )
+        payoff = f"{b.payoff:.2f}x" if b.payoff is not None else "not measured"
+        parts.append(f"batch {sizes}: k={b.num_speculative_tokens} (payoff {payoff}; {b.reason})")
+    return "; ".join(parts) or "no decode steps measured"
 
 
 async def bench_variant(tier_name: str, variant: str, tier, model: str, cache, args) -> tuple[list[Row], str]:
@@ -184,7 +219,8 @@ async def bench_variant(tier_name: str, variant: str, tier, model: str, cache, a
     from tierserve.actors.speculation import resolve_speculation
 
     resolved = resolve_speculation(tier.speculative, cache) if tier.speculative else None
-    engine = VLLMEngine(model, engine_options(tier, resolved), resolved)
+    adaptive = tier.speculative.adaptive if tier.speculative else None
+    engine = VLLMEngine(model, engine_options(tier, resolved), resolved, adaptive=adaptive)
     engine.start()
     described = resolved.describe() if resolved else "none"
     rows = []
@@ -210,6 +246,9 @@ async def bench_variant(tier_name: str, variant: str, tier, model: str, cache, a
                     f"acceptance {row.acceptance}  accepted length {row.accepted_length}",
                     flush=True,
                 )
+        control = engine.stats().speculation_control
+        if control is not None:
+            described += f"; adaptive, at the end: {decisions(control)}"
     finally:
         engine.shutdown()
     return rows, described
@@ -240,6 +279,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="tierserve YAML (default: the embedded configs/local.yaml)")
     p.add_argument("--tiers", nargs="+", help="tiers to measure (default: all)")
+    p.add_argument("--variants", nargs="+", help="variants to run, by name (default: all)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--requests-c1", type=int, default=6)
     p.add_argument("--requests-c16", type=int, default=32)
@@ -260,6 +300,8 @@ def main() -> None:
         model = resolve_model(tier.model, cache)
         limits[tier.name] = bandwidth * 1e9 / weight_bytes(model)
         for variant, config_variant in variants(tier):
+            if args.variants and variant not in args.variants:
+                continue
             variant_rows, described = asyncio.run(bench_variant(tier.name, variant, config_variant, model, cache, args))
             rows.extend(variant_rows)
             notes.append(f"- {tier.name} / {variant}: speculation {described}")
@@ -291,7 +333,7 @@ to {args.max_tokens} tokens per answer; {args.requests_c1} requests at concurren
 
 {chr(10).join(notes)}
 
-See docs/speculation.md for how to read this and set `disable_above_batch_size`.
+See docs/speculation.md for how to read this, set `disable_above_batch_size` or turn on `adaptive`.
 """
     )
     print(f"wrote {doc}")

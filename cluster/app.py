@@ -28,13 +28,13 @@ def build_application(config: AppConfig) -> Application:
     """The ingress bound to one deployment per tier, each with its own Serve options."""
     handles = {
         tier.name: TierDeployment.options(name=tier_deployment_name(tier.name), **placement_options(tier)).bind(
-            tier, config.model_cache
+            tier, config.model_cache, config.telemetry
         )
         for tier in config.tiers
     }
     entries = [TierEntry(t.name, t.description) for t in config.tiers]
     return Ingress.options(name=INGRESS_NAME, **config.ingress.deployment.serve_options()).bind(
-        config.ingress, entries, handles
+        config.ingress, entries, handles, config.telemetry
     )
 
 

@@ -47,7 +47,11 @@ def start_ray(config: AppConfig, **init_kwargs: object) -> None:
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env=runtime_env, **init_kwargs)
     else:
-        local = {"num_cpus": config.ray.num_cpus, "include_dashboard": False}
+        local = {
+            "num_cpus": config.ray.num_cpus,
+            "include_dashboard": False,
+            "_metrics_export_port": config.ray.metrics_export_port,
+        }
         ray.init(address="local", runtime_env=runtime_env, **local, **init_kwargs)
 
 

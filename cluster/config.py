@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tierserve.actors.config import TierConfig
+from tierserve.cluster.telemetry import TelemetryConfig
 from tierserve.router.config import IngressConfig
 
 
@@ -49,6 +50,9 @@ class RayConfig(BaseModel):
     """An existing cluster to join (e.g. 'auto'); None starts a private local one."""
     num_cpus: float | None = Field(None, gt=0)
     """Logical CPUs of a local cluster; every replica reserves some."""
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+    """Where a local cluster serves Prometheus metrics (tierserve's and Ray Serve's); None: Ray
+    picks a port. A joined cluster uses its nodes' own (`ray start --metrics-export-port`)."""
     env: dict[str, str] = Field(default_factory=lambda: dict(SERVE_THROUGHPUT_ENV))
     """Environment of Ray's and Serve's processes (the job's runtime env; a local cluster's
     processes inherit it from the start)."""
@@ -67,6 +71,8 @@ class AppConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     tiers: list[TierConfig] = Field(min_length=1)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """Tracing of every deployment (docs/telemetry.md); off unless an exporter has somewhere to send."""
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppConfig:

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -32,7 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierserve.actors.errors import ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest, TokenChunk
+from tierserve.cluster.telemetry import TelemetryConfig, inject, setup_telemetry
 from tierserve.router.config import IngressConfig
+from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
 from tierserve.router.responses import (
     ChatStreamFormatter,
@@ -40,7 +43,8 @@ from tierserve.router.responses import (
     CompletionStreamFormatter,
     StreamFormatter,
 )
-from tierserve.router.tiers import TierDirectory, TierEntry
+from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
+from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
 
 logger = logging.getLogger("tierserve.ingress")
 
@@ -151,46 +155,69 @@ async def _sse(batches: AsyncIterator[list[BaseModel]]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _ending(body: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
+    """A streamed body that ends the request's span when the stream ends (or the client leaves)."""
+    try:
+        async for part in body:
+            yield part
+    finally:
+        end_with_status(span, 200)
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
     """The front door: OpenAI HTTP routes plus typed methods for DeploymentHandle callers."""
 
-    def __init__(self, config: IngressConfig, tiers: list[TierEntry], handles: dict[str, DeploymentHandle]):
+    def __init__(
+        self,
+        config: IngressConfig,
+        tiers: list[TierEntry],
+        handles: dict[str, DeploymentHandle],
+        telemetry: TelemetryConfig | None = None,
+    ):
+        setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
         self.directory = TierDirectory(tiers, config.default_tier)
         self.handles = handles
         self.created = int(time.time())
+        self.metrics = IngressMetrics()
 
     # ----- Python handle API -------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletion:
         """A whole chat completion (`stream` is ignored)."""
-        body = _coerce(request, ChatCompletionRequest)
-        tier, rid = self.directory.resolve(body.model), _request_id(ChatStreamFormatter.id_prefix)
-        built = await self._collect(tier, body.to_generate(rid), body.n)
-        return built.chat(rid, tier)
+        with request_span("tierserve.chat") as span:
+            body = _coerce(request, ChatCompletionRequest)
+            tier, rid = self._route(body.model, span), _request_id(ChatStreamFormatter.id_prefix)
+            built = await self._collect(tier, body.to_generate(rid), body.n, span)
+            return built.chat(rid, tier)
 
     async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
-        body = _coerce(request, ChatCompletionRequest)
-        async for batch in self._stream_batches(body, self.directory.resolve(body.model), ChatStreamFormatter):
-            for item in batch:
-                yield item
+        with request_span("tierserve.chat_stream") as span:
+            body = _coerce(request, ChatCompletionRequest)
+            async for batch in self._stream_batches(body, self._route(body.model, span), ChatStreamFormatter, span):
+                for item in batch:
+                    yield item
 
     async def complete(self, request: CompletionRequest | dict[str, Any]) -> Completion:
         """A whole text completion (`stream` is ignored)."""
-        body = _coerce(request, CompletionRequest)
-        tier, rid = self.directory.resolve(body.model), _request_id(CompletionStreamFormatter.id_prefix)
-        built = await self._collect(tier, body.to_generate(rid), body.n)
-        return built.completion(rid, tier)
+        with request_span("tierserve.complete") as span:
+            body = _coerce(request, CompletionRequest)
+            tier, rid = self._route(body.model, span), _request_id(CompletionStreamFormatter.id_prefix)
+            built = await self._collect(tier, body.to_generate(rid), body.n, span)
+            return built.completion(rid, tier)
 
     async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
         """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
-        body = _coerce(request, CompletionRequest)
-        async for batch in self._stream_batches(body, self.directory.resolve(body.model), CompletionStreamFormatter):
-            for item in batch:
-                yield item
+        with request_span("tierserve.complete_stream") as span:
+            body = _coerce(request, CompletionRequest)
+            async for batch in self._stream_batches(
+                body, self._route(body.model, span), CompletionStreamFormatter, span
+            ):
+                for item in batch:
+                    yield item
 
     async def list_models(self) -> list[Model]:
         """`auto` and every tier, as OpenAI model objects."""
@@ -221,6 +248,8 @@ class Ingress:
             info, stats = await asyncio.gather(handle.info.remote(), handle.stats.remote())
             counters = dataclasses.asdict(stats)
             counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
+            if stats.speculation_control is not None:
+                counters["speculation_control"] = [bucket.as_dict() for bucket in stats.speculation_control]
             description = self.directory.tiers[name].description
             return {**dataclasses.asdict(info), "description": description, "stats": counters}
 
@@ -229,12 +258,12 @@ class Ingress:
     # ----- HTTP routes -------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def _http_chat(self, body: ChatCompletionRequest) -> Response:
-        return await self._http_reply(body, ChatStreamFormatter, self.chat)
+    async def _http_chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._http_traced(request, body, ChatStreamFormatter, self.chat)
 
     @app.post("/v1/completions")
-    async def _http_complete(self, body: CompletionRequest) -> Response:
-        return await self._http_reply(body, CompletionStreamFormatter, self.complete)
+    async def _http_complete(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._http_traced(request, body, CompletionStreamFormatter, self.complete)
 
     @app.get("/v1/models")
     async def _http_models(self) -> JSONResponse:
@@ -253,47 +282,103 @@ class Ingress:
 
     # ----- shared internals --------------------------------------------------------------
 
+    async def _http_traced(
+        self,
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        whole: Callable[[Any], Awaitable[BaseModel]],
+    ) -> Response:
+        """`_http_reply` inside the request's span, which a stream ends when it ends; the trace
+        id goes back in the response headers, errors included."""
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        span = http_span(request.method, route, request.url.path, request.headers)
+        headers = response_headers(span)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                response = await self._http_reply(body, formatter, whole, span)
+        except TierServeError as exc:
+            end_with_status(span, exc.status_code, exc)
+            self.metrics.error(exc.code, exc.status_code)
+            return _error_response(exc, headers)
+        except Exception as exc:
+            end_with_status(span, 500, exc)
+            self.metrics.error("internal_error", 500)
+            raise
+        response.headers.update(headers)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _ending(response.body_iterator, span)
+        else:
+            end_with_status(span, response.status_code)
+        return response
+
     async def _http_reply(
         self,
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         whole: Callable[[Any], Awaitable[BaseModel]],
+        span: trace.Span,
     ) -> Response:
         """SSE for `stream: true` (primed, so early errors are plain HTTP errors), else JSON."""
-        tier = self.directory.resolve(body.model)
+        tier = self._route(body.model, span)
         headers = {TIER_HEADER: tier}
         if body.stream:
-            stream = await _primed(self._stream_batches(body, tier, formatter))
+            stream = await _primed(self._stream_batches(body, tier, formatter, span))
             return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
         return JSONResponse((await whole(body)).model_dump(exclude_unset=True), headers=headers)
 
+    def _route(self, model: str, span: trace.Span) -> str:
+        """The tier for `model`, recorded on the request's span and in the routing metrics."""
+        tier = self.directory.resolve(model)
+        reason = "default" if model == AUTO else "named"
+        span.set_attribute("tierserve.tier", tier)
+        route_span(span, model, tier, reason)
+        self.metrics.routing.inc(1, {"tier": tier, "reason": reason})
+        return tier
+
     async def _stream_batches(
-        self, body: ChatCompletionRequest | CompletionRequest, tier: str, formatter: type[StreamFormatter]
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        tier: str,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
     ) -> AsyncIterator[list[BaseModel]]:
         """The request's stream as lists of OpenAI objects, one list per batch from the tier."""
         rid = _request_id(formatter.id_prefix)
         fmt = formatter(rid, tier, bool(body.stream_options and body.stream_options.include_usage))
-        async for batch in self._tier_batches(tier, body.to_generate(rid)):
+        async for batch in self._tier_batches(tier, body.to_generate(rid), span):
             yield [item for chunk in batch for item in fmt.format(chunk)]
 
-    async def _collect(self, tier: str, request: GenerateRequest, n: int) -> CompletionBuilder:
+    async def _collect(self, tier: str, request: GenerateRequest, n: int, span: trace.Span) -> CompletionBuilder:
         built = CompletionBuilder(n)
-        async for batch in self._tier_batches(tier, request):
+        async for batch in self._tier_batches(tier, request, span):
             for chunk in batch:
                 built.add(chunk)
         return built
 
-    async def _tier_batches(self, tier: str, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
+    async def _tier_batches(
+        self, tier: str, request: GenerateRequest, span: trace.Span
+    ) -> AsyncIterator[list[TokenChunk]]:
         """The tier's batches of token chunks; leaving early cancels the tier's stream (and so
-        the engine request)."""
+        the engine request). The tier's spans join `span`'s trace."""
+        request.trace_context = inject(trace.set_span_in_context(span))
+        entry = "chat" if request.messages is not None else "completion"
+        start = time.perf_counter()
+        first = True
+        outcome = "cancelled"
         responses = self.handles[tier].options(stream=True).generate.remote(request)
-        finished = False
         try:
             async for batch in responses:
+                if first:
+                    self.metrics.ttft.observe(time.perf_counter() - start, {"tier": tier})
+                    first = False
                 yield batch
-            finished = True
+            outcome = "ok"
         except Exception as exc:
+            outcome = "error"
             raise _as_user_error(exc, tier) from None
         finally:
-            if not finished:
+            if outcome != "ok":
                 responses.cancel()
+            self.metrics.requests.inc(1, {"tier": tier, "entry": entry, "outcome": outcome})
+            self.metrics.duration.observe(time.perf_counter() - start, {"tier": tier, "entry": entry})

@@ -24,6 +24,8 @@ class RunningApp:
     name: str
     http: str
     """Base URL of Serve's HTTP proxy, e.g. http://127.0.0.1:PORT"""
+    metrics: str = ""
+    """URL of the node's Prometheus metrics (Ray's metrics export)."""
 
     @property
     def openai_base(self) -> str:
@@ -52,11 +54,14 @@ def app() -> RunningApp:
     config = load_config(config_path)
     # Logical CPUs only: the shared app and the apps some tests deploy beside it reserve more
     # than the 2 physical cores; vLLM's core binding bounds what they really use.
-    config = config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})})
-    start_ray(config, log_to_driver=False)
+    metrics_port = _free_port()
+    ray_config = config.ray.model_copy(update={"num_cpus": 8, "metrics_export_port": metrics_port})
+    config = config.model_copy(update={"ray": ray_config})
+    # Workers report metrics to the node every second (Ray's default is 10 s), so tests wait less.
+    start_ray(config, log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(config_path)}), name=APP_NAME, route_prefix="/")
-    running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}")
+    running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     yield running
     serve.shutdown()
     ray.shutdown()

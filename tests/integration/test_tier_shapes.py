@@ -146,3 +146,36 @@ def test_speculation_keeps_greedy_output_and_reports_acceptance(app, tiny):
         assert drafted_steps < generated / 2, (drafted_steps, generated)
     finally:
         serve.delete("shapes-spec")
+
+
+def test_adaptive_speculation_turns_a_draft_that_does_not_pay_off_on_the_running_engine(app, tiny):
+    """A random draft never agrees with a random target: every verify step costs a draft pass
+    and a wider target pass for nothing. The tier measures that and stops drafting, and the
+    engine's scheduler runs the new schedule; greedy output is unchanged throughout."""
+    from ray import serve
+
+    target, draft = tiny
+    adaptive = {"enabled": True, "min_steps": 4, "probe_steps": 4, "probe_every_s": 600}
+    speculative = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3, "adaptive": adaptive}
+    client, base = deploy(
+        app, "shapes-adaptive", [tier("plain", target), tier("adaptive", target, speculative=speculative)]
+    )
+    handle = serve.get_deployment_handle("tier-adaptive", app_name="shapes-adaptive")
+    try:
+        assert handle.speculation_schedule.remote().result(timeout_s=60) == [0] + [3] * 8
+        for prompt in PROMPTS:  # 24 tokens each, one stream: the batch-size-1 bucket measures both settings
+            assert tokens(greedy(client, "adaptive", prompt)) == tokens(greedy(client, "plain", prompt))
+        buckets = tier_stats(base, "adaptive")["stats"]["speculation_control"]
+        one = buckets[0]
+        assert (one["first_batch_size"], one["last_batch_size"]) == (1, 1)
+        assert one["probes"] == 1 and one["speculating_steps"] >= 4 and one["plain_steps"] >= 4
+        assert one["payoff"] < 1 and one["reason"].startswith("speculation costs")
+        assert one["num_speculative_tokens"] == 0 and one["switches"] == 1
+        assert all(b["num_speculative_tokens"] == 3 and b["probes"] == 0 for b in buckets[1:])  # no traffic there
+        assert handle.speculation_schedule.remote().result(timeout_s=60) == [0, 0] + [3] * 7
+
+        result = greedy(client, "adaptive", PROMPTS[0])  # the engine no longer drafts for one stream
+        assert result.usage.model_extra["speculation"]["draft_tokens"] == 0
+        assert tokens(result) == tokens(greedy(client, "plain", PROMPTS[0]))
+    finally:
+        serve.delete("shapes-adaptive")

@@ -29,12 +29,20 @@ def test_speculating_tier_reports_acceptance_per_request_and_per_tier(client, ht
     reply = client.chat.completions.create(model="quality", messages=ECHO, max_tokens=24, temperature=0)
     assert reply.model == "quality" and reply.choices[0].message.content
     spec = reply.usage.model_extra["speculation"]
-    assert spec["steps"] >= 1 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
-    assert spec["mean_accepted_length"] == pytest.approx(1 + spec["accepted_tokens"] / spec["steps"], abs=1e-3)
+    # Adaptive speculation may have switched drafting off for one stream (when the distilled
+    # draft does not pay); the counts stay consistent either way.
+    assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"] <= 3 * spec["steps"]
+    if spec["steps"]:
+        assert spec["mean_accepted_length"] == pytest.approx(1 + spec["accepted_tokens"] / spec["steps"], abs=1e-3)
     stats = {t["name"]: t["stats"] for t in http.get("/v1/tiers").json()["data"]}
     assert stats["quality"]["generation_tokens"] >= reply.usage.completion_tokens
     assert stats["quality"]["speculation"]["draft_tokens"] >= spec["draft_tokens"]
-    assert stats["small"]["speculation"] is None
+    assert stats["small"]["speculation"] is None and stats["small"]["speculation_control"] is None
+    # configs/local.yaml: adaptive, starting from disable_above_batch_size: 4 (max_num_seqs 16).
+    buckets = stats["quality"]["speculation_control"]
+    assert [(b["first_batch_size"], b["last_batch_size"]) for b in buckets] == [(1, 1), (2, 2), (3, 4), (5, 8), (9, 16)]
+    assert buckets[0]["speculating_steps"] + buckets[0]["plain_steps"] > 0  # one stream: measured
+    assert all(b["num_speculative_tokens"] in (0, 3) for b in buckets)
 
 
 def test_speculating_tier_gives_the_same_greedy_answer_and_survives_top_k(client):

@@ -35,7 +35,8 @@ def test_serve_yaml_is_valid_and_points_at_the_builder():
 def test_each_tier_is_its_own_deployment_with_its_options():
     config = load_config(REPO / "configs" / "gpu.yaml")
     ingress = bound(build_application(config))
-    ingress_config, entries, handles = ingress.init_args
+    ingress_config, entries, handles, telemetry = ingress.init_args
+    assert telemetry == config.telemetry  # every deployment gets the same telemetry settings
     assert [e.name for e in entries] == ["llama-8b", "llama-70b"]
     assert ingress.num_replicas == 2
 
@@ -44,7 +45,8 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert small._deployment_config.autoscaling_config.max_replicas == 8
     assert small.ray_actor_options["num_cpus"] == 4 and "num_gpus" not in small.ray_actor_options
     assert small._replica_config.placement_group_bundles == [{"GPU": 1, "CPU": 4}]
-    tier_config, cache = small.init_args
+    tier_config, cache, tier_telemetry = small.init_args
+    assert tier_telemetry == config.telemetry
     assert tier_config.engine["max_model_len"] == 16384
     assert tier_config.speculative.model == "/models/Llama-3.2-1B-Instruct"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tierserve.actors.vllm_fixes import expand_per_token, register
+from tierserve.actors.vllm_fixes import apply_all, expand_per_token
 
 
 @pytest.mark.parametrize(
@@ -26,8 +26,8 @@ def test_register_patches_vllm_and_is_idempotent():
     from vllm.utils import cpu_triton_utils
     from vllm.v1.sample.ops import topk_topp_sampler
 
-    register()
-    register()
+    apply_all()
+    apply_all()
     assert cpu_triton_utils._expand_kernel_impl is expand_per_token
     fixed = topk_topp_sampler.apply_top_k_only
     assert fixed.tierserve_fix and not getattr(fixed.__wrapped__, "tierserve_fix", False)

@@ -1,0 +1,140 @@
+"""A tier's Prometheus metrics, through Ray's metrics pipeline.
+
+Each replica records with `ray.util.metrics`; Ray's per-node agent serves them in Prometheus's
+text format on the node's metrics export port (`ray start --metrics-export-port`, or
+`ray.metrics_export_port` in the tierserve config for a local cluster), next to Ray Serve's own
+`ray_serve_*` metrics. Ray adds the `ray_` prefix and labels for the node and the process.
+
+Per request (from the token stream, as the tier sees it): time to first token, time between
+engine outputs, time per output token, duration by outcome, input and output tokens. Per tier
+(sampled from the engine once per `SAMPLE_PERIOD_S`): running and waiting requests, speculative
+draft and accepted tokens, and adaptive speculation's k and payoff per batch-size bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tierserve.actors.errors import TierServeError
+from tierserve.actors.types import TierStats, TokenChunk
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+"""Seconds, doubling from 5 ms: token gaps of a fast GPU to whole answers on a CPU."""
+SAMPLE_PERIOD_S = 1.0
+
+
+class TierMetrics:
+    """The instruments of one tier replica (tag `tier` on every series)."""
+
+    def __init__(self, tier: str):
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        def histogram(name: str, description: str, *tags: str) -> Any:
+            return Histogram(name, description, boundaries=LATENCY_BUCKETS, tag_keys=("tier", *tags))
+
+        self.tier = tier
+        self.ttft = histogram(
+            "tierserve_tier_time_to_first_token_seconds", "From the request reaching the tier to its first token."
+        )
+        self.itl = histogram(
+            "tierserve_inter_token_latency_seconds", "Time between consecutive engine outputs of a request."
+        )
+        self.tpot = histogram(
+            "tierserve_time_per_output_token_seconds", "A request's decode time per output token after the first."
+        )
+        self.duration = histogram(
+            "tierserve_tier_request_duration_seconds",
+            "A request's time in the tier, by outcome (finished, rejected, failed, aborted).",
+            "outcome",
+        )
+        self.tokens = Counter(
+            "tierserve_tokens", "Prompt (input) and generated (output) tokens.", tag_keys=("tier", "kind")
+        )
+        self.running = Gauge("tierserve_running_requests", "Requests the engine is decoding.", tag_keys=("tier",))
+        self.waiting = Gauge(
+            "tierserve_waiting_requests", "Requests queued in the engine for a slot.", tag_keys=("tier",)
+        )
+        self.draft_tokens = Counter(
+            "tierserve_speculation_draft_tokens", "Tokens drafted for verification.", tag_keys=("tier",)
+        )
+        self.accepted_tokens = Counter(
+            "tierserve_speculation_accepted_tokens", "Drafted tokens the target accepted.", tag_keys=("tier",)
+        )
+        self.spec_k = Gauge(
+            "tierserve_speculation_k",
+            "Adaptive speculation: k in force per batch-size bucket.",
+            tag_keys=("tier", "batch_sizes"),
+        )
+        self.spec_payoff = Gauge(
+            "tierserve_speculation_payoff",
+            "Adaptive speculation: speculating / plain speed per bucket.",
+            tag_keys=("tier", "batch_sizes"),
+        )
+        self._last: TierStats | None = None
+
+    def _tags(self, **more: str) -> dict[str, str]:
+        return {"tier": self.tier, **more}
+
+    async def observe(self, chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+        """`chunks`, passed through, timed: TTFT, gaps between outputs, TPOT, duration, tokens."""
+        start = last = time.perf_counter()
+        first: float | None = None
+        outcome, output = "aborted", 0
+        tags = self._tags()
+        try:
+            async for chunk in chunks:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    self.ttft.observe(now - start, tags)
+                else:
+                    self.itl.observe(now - last, tags)
+                last = now
+                output += len(chunk.token_ids)
+                if chunk.usage is not None:
+                    self.tokens.inc(chunk.usage.prompt_tokens, self._tags(kind="input"))
+                yield chunk
+            outcome = "finished"
+        except TierServeError as exc:
+            outcome = "rejected" if exc.status_code < 500 else "failed"
+            raise
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            end = time.perf_counter()
+            self.duration.observe(end - start, self._tags(outcome=outcome))
+            if output:
+                self.tokens.inc(output, self._tags(kind="output"))
+            if first is not None and output > 1:
+                self.tpot.observe((last - first) / (output - 1), tags)
+
+    def sample(self, stats: TierStats, waiting: int) -> None:
+        """Engine-level series from the replica's counters (called every SAMPLE_PERIOD_S)."""
+        tags = self._tags()
+        self.running.set(stats.running, tags)
+        self.waiting.set(waiting, tags)
+        spec, before = stats.speculation, self._last.speculation if self._last else None
+        if spec is not None:
+            drafted = spec.draft_tokens - (before.draft_tokens if before else 0)
+            accepted = spec.accepted_tokens - (before.accepted_tokens if before else 0)
+            if drafted > 0:
+                self.draft_tokens.inc(drafted, tags)
+            if accepted > 0:
+                self.accepted_tokens.inc(accepted, tags)
+        for bucket in stats.speculation_control or []:
+            sizes = self._tags(batch_sizes=f"{bucket.first_batch_size}-{bucket.last_batch_size}")
+            self.spec_k.set(bucket.num_speculative_tokens, sizes)
+            if bucket.payoff is not None:
+                self.spec_payoff.set(bucket.payoff, sizes)
+        self._last = stats
+
+
+async def sample_forever(metrics: TierMetrics, engine: Any) -> None:
+    """The replica's sampling loop: engine counters into `metrics`, once per SAMPLE_PERIOD_S."""
+    while True:
+        metrics.sample(engine.stats(), engine.waiting())
+        await asyncio.sleep(SAMPLE_PERIOD_S)
