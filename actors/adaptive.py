@@ -168,10 +168,10 @@ class AdaptiveSpeculation:
             choose_on = payoff * (1 + self.config.margin) >= 1
         else:
             choose_on = payoff > 1 + self.config.margin
-        if choose_on:
-            bucket.reason = f"speculation pays {payoff:.2f}x"
-        else:
-            bucket.reason = f"speculation costs: {payoff:.2f}x"
+        if choose_on == (payoff >= 1):
+            bucket.reason = f"speculation pays {payoff:.2f}x" if choose_on else f"speculation costs: {payoff:.2f}x"
+        else:  # within the margin: the setting from before the probe stays
+            bucket.reason = f"within margin ({payoff:.2f}x): " + ("keeps speculating" if choose_on else "keeps k=0")
         k = bucket.k_on if choose_on else 0
         if k != bucket.probe_from:
             bucket.switches += 1
