@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tierserve.cluster.telemetry import TokenSpans
+
 EMBEDDED_PREFIX = "embedded:"
 DISTILLED_PREFIX = "distilled:"
 
@@ -196,14 +198,12 @@ class TierConfig(BaseModel):
     """gpu: Ray placement-group strategy of the replica's rank bundles (STRICT_PACK: one node)."""
     speculative: SpeculationConfig | None = None
     """Speculative decoding; None decodes one token per step."""
-    token_spans: Literal["all", "none"] | int | None = None
+    token_spans: TokenSpans | None = None
     """This tier's own `telemetry.token_spans` (a span per token: all, none, or one in N)."""
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
     def _consistent(self) -> TierConfig:
-        if isinstance(self.token_spans, int) and self.token_spans < 1:
-            raise ValueError("token_spans: one in N needs N >= 1 (or 'none')")
         for key, field in _ENGINE_KEYS_OWNED.items():
             if key in self.engine:
                 raise ValueError(f"engine.{key} is set by the tier's `{field}` field; set it there")

@@ -378,4 +378,4 @@ class VLLMEngine:
         return self._tokenizer.decode([token_id])
 
     def _token_text(self, token_id: int, decoded: str | None) -> str:
-        return decoded if decoded is not None else self._tokenizer.decode([token_id])
+        return decoded if decoded is not None else self.token_text(token_id)

@@ -17,18 +17,19 @@ file wins, except `OTEL_SDK_DISABLED` and `OTEL_SERVICE_NAME`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _configured: dict[str, Any] = {}
 
+TokenSpans = Literal["all", "none"] | Annotated[int, Field(ge=1)]
+"""A span per generated token: for every token, none, or one in N tokens (N >= 1)."""
 
+
+@functools.cache
 def _version() -> str:
     try:
         return metadata.version("tierserve")
@@ -70,17 +75,10 @@ class TelemetryConfig(BaseModel):
     queue_size: int = Field(32768, ge=512)
     """Spans the batch processor holds while the exporter catches up; beyond it, new spans are
     dropped (with a warning) rather than slowing requests. Room for a burst of token spans."""
-    token_spans: Literal["all", "none"] | int = "all"
+    token_spans: TokenSpans = "all"
     """A span per generated token: for every token, none, or one in N tokens (an int)."""
     token_text: bool = False
     """Put each token's text on its span. Off by default: generated text may hold personal data."""
-
-    @field_validator("token_spans")
-    @classmethod
-    def _one_in_n(cls, value: str | int) -> str | int:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("token_spans: one in N needs N >= 1 (or 'none')")
-        return value
 
     def token_span_every(self, override: str | int | None = None) -> int:
         """Every how many tokens a token span is made (0: never), from `token_spans` or a
@@ -221,7 +219,10 @@ def _replica_id() -> str | None:
         return None
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    """tierserve's tracer, looked up once per process (each lookup reads package metadata). Before
+    a provider is installed this is the API's proxy tracer, which follows the provider set later."""
     return trace.get_tracer(TRACER_NAME, _version())
 
 
@@ -235,9 +236,3 @@ def inject(context: otel_context.Context | None = None) -> dict[str, str]:
 def extract(carrier: Any) -> otel_context.Context:
     """The context a W3C carrier (HTTP headers, `GenerateRequest.trace_context`) describes."""
     return _PROPAGATOR.extract(carrier)
-
-
-def trace_id_of(span: trace.Span) -> str | None:
-    """The span's trace id as 32 hex digits, None for a non-recording (tracing off) span."""
-    ctx = span.get_span_context()
-    return trace.format_trace_id(ctx.trace_id) if ctx.is_valid else None

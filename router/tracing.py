@@ -23,6 +23,11 @@ TRACE_RESPONSE_HEADER = "traceresponse"
 """W3C Trace Context level 2: `00-<trace id>-<span id>-<flags>` of the server's span."""
 
 
+def error_type(exc: BaseException) -> str:
+    """`error.type` of a failed request: the OpenAI error code when there is one, else the class."""
+    return getattr(exc, "code", None) or type(exc).__name__
+
+
 def http_span(method: str, route: str, path: str, headers: Mapping[str, str]) -> trace.Span:
     """The span of one HTTP request, continuing the client's trace when it sent `traceparent`.
     `route` is the route's template (`/v1/chat/completions`), `path` what the client asked for
@@ -57,7 +62,7 @@ def request_span(name: str) -> Iterator[trace.Span]:
         raise
     except Exception as exc:
         status = getattr(exc, "status_code", 500)
-        span.set_attribute("error.type", getattr(exc, "code", None) or type(exc).__name__)
+        span.set_attribute("error.type", error_type(exc))
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR, str(exc)))
         raise
@@ -95,7 +100,7 @@ def end_with_status(span: trace.Span, status_code: int, error: BaseException | N
     """End a request's span; 5xx marks it failed (a 4xx is the client's error, not the server's)."""
     span.set_attribute("http.response.status_code", status_code)
     if error is not None:
-        span.set_attribute("error.type", getattr(error, "code", None) or type(error).__name__)
+        span.set_attribute("error.type", error_type(error))
     if status_code >= 500:
         span.set_status(Status(StatusCode.ERROR, f"HTTP {status_code}"))
     span.end()
