@@ -137,6 +137,8 @@ def test_adaptive_accepts_a_flag_and_gives_the_engine_a_schedule_to_rewrite():
 
 
 def test_the_engine_core_utility_reads_and_replaces_the_schedule_within_limits():
+    # A plain stand-in for vLLM's engine core and scheduler, to reach the refusal paths; the real
+    # engine runs this utility in tests/integration/test_tier_shapes.py.
     core = SimpleNamespace(scheduler=SimpleNamespace(dynamic_sd_lookup=[0, 3, 3, 3], num_spec_tokens=3))
     assert speculation_schedule(core) == [0, 3, 3, 3]
     assert speculation_schedule(core, [0, 3, 9, -1]) == [0, 3, 3, 0]
