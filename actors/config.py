@@ -52,6 +52,14 @@ class DeploymentOptions(BaseModel):
             raise ValueError("set num_replicas or autoscaling, not both")
         return self
 
+    def max_replicas(self) -> int:
+        """The most replicas this deployment runs: `num_replicas`, or autoscaling's maximum."""
+        if self.autoscaling is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            return AutoscalingConfig(**self.autoscaling).max_replicas
+        return self.num_replicas or 1
+
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus}

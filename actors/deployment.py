@@ -30,7 +30,7 @@ from tierserve.actors.placement import (
 from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.streaming import batch_stream, coalesce
 from tierserve.actors.tracing import traced_generation
-from tierserve.actors.types import GenerateRequest, TierInfo, TierStats, TokenChunk
+from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStats, TokenChunk
 from tierserve.cluster.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ class TierDeployment:
 
     async def stats(self) -> TierStats:
         return self.engine.stats()
+
+    async def load(self) -> TierLoad:
+        """Queue and latency model, polled by the router a few times a second."""
+        return self.engine.load()
 
     async def speculation_schedule(self) -> list[int]:
         """The batch-size → k lookup this replica's engine runs now (see `adaptive.py`)."""

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from tierserve.actors.adaptive import AdaptiveSpeculation
 from tierserve.actors.config import AdaptiveSpeculationConfig
 from tierserve.actors.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from tierserve.actors.latency import LatencyTracker
 from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, request_speculation
 from tierserve.actors.types import (
     GenerateRequest,
     SamplingOptions,
+    TierLoad,
     TierStats,
     TokenChunk,
     TokenLogprob,
@@ -101,6 +103,8 @@ class VLLMEngine:
         if speculation is not None:
             self.options.setdefault("per_request_spec_decode_metrics", "summary")
         self._steps = StepRecorder(speculation)
+        self.latency = LatencyTracker(int(self.options.get("max_num_seqs") or 256))
+        """Step costs and delivered latency, for the router (`load()`)."""
         self._adaptive = adaptive if speculation is not None and adaptive is not None and adaptive.enabled else None
         self._control: AdaptiveSpeculation | None = None
         """Built in `start`, once the engine's schedule is known."""
@@ -123,6 +127,7 @@ class VLLMEngine:
 
         args = AsyncEngineArgs(model=self.model, **self.options)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
+        self.latency.max_num_seqs = self._llm.vllm_config.scheduler_config.max_num_seqs
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
         if self._adaptive is not None:
@@ -159,6 +164,9 @@ class VLLMEngine:
             accepted=spec.num_accepted_tokens if spec is not None else 0,
             at=at,
         )
+        if duration is not None:
+            prefill = iteration_stats.num_prompt_tokens if iteration_stats is not None else 0
+            self.latency.observe_step(running, prefill, generated, duration)
         if self._control is None or iteration_stats is None or iteration_stats.num_prompt_tokens:
             return  # adaptive speculation measures decode-only steps
         # The step's length as the engine core timed it: the shortest gap since a request's
@@ -212,6 +220,10 @@ class VLLMEngine:
     def waiting(self) -> int:
         """Requests queued in the engine's scheduler for a slot, as of the last step."""
         return self._waiting
+
+    def load(self) -> TierLoad:
+        """Load and latency model for the router."""
+        return self.latency.load(self._running, self._waiting, self.max_model_len)
 
     def stats(self) -> TierStats:
         spec = self._steps.speculation
@@ -310,9 +322,12 @@ class VLLMEngine:
         step = 0
         completion_tokens = 0
         spec_metrics: dict[int, Any] = {}
+        start, first, last = time.perf_counter(), None, 0.0
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request.request_id)
         try:
             async for output in stream:
+                last = time.perf_counter()
+                first = first or last
                 step += 1
                 chunks = []
                 for choice in output.outputs:
@@ -328,6 +343,12 @@ class VLLMEngine:
                 for chunk in chunks:
                     yield chunk
             outcome = "finished"
+            tokens = completion_tokens / max(1, params.n)
+            self.latency.observe_request(
+                first - start if first else None,
+                (last - first) / (tokens - 1) if first and tokens > 1 else None,
+                round(tokens),
+            )
         except EngineDeadError as exc:
             outcome = "failed"
             raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc

@@ -18,12 +18,17 @@ class TierServeError(Exception):
     status_code: int = 400
     error_type: str = "invalid_request_error"
     default_code: str | None = None
+    default_retry_after_s: float | None = None
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message, param, code)
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ):
+        super().__init__(message, param, code, retry_after_s)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.retry_after_s = retry_after_s if retry_after_s is not None else self.default_retry_after_s
+        """When set, HTTP responses carry `Retry-After` (whole seconds, rounded up)."""
 
     def __str__(self) -> str:
         return self.message
@@ -78,3 +83,23 @@ def unwrap_error(exc: BaseException) -> BaseException:
             continue
         break
     return exc
+
+
+class Overloaded(TierServeError):
+    """Every tier that could serve the request is full; retry after `retry_after_s`.
+
+    Raised at once (load shedding), before the request is queued anywhere. Handle callers catch
+    this type; HTTP callers get a 429 with a `Retry-After` header."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "overloaded"
+    default_retry_after_s = 1.0
+
+
+class RequestTimeout(TierServeError):
+    """The request did not finish (or start) within the configured timeout."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "timeout"

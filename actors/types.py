@@ -225,3 +225,37 @@ class TierStats:
     speculation: SpeculationStats | None = None
     speculation_control: list[SpeculationBucket] | None = None
     """Adaptive speculation per batch-size bucket; None when the tier does not adapt."""
+
+
+@dataclass(slots=True)
+class TierLoad:
+    """A replica's load and latency model, polled by the router a few times a second.
+
+    A step costs `step_ms_base + step_ms_per_seq * sequences + step_ms_per_kprompt * prefill
+    tokens / 1000` (fitted to the engine's own steps, see `tierserve.actors.latency`)."""
+
+    running: int
+    """Requests the engine is serving (prefilling or decoding)."""
+    waiting: int
+    """Requests queued in the engine's scheduler for a slot."""
+    max_num_seqs: int
+    """Sequences the engine batches at most: its slots."""
+    max_model_len: int
+    step_ms_base: float
+    step_ms_per_seq: float
+    step_ms_per_kprompt: float
+    tokens_per_step: float = 1.0
+    """Tokens a sequence gets per decode step; above 1 when speculation is accepted."""
+    mean_output_tokens: float | None = None
+    """Recent requests' output length (decayed mean)."""
+    ttft_ms: float | None = None
+    """Time to first token the engine recently delivered (decayed mean)."""
+    tpot_ms: float | None = None
+    """Time per output token the engine recently delivered (decayed mean)."""
+    step_samples: int = 0
+    """Engine steps the step-cost fit has seen; 0 means it is still the prior."""
+    at: float = 0.0
+    """When this was measured (Unix time)."""
+
+    def step_ms(self, sequences: int, prefill_tokens: int = 0) -> float:
+        return self.step_ms_base + self.step_ms_per_seq * sequences + self.step_ms_per_kprompt * prefill_tokens / 1000

@@ -231,6 +231,7 @@ def one_tier_config() -> Path:
 
     data = yaml.safe_load(bundled_config().read_text())
     data["tiers"] = [t for t in data["tiers"] if t["name"] == data["ingress"]["default_tier"]]
+    data.pop("routing", None)  # one tier: nothing to route between
     path = REPO / "bench" / "results" / "tierserve-one-tier.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -32,9 +32,9 @@ def build_application(config: AppConfig) -> Application:
         )
         for tier in config.tiers
     }
-    entries = [TierEntry(t.name, t.description) for t in config.tiers]
+    entries = [TierEntry(t.name, t.description, t.deployment.max_replicas()) for t in config.tiers]
     return Ingress.options(name=INGRESS_NAME, **config.ingress.deployment.serve_options()).bind(
-        config.ingress, entries, handles, config.telemetry
+        config.ingress, entries, handles, config.telemetry, config.routing, config.model_cache
     )
 
 

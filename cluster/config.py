@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tierserve.actors.config import TierConfig
 from tierserve.cluster.telemetry import TelemetryConfig
-from tierserve.router.config import IngressConfig
+from tierserve.router.config import IngressConfig, RoutingConfig
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,8 @@ class AppConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     tiers: list[TierConfig] = Field(min_length=1)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """How `model: auto` picks a tier, fallback and load shedding (docs/routing.md)."""
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     """Tracing of every deployment (docs/telemetry.md); off unless an exporter has somewhere to send."""
 
@@ -82,6 +84,9 @@ class AppConfig(BaseModel):
             raise ValueError(f"tier names must be unique; repeated: {', '.join(dupes)}")
         if "auto" in names:
             raise ValueError("'auto' is reserved and cannot name a tier")
+        unknown = sorted(set(self.routing.tiers) - set(names))
+        if unknown:
+            raise ValueError(f"routing.tiers names no such tier: {', '.join(unknown)} (tiers: {', '.join(names)})")
         if self.ingress.default_tier is not None and self.ingress.default_tier not in names:
             raise ValueError(f"ingress.default_tier {self.ingress.default_tier!r} is not a tier ({', '.join(names)})")
         return self

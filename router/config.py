@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tierserve.actors.config import DeploymentOptions
 
@@ -19,3 +21,92 @@ class IngressConfig(BaseModel):
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=256)
     )
+
+
+class SlaClass(BaseModel):
+    """A named latency budget; a missing bound means 'no budget' for that measure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float | None = Field(None, gt=0)
+    """Time to first token, as the client sees it at the ingress."""
+    tpot_ms: float | None = Field(None, gt=0)
+    """Mean time per output token after the first."""
+
+
+def _default_sla_classes() -> dict[str, SlaClass]:
+    return {
+        "interactive": SlaClass(ttft_ms=1000, tpot_ms=100),
+        "standard": SlaClass(ttft_ms=3000, tpot_ms=250),
+        "batch": SlaClass(),
+    }
+
+
+class TierCost(BaseModel):
+    """What a tier costs to run, in any currency unit, per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+    def of(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_million + output_tokens * self.output_per_million) / 1e6
+
+
+class TierRouting(BaseModel):
+    """How the router treats one tier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_complexity: float = Field(0.0, ge=0, le=1)
+    """The tier is the complexity choice for scores from here up to the next tier's threshold;
+    tiers are ranked weakest to strongest by this value (`tierserve router calibrate`)."""
+    cost: TierCost = Field(default_factory=TierCost)
+    max_queue: int = Field(32, ge=0)
+    """Requests the router lets wait for this tier beyond its engine's slots; more are shed."""
+
+
+class ComplexityConfig(BaseModel):
+    """How a prompt's complexity score in [0, 1] is computed (docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["heuristic", "classifier"] = "heuristic"
+    """`heuristic`: cheap text features only (~0.1 ms); `classifier`: a logistic regression on
+    sentence embeddings plus those features, trained on `dataset` at first start (a few ms)."""
+    dataset: str | None = None
+    """Labelled prompts (JSON lines); default the bundled configs/complexity/prompts.jsonl."""
+    embedder: str | None = None
+    """Sentence-transformers model for `classifier`: a local path; default all-MiniLM-L6-v2."""
+
+
+class RoutingConfig(BaseModel):
+    """Routing of `model: auto` requests by prompt complexity and latency budget, fallback
+    across tiers and load shedding (docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: dict[str, TierRouting] = Field(default_factory=dict)
+    """Per tier, by name. With none listed, `auto` goes to `ingress.default_tier` whatever the
+    prompt, and budgets, fallback and shedding still apply."""
+    complexity: ComplexityConfig = Field(default_factory=ComplexityConfig)
+    sla_classes: dict[str, SlaClass] = Field(default_factory=_default_sla_classes)
+    default_sla_class: str | None = "standard"
+    """The budget of a request that names none; None: no budget."""
+    poll_interval_s: float = Field(0.25, gt=0)
+    """How often the router reads each tier's load and latency model."""
+    first_token_timeout_s: float | None = Field(60.0, gt=0)
+    """A tier that has not sent the first token by then is given up on; the next choice is
+    tried (a `model: auto` request) or the request fails with 504."""
+    request_timeout_s: float | None = Field(None, gt=0)
+    """The whole request; None: as long as it takes (the HTTP proxy's own timeout still applies)."""
+    max_attempts: int = Field(3, ge=1)
+    """Tiers tried per request, the first choice included."""
+
+    @model_validator(mode="after")
+    def _default_class(self) -> RoutingConfig:
+        if self.default_sla_class is not None and self.default_sla_class not in self.sla_classes:
+            known = ", ".join(self.sla_classes) or "none"
+            raise ValueError(f"default_sla_class {self.default_sla_class!r} is not one of the sla_classes ({known})")
+        return self

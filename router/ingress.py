@@ -15,9 +15,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -28,13 +30,14 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tierserve.actors.errors import ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.actors.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.cluster.telemetry import TelemetryConfig, inject, setup_telemetry
-from tierserve.router.config import IngressConfig
+from tierserve.router.config import IngressConfig, RoutingConfig
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
 from tierserve.router.responses import (
@@ -43,12 +46,12 @@ from tierserve.router.responses import (
     CompletionStreamFormatter,
     StreamFormatter,
 )
+from tierserve.router.routing import Routed, Router
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
 
 logger = logging.getLogger("tierserve.ingress")
 
-TIER_HEADER = "x-tierserve-tier"
 R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
 
@@ -65,6 +68,8 @@ def _request_id(prefix: str) -> str:
 
 
 def _error_response(exc: TierServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if exc.retry_after_s is not None:
+        headers = {**(headers or {}), "retry-after": str(max(1, math.ceil(exc.retry_after_s)))}
     return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
 
 
@@ -122,24 +127,15 @@ def _as_user_error(exc: BaseException, tier: str) -> BaseException:
         return cause
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
         return ServiceUnavailable(f"tier {tier!r} is unavailable: its replica died", "model")
+    if isinstance(cause, BackPressureError):
+        return Overloaded(f"tier {tier!r} is at capacity: its queue is full", "model")
     return cause
 
 
-async def _primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Wait for the first item, so errors before it raise here; then the whole stream."""
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-
-    async def chained() -> AsyncIterator[T]:
-        if first is None:
-            return
-        yield first
-        async for item in stream:
-            yield item
-
-    return chained()
+def _dead_tier(exc: BaseException) -> str | None:
+    """Why a failed poll means the tier cannot serve, or None if it may just be slow."""
+    error = _as_user_error(exc, "")
+    return str(error) if isinstance(error, ServiceUnavailable) else None
 
 
 async def _sse(batches: AsyncIterator[list[BaseModel]]) -> AsyncIterator[str]:
@@ -175,6 +171,8 @@ class Ingress:
         tiers: list[TierEntry],
         handles: dict[str, DeploymentHandle],
         telemetry: TelemetryConfig | None = None,
+        routing: RoutingConfig | None = None,
+        model_cache: str | None = None,
     ):
         setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
@@ -182,22 +180,44 @@ class Ingress:
         self.handles = handles
         self.created = int(time.time())
         self.metrics = IngressMetrics()
+        self.router = Router(
+            routing or RoutingConfig(),
+            list(self.directory.tiers),
+            self.directory.default,
+            Path(model_cache) if model_cache else None,
+            {t.name: t.replicas for t in tiers},
+        )
+        self._poller: asyncio.Task | None = None
+        self._ensure_polling()
+
+    def _ensure_polling(self) -> None:
+        """Start polling the tiers' load once an event loop runs (the replica's)."""
+        if self._poller is not None and not self._poller.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._poller = loop.create_task(
+            self.router.states.poll_forever(
+                lambda tier: self.handles[tier].load.remote(), self.router.config.poll_interval_s, _dead_tier
+            )
+        )
 
     # ----- Python handle API -------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletion:
-        """A whole chat completion (`stream` is ignored)."""
+        """A whole chat completion (`stream` is ignored). The `tierserve` extra field says which
+        tier served it, why, and what it cost; an overloaded service raises `Overloaded`."""
         with request_span("tierserve.chat") as span:
             body = _coerce(request, ChatCompletionRequest)
-            tier, rid = self._route(body.model, span), _request_id(ChatStreamFormatter.id_prefix)
-            built = await self._collect(tier, body.to_generate(rid), body.n, span)
-            return built.chat(rid, tier)
+            return await self._whole(body, ChatStreamFormatter, span)
 
     async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
         with request_span("tierserve.chat_stream") as span:
             body = _coerce(request, ChatCompletionRequest)
-            async for batch in self._stream_batches(body, self._route(body.model, span), ChatStreamFormatter, span):
+            async for batch in await self._stream(body, ChatStreamFormatter, span):
                 for item in batch:
                     yield item
 
@@ -205,17 +225,13 @@ class Ingress:
         """A whole text completion (`stream` is ignored)."""
         with request_span("tierserve.complete") as span:
             body = _coerce(request, CompletionRequest)
-            tier, rid = self._route(body.model, span), _request_id(CompletionStreamFormatter.id_prefix)
-            built = await self._collect(tier, body.to_generate(rid), body.n, span)
-            return built.completion(rid, tier)
+            return await self._whole(body, CompletionStreamFormatter, span)
 
     async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
         """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
         with request_span("tierserve.complete_stream") as span:
             body = _coerce(request, CompletionRequest)
-            async for batch in self._stream_batches(
-                body, self._route(body.model, span), CompletionStreamFormatter, span
-            ):
+            async for batch in await self._stream(body, CompletionStreamFormatter, span):
                 for item in batch:
                     yield item
 
@@ -241,7 +257,9 @@ class Ingress:
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
 
     async def tiers(self) -> list[dict[str, Any]]:
-        """Each tier's info and counters (of the replica that answers), speculation included."""
+        """Each tier's info, counters (of the replica that answers) and the router's view of it."""
+        self._ensure_polling()
+        views = {v.name: v for v in self.router.states.snapshot()}
 
         async def one(name: str) -> dict[str, Any]:
             handle = self.handles[name]
@@ -251,7 +269,17 @@ class Ingress:
             if stats.speculation_control is not None:
                 counters["speculation_control"] = [bucket.as_dict() for bucket in stats.speculation_control]
             description = self.directory.tiers[name].description
-            return {**dataclasses.asdict(info), "description": description, "stats": counters}
+            view = views[name]
+            router = {
+                "healthy": view.healthy,
+                "in_flight": view.in_flight,
+                "min_complexity": view.min_complexity,
+                "max_queue": view.max_queue,
+                "cost": view.cost.model_dump(),
+                "load": dataclasses.asdict(view.load) if view.load is not None else None,
+                "last_error": self.router.states.last_error.get(name),
+            }
+            return {**dataclasses.asdict(info), "description": description, "stats": counters, "router": router}
 
         return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
 
@@ -259,11 +287,11 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def _http_chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._http_traced(request, body, ChatStreamFormatter, self.chat)
+        return await self._http_traced(request, body, ChatStreamFormatter)
 
     @app.post("/v1/completions")
     async def _http_complete(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._http_traced(request, body, CompletionStreamFormatter, self.complete)
+        return await self._http_traced(request, body, CompletionStreamFormatter)
 
     @app.get("/v1/models")
     async def _http_models(self) -> JSONResponse:
@@ -283,20 +311,16 @@ class Ingress:
     # ----- shared internals --------------------------------------------------------------
 
     async def _http_traced(
-        self,
-        request: Request,
-        body: ChatCompletionRequest | CompletionRequest,
-        formatter: type[StreamFormatter],
-        whole: Callable[[Any], Awaitable[BaseModel]],
+        self, request: Request, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter]
     ) -> Response:
-        """`_http_reply` inside the request's span, which a stream ends when it ends; the trace
-        id goes back in the response headers, errors included."""
+        """The reply inside the request's span, which a stream ends when it ends; the trace id
+        goes back in the response headers, errors included."""
         route = getattr(request.scope.get("route"), "path", request.url.path)
         span = http_span(request.method, route, request.url.path, request.headers)
         headers = response_headers(span)
         try:
             with trace.use_span(span, end_on_exit=False):
-                response = await self._http_reply(body, formatter, whole, span)
+                response = await self._http_reply(body, formatter, span, request.headers)
         except TierServeError as exc:
             end_with_status(span, exc.status_code, exc)
             self.metrics.error(exc.code, exc.status_code)
@@ -316,45 +340,124 @@ class Ingress:
         self,
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
-        whole: Callable[[Any], Awaitable[BaseModel]],
         span: trace.Span,
+        headers: Any,
     ) -> Response:
-        """SSE for `stream: true` (primed, so early errors are plain HTTP errors), else JSON."""
-        tier = self._route(body.model, span)
-        headers = {TIER_HEADER: tier}
+        """SSE for `stream: true` (opened before any header goes out, so errors before the
+        first token are plain HTTP errors), else JSON; routing facts in the headers."""
         if body.stream:
-            stream = await _primed(self._stream_batches(body, tier, formatter, span))
-            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=headers)
-        return JSONResponse((await whole(body)).model_dump(exclude_unset=True), headers=headers)
+            routed, stream = await self._stream_routed(body, formatter, span, headers)
+            return StreamingResponse(_sse(stream), media_type="text/event-stream", headers=routed.headers())
+        routed, whole = await self._whole_routed(body, formatter, span, headers)
+        return JSONResponse(whole.model_dump(exclude_unset=True), headers=routed.headers())
 
-    def _route(self, model: str, span: trace.Span) -> str:
-        """The tier for `model`, recorded on the request's span and in the routing metrics."""
-        tier = self.directory.resolve(model)
-        reason = "default" if model == AUTO else "named"
-        span.set_attribute("tierserve.tier", tier)
-        route_span(span, model, tier, reason)
-        self.metrics.routing.inc(1, {"tier": tier, "reason": reason})
-        return tier
+    async def _plan(self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, headers: Any) -> Routed:
+        """Where the request may go, recorded on its span and in the metrics; shed at once if
+        nowhere."""
+        self._ensure_polling()
+        named = None if body.model == AUTO else self.directory.resolve(body.model)
+        routed = await self.router.plan(body, named, headers)
+        decision = routed.decision
+        route_span(span, body.model, routed)
+        if not decision.choices:
+            self.metrics.rejected(decision.reason, routed.sla.name)
+            raise self.router.rejection(decision)
+        self.metrics.decided(decision.choices[0].tier, decision.reason, routed.features.complexity)
+        return routed
 
-    async def _stream_batches(
+    async def _open(
         self,
         body: ChatCompletionRequest | CompletionRequest,
-        tier: str,
         formatter: type[StreamFormatter],
         span: trace.Span,
-    ) -> AsyncIterator[list[BaseModel]]:
-        """The request's stream as lists of OpenAI objects, one list per batch from the tier."""
+        headers: Any = None,
+    ) -> tuple[Routed, str, AsyncIterator[list[TokenChunk]]]:
+        """Route the request and start it on the first tier that sends tokens (see
+        `Router.open`): its routing, its id, and its batches of token chunks."""
+        routed = await self._plan(body, span, headers)
         rid = _request_id(formatter.id_prefix)
-        fmt = formatter(rid, tier, bool(body.stream_options and body.stream_options.include_usage))
-        async for batch in self._tier_batches(tier, body.to_generate(rid), span):
-            yield [item for chunk in batch for item in fmt.format(chunk)]
+        request = body.to_generate(rid)
+        try:
+            batches = await self.router.open(routed, lambda tier: self._tier_batches(tier, request, span))
+        except TierServeError:
+            self.metrics.finished(routed, "failed")
+            raise
+        finally:
+            for tier, code in routed.tried:
+                self.metrics.fallbacks.inc(1, {"tier": tier, "code": code})
+        span.set_attribute("tierserve.tier", routed.tier or "")
+        return routed, rid, self._accounted(routed, batches)
 
-    async def _collect(self, tier: str, request: GenerateRequest, n: int, span: trace.Span) -> CompletionBuilder:
-        built = CompletionBuilder(n)
-        async for batch in self._tier_batches(tier, request, span):
+    async def _accounted(
+        self, routed: Routed, batches: AsyncIterator[list[TokenChunk]]
+    ) -> AsyncIterator[list[TokenChunk]]:
+        """The batches; the last one's usage prices the request, and its end counts the SLO."""
+        outcome = "cancelled"
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    if chunk.usage is not None:
+                        routed.usage = chunk.usage
+                        routed.cost = self.router.cost(routed)
+                yield batch
+            outcome = "ok"
+        except TierServeError:
+            outcome = "failed"
+            raise
+        finally:
+            self.metrics.finished(routed, outcome)
+
+    async def _stream(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        headers: Any = None,
+    ) -> AsyncIterator[list[BaseModel]]:
+        routed, batches = await self._stream_routed(body, formatter, span, headers)
+        return batches
+
+    async def _stream_routed(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        headers: Any,
+    ) -> tuple[Routed, AsyncIterator[list[BaseModel]]]:
+        """The stream as lists of OpenAI objects; the last object carries the `tierserve` field."""
+        routed, rid, batches = await self._open(body, formatter, span, headers)
+        fmt = formatter(rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
+
+        async def formatted() -> AsyncIterator[list[BaseModel]]:
+            async for batch in batches:
+                items = [item for chunk in batch for item in fmt.format(chunk)]
+                if items and any(chunk.usage is not None for chunk in batch):
+                    items[-1].tierserve = routed.extension()
+                yield items
+
+        return routed, formatted()
+
+    async def _whole(
+        self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span
+    ) -> BaseModel:
+        return (await self._whole_routed(body, formatter, span, None))[1]
+
+    async def _whole_routed(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        headers: Any,
+    ) -> tuple[Routed, BaseModel]:
+        """The whole response, folded from the stream, with the `tierserve` field."""
+        routed, rid, batches = await self._open(body, formatter, span, headers)
+        built = CompletionBuilder(body.n)
+        async for batch in batches:
             for chunk in batch:
                 built.add(chunk)
-        return built
+        whole = built.chat(rid, routed.tier) if formatter is ChatStreamFormatter else built.completion(rid, routed.tier)
+        whole.tierserve = routed.extension()
+        return routed, whole
 
     async def _tier_batches(
         self, tier: str, request: GenerateRequest, span: trace.Span

@@ -66,6 +66,14 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # tierserve's extensions (OpenAI clients send them with `extra_body`); the HTTP headers
+    # x-sla-class, x-slo-ttft-ms and x-slo-tpot-ms set the same when the body does not.
+    sla_class: str | None = None
+    """A named latency budget from the config's `routing.sla_classes`."""
+    slo_ttft_ms: float | None = Field(None, gt=0)
+    """Time-to-first-token budget in milliseconds (overrides the class's)."""
+    slo_tpot_ms: float | None = Field(None, gt=0)
+    """Time-per-output-token budget in milliseconds (overrides the class's)."""
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +125,15 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    def routing_text(self) -> tuple[str, int]:
+        """The text complexity is scored on (the conversation, last turn last) and the number
+        of user turns."""
+        text = "\n".join(m.text() for m in self.messages if m.role in ("user", "system", "developer"))
+        return text, sum(1 for m in self.messages if m.role == "user")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
     def to_generate(self, request_id: str) -> GenerateRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -154,6 +171,12 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def routing_text(self) -> tuple[str, int]:
+        return (self.prompt if isinstance(self.prompt, str) else ""), 1
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     def to_generate(self, request_id: str) -> GenerateRequest:
         prompt = self.prompt

@@ -13,6 +13,8 @@ AUTO = "auto"
 class TierEntry:
     name: str
     description: str = ""
+    replicas: int = 1
+    """Replicas the tier runs (autoscaling: its maximum), for the router's capacity."""
 
 
 class TierDirectory:

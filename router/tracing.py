@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tierserve.cluster.telemetry import extract, tracer
+
+if TYPE_CHECKING:
+    from tierserve.router.routing import Routed
 
 TRACE_ID_HEADER = "x-trace-id"
 TRACE_RESPONSE_HEADER = "traceresponse"
@@ -70,17 +74,31 @@ def request_span(name: str) -> Iterator[trace.Span]:
         span.end()
 
 
-def route_span(parent: trace.Span, requested: str, tier: str, reason: str) -> None:
-    """Record the routing decision as a `route` span under `parent`."""
-    span = tracer().start_span(
-        "route",
-        context=trace.set_span_in_context(parent),
-        attributes={
-            "tierserve.route.requested_model": requested,
-            "tierserve.route.tier": tier,
-            "tierserve.route.reason": reason,
-        },
-    )
+def route_span(parent: trace.Span, requested: str, routed: Routed) -> None:
+    """Record the routing decision as a `route` span under `parent`: the tiers in order, why
+    the first, the complexity score, the budget and the first choice's predictions."""
+    decision = routed.decision
+    attributes: dict[str, Any] = {
+        "tierserve.route.requested_model": requested,
+        "tierserve.route.reason": decision.reason,
+        "tierserve.route.candidates": [c.tier for c in decision.choices],
+    }
+    if decision.choices:
+        first = decision.choices[0]
+        attributes["tierserve.route.tier"] = first.tier
+        if first.predicted_ttft_ms is not None:
+            attributes["tierserve.route.predicted_ttft_ms"] = first.predicted_ttft_ms
+        if first.predicted_tpot_ms is not None:
+            attributes["tierserve.route.predicted_tpot_ms"] = first.predicted_tpot_ms
+    if decision.target is not None:
+        attributes["tierserve.route.target_tier"] = decision.target
+    if routed.features.complexity is not None:
+        attributes["tierserve.route.complexity"] = routed.features.complexity
+    if routed.sla.name is not None:
+        attributes["tierserve.route.sla_class"] = routed.sla.name
+    if decision.refused:
+        attributes["tierserve.route.refused"] = [f"{t}:{why}" for t, why in decision.refused.items()]
+    span = tracer().start_span("route", context=trace.set_span_in_context(parent), attributes=attributes)
     span.end()
 
 

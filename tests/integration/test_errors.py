@@ -60,14 +60,18 @@ def test_unknown_model_is_404(client, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_over_context_is_400(client, stream):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="auto", messages=MSG, max_tokens=4096, stream=stream)
+        client.chat.completions.create(model="small", messages=MSG, max_tokens=4096, stream=stream)
     assert err.value.code == "context_length_exceeded" and "maximum context length is 2048" in err.value.message
 
 
 def test_prompt_over_context_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="auto", prompt="word " * 3000, max_tokens=1)
+        client.completions.create(model="small", prompt="word " * 3000, max_tokens=1)
     assert err.value.code == "context_length_exceeded"
+    # `auto` sends it to the tier with the longest context, and over that one too it is a 400.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="auto", prompt="word " * 9000, max_tokens=1)
+    assert err.value.code == "context_length_exceeded" and "8192" in err.value.message
 
 
 def test_token_ids_outside_vocab_are_400(client):

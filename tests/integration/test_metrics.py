@@ -40,37 +40,53 @@ def test_requests_show_up_in_the_metrics_a_prometheus_scrapes(app, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-tier", messages=[{"role": "user", "content": "x"}])
 
-    def updated():
-        now = scrape(app.metrics)
-        done = total(now, "ray_tierserve_requests_total", tier="small", outcome="ok") - total(
-            before, "ray_tierserve_requests_total", tier="small", outcome="ok"
-        )
-        sampled = any(s.labels.get("tier") == "quality" for s in now.get("ray_tierserve_running_requests", []))
-        drafted = total(now, "ray_tierserve_speculation_draft_tokens_total", tier="quality") >= 1
-        return now if done >= 2 and sampled and drafted and "ray_tierserve_speculation_k" in now else None
+    # What these requests must have added, as (series, labels, at least). Each process exports
+    # its series on its own schedule, so wait until all of them are there.
+    expected = [
+        ("ray_tierserve_requests_total", {"tier": "quality", "entry": "chat", "outcome": "ok"}, 1),
+        ("ray_tierserve_requests_total", {"tier": "small", "entry": "completion", "outcome": "ok"}, 1),
+        ("ray_tierserve_requests_total", {"tier": "small", "outcome": "ok"}, 2),
+        ("ray_tierserve_routing_decisions_total", {"tier": "small", "reason": "complexity"}, 1),
+        ("ray_tierserve_routing_decisions_total", {"tier": "quality", "reason": "named"}, 1),
+        ("ray_tierserve_prompt_complexity_count", {"tier": "small"}, 1),
+        ("ray_tierserve_slo_requests_total", {"sla_class": "standard", "outcome": "met"}, 2),
+        ("ray_tierserve_estimated_cost_total", {"tier": "quality"}, 1e-12),
+        ("ray_tierserve_errors_total", {"code": "model_not_found", "status": "404"}, 1),
+        ("ray_tierserve_tokens_total", {"tier": "quality", "kind": "output"}, 8),
+        ("ray_tierserve_tokens_total", {"tier": "quality", "kind": "input"}, 1),
+        ("ray_tierserve_tier_request_duration_seconds_count", {"tier": "small", "outcome": "finished"}, 2),
+        *(
+            (f"{histogram}_count", {"tier": "small"}, 1)
+            for histogram in (
+                "ray_tierserve_time_to_first_token_seconds",
+                "ray_tierserve_request_duration_seconds",
+                "ray_tierserve_tier_time_to_first_token_seconds",
+                "ray_tierserve_inter_token_latency_seconds",
+                "ray_tierserve_time_per_output_token_seconds",
+            )
+        ),
+    ]
 
-    now = wait_for(updated, timeout=60, interval=1.0)
-    assert now, "tierserve series did not reach the metrics endpoint within 60 s"
+    def missing(now: dict[str, list]) -> list[str]:
+        short = [
+            f"{name}{labels} grew {total(now, name, **labels) - total(before, name, **labels)} < {least}"
+            for name, labels, least in expected
+            if total(now, name, **labels) - total(before, name, **labels) < least
+        ]
+        if not any(s.labels.get("tier") == "quality" for s in now.get("ray_tierserve_running_requests", [])):
+            short.append("ray_tierserve_running_requests{tier=quality} not sampled")
+        if total(now, "ray_tierserve_speculation_draft_tokens_total", tier="quality") < 1:
+            short.append("ray_tierserve_speculation_draft_tokens_total{tier=quality} absent")
+        if "ray_tierserve_speculation_k" not in now:
+            short.append("ray_tierserve_speculation_k absent")
+        return short
+
+    now = wait_for(lambda: (lambda n: None if missing(n) else n)(scrape(app.metrics)), timeout=60, interval=1.0)
+    assert now, f"within 60 s the metrics endpoint still lacked: {missing(scrape(app.metrics))}"
 
     def grew(name: str, **labels: str) -> float:
         return total(now, name, **labels) - total(before, name, **labels)
 
-    assert grew("ray_tierserve_requests_total", tier="quality", entry="chat", outcome="ok") >= 1
-    assert grew("ray_tierserve_requests_total", tier="small", entry="completion", outcome="ok") >= 1
-    assert grew("ray_tierserve_routing_decisions_total", tier="small", reason="default") >= 1
-    assert grew("ray_tierserve_routing_decisions_total", tier="quality", reason="named") >= 1
-    assert grew("ray_tierserve_errors_total", code="model_not_found", status="404") >= 1
-    for histogram in (
-        "ray_tierserve_time_to_first_token_seconds",
-        "ray_tierserve_request_duration_seconds",
-        "ray_tierserve_tier_time_to_first_token_seconds",
-        "ray_tierserve_inter_token_latency_seconds",
-        "ray_tierserve_time_per_output_token_seconds",
-    ):
-        assert grew(f"{histogram}_count", tier="small") >= 1, histogram
-    assert grew("ray_tierserve_tokens_total", tier="quality", kind="output") >= 8
-    assert grew("ray_tierserve_tokens_total", tier="quality", kind="input") >= 1
-    assert grew("ray_tierserve_tier_request_duration_seconds_count", tier="small", outcome="finished") >= 2
     assert total(now, "ray_tierserve_waiting_requests", tier="small") >= 0
     # The quality tier speculates adaptively: it starts with drafts on, so it has drafted since
     # it started (waited for above), and reports k per batch-size bucket. Whether this test's

@@ -1,0 +1,272 @@
+"""Load test of the SLA router: mixed SLA classes at about twice what the fast tier alone can serve.
+
+The embedded default (configs/local.yaml: tiers `small` and `quality`, one core each) runs in
+one Ray Serve app. A seeded open-loop (Poisson) stream of chat requests, drawn from the held-out
+labelled prompts of configs/complexity/prompts.jsonl, each with an SLA class
+(interactive / standard / batch, with that class's answer length), is sent:
+
+1. to `small` alone at rising rates, to find what the fast tier alone can serve: the highest
+   rate at which >= 95% of requests meet their class's budget;
+2. at twice that rate, once to `small` alone (the single-tier baseline) and once as
+   `model: auto` (the router spreads it by complexity, budget and load, and sheds what no
+   tier can take), the same arrivals in the same run.
+
+A request meets its SLO when it succeeds with time to first token and time per output token
+(both measured by the client) within its class's budget; a shed (429) or failed request does
+not. Prints a table and writes docs/routing-load.md.
+
+    .venv/bin/python bench/routing_load.py [--duration-s 90] [--probe-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [  # (class, share of requests, max_tokens)
+    ("interactive", 0.4, 32),
+    ("standard", 0.4, 64),
+    ("batch", 0.2, 128),
+]
+
+
+@dataclass
+class Outcome:
+    sla_class: str
+    status: int
+    tier: str = ""
+    reason: str = ""
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    met: bool = False
+
+
+@dataclass
+class Run:
+    label: str
+    model: str
+    rate: float
+    outcomes: list[Outcome]
+    wall_s: float
+
+    def share(self, pred, of=None) -> float:
+        pool = [o for o in self.outcomes if of is None or o.sla_class == of]
+        return sum(1 for o in pool if pred(o)) / len(pool) if pool else float("nan")
+
+    @property
+    def met(self) -> float:
+        return self.share(lambda o: o.met)
+
+    def q(self, attr: str, p: float) -> float:
+        values = sorted(getattr(o, attr) for o in self.outcomes if getattr(o, attr) is not None)
+        return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+
+def workload(seed: int, rate: float, duration_s: float) -> list[tuple[float, str, str, int]]:
+    """(arrival offset s, prompt, SLA class, max_tokens) for a Poisson stream of `rate` req/s."""
+    from tierserve.router.complexity import load_prompts
+
+    prompts = [p.text for p in load_prompts(split="heldout")]
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        name, _, max_tokens = rng.choices(CLASSES, weights=[c[1] for c in CLASSES])[0]
+        out.append((t, rng.choice(prompts), name, max_tokens))
+
+
+async def one(client: httpx.AsyncClient, model: str, prompt: str, sla_class: str, max_tokens: int, budgets) -> Outcome:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "sla_class": sla_class,
+    }
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Outcome(sla_class, r.status_code)
+            out = Outcome(
+                sla_class, 200, r.headers.get("x-tierserve-tier", ""), r.headers.get("x-tierserve-route-reason", "")
+            )
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    out.status = 500
+                    return out
+                if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        return Outcome(sla_class, 599)
+    out.ttft_ms = 1e3 * (first - start) if first else None
+    out.tpot_ms = 1e3 * (last - first) / (tokens - 1) if first and tokens > 1 else None
+    ttft_budget, tpot_budget = budgets[sla_class]
+    out.met = (
+        out.ttft_ms is not None
+        and (ttft_budget is None or out.ttft_ms <= ttft_budget)
+        and (tpot_budget is None or out.tpot_ms is None or out.tpot_ms <= tpot_budget)
+    )
+    return out
+
+
+async def drive(base: str, label: str, model: str, rate: float, duration_s: float, seed: int, budgets) -> Run:
+    arrivals = workload(seed, rate, duration_s)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def at(offset: float, prompt: str, sla_class: str, max_tokens: int) -> Outcome:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            return await one(client, model, prompt, sla_class, max_tokens, budgets)
+
+        outcomes = await asyncio.gather(*(at(*a) for a in arrivals))
+    run = Run(label, model, rate, list(outcomes), time.perf_counter() - start)
+    tiers = Counter(o.tier for o in run.outcomes if o.status == 200)
+    print(
+        f"  {label:28s} {rate:5.2f} req/s  n={len(run.outcomes):4d}  met {run.met:6.1%}  "
+        f"429 {run.share(lambda o: o.status == 429):5.1%}  TTFT p50 {run.q('ttft_ms', 0.5):7.0f} ms  "
+        f"tiers {dict(tiers)}",
+        flush=True,
+    )
+    return run
+
+
+def start_app() -> tuple[str, object]:
+    from ray import serve
+
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.cluster.app import build_application
+    from tierserve.cluster.cli import start_ray
+    from tierserve.cluster.config import load_config
+
+    prepare_embedded("smollm2-135m-instruct")
+    config = load_config()
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"metrics_export_port": None})})
+    start_ray(config, log_to_driver=False)
+    from serving import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(config), name="tierserve", route_prefix="/")
+    return f"http://127.0.0.1:{port}", config
+
+
+def table(runs: list[Run]) -> str:
+    lines = [
+        "| run | sent to | rate req/s | requests | SLO met | interactive | standard | batch | shed (429) | failed "
+        "| TTFT p50 / p95 ms | TPOT p50 / p95 ms | served by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        tiers = Counter(o.tier for o in r.outcomes if o.status == 200)
+        split = ", ".join(f"{t} {n / len(r.outcomes):.0%}" for t, n in sorted(tiers.items()))
+        per_class = " | ".join(f"{r.share(lambda o: o.met, c):.1%}" for c, _, _ in CLASSES)
+        lines.append(
+            f"| {r.label} | `{r.model}` | {r.rate:.2f} | {len(r.outcomes)} | **{r.met:.1%}** | {per_class} | "
+            f"{r.share(lambda o: o.status == 429):.1%} | {r.share(lambda o: o.status not in (200, 429)):.1%} | "
+            f"{r.q('ttft_ms', 0.5):.0f} / {r.q('ttft_ms', 0.95):.0f} | "
+            f"{r.q('tpot_ms', 0.5):.1f} / {r.q('tpot_ms', 0.95):.1f} | {split} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="0.5,1,1.5,2,3", help="fast-tier probe rates, req/s, ascending")
+    p.add_argument("--probe-s", type=float, default=30, help="seconds of load per probe rate")
+    p.add_argument("--duration-s", type=float, default=90, help="seconds of load for the 2x runs")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+
+    sys.path.insert(0, str(REPO / "bench"))
+    base, config = start_app()
+    budgets = {name: (c.ttft_ms, c.tpot_ms) for name, c in config.routing.sla_classes.items()}
+    runs: list[Run] = []
+
+    async def measure() -> None:
+        print("warm-up", flush=True)
+        await drive(base, "warm-up", "auto", 1.0, 10, args.seed + 99, budgets)
+        print("what the fast tier alone can serve (>= 95% of requests within budget):", flush=True)
+        capacity = None
+        for rate in (float(r) for r in args.rates.split(",")):
+            run = await drive(base, "small alone, probe", "small", rate, args.probe_s, args.seed + 1, budgets)
+            runs.append(run)
+            if run.met < 0.95:
+                break
+            capacity = rate
+        if capacity is None:
+            raise SystemExit("the fast tier misses its SLOs even at the lowest probe rate; lower --rates")
+        double = 2 * capacity
+        print(f"fast tier serves {capacity:g} req/s; load at {double:g} req/s:", flush=True)
+        runs.append(
+            await drive(base, "baseline: small alone, 2x", "small", double, args.duration_s, args.seed, budgets)
+        )
+        runs.append(await drive(base, "router: model auto, 2x", "auto", double, args.duration_s, args.seed, budgets))
+
+    asyncio.run(measure())
+    text = table(runs)
+    print(text)
+    if not args.no_write:
+        write_doc(text, args, config)
+
+
+def write_doc(text: str, args: argparse.Namespace, config) -> None:
+    classes = ", ".join(
+        f"{name} (TTFT <= {c.ttft_ms:g} ms, TPOT <= {c.tpot_ms:g} ms)" if c.ttft_ms else f"{name} (no budget)"
+        for name, c in config.routing.sla_classes.items()
+    )
+    mix = ", ".join(f"{name} {share:.0%} with max_tokens {mt}" for name, share, mt in CLASSES)
+    doc = f"""# Router load test
+
+Command: `.venv/bin/python bench/routing_load.py --probe-s {args.probe_s:g} --duration-s {args.duration_s:g}`
+({time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, one run).
+
+The embedded default (configs/local.yaml): tiers `small` and `quality`, the same SmolLM2-135M on
+one core each, and the router's settings as shipped. Open-loop Poisson arrivals of held-out
+labelled prompts (configs/complexity/prompts.jsonl), greedy, `ignore_eos`. Mix: {mix}.
+SLA classes: {classes}. A request meets its SLO if it succeeds within its class's TTFT and TPOT
+budgets, measured by the client; shed and failed requests do not.
+
+The probes find what `small` alone serves (the highest probe rate with >= 95% met); the last
+two rows offer twice that rate, the same arrivals, once all to `small` (the single-tier
+baseline) and once as `model: auto`.
+
+{text}
+
+The load generator runs on the same two cores as both engines and the Serve processes.
+"""
+    path = REPO / "docs" / "routing-load.md"
+    path.write_text(doc)
+    print(f"wrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The routing policy: which tiers, in which order, may serve a request, and why.
+
+Plain code with no Ray in it, so that it can be read and tested on its own. The ingress gives
+it the request's features (estimated prompt tokens, complexity score, the tier it names), its
+latency budget, and what it knows of each tier right now (`TierView`: health, requests in
+flight, the tier's polled `TierLoad`); it returns a `Decision`: the tiers to try in order, each
+with its predicted time to first token (TTFT), time per output token (TPOT) and cost, plus the
+reason for the first choice. An empty decision means shed the request.
+
+How a tier is chosen for `model: auto`:
+
+1. Complexity picks a **target**: tiers are ranked weakest to strongest by `min_complexity`,
+   and the target is the strongest tier whose threshold the score reaches.
+2. A tier is **admitted** if it is healthy, the prompt fits its context, and its queue
+   (requests beyond its engine's slots) is shorter than its `max_queue`.
+3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
+   at least as strong as the target (weakest first on equal cost), else the strongest below
+   it. If none is predicted to meet the budget, the one with the earliest predicted first
+   token comes first (best effort). The rest follow in the same order, as fallbacks.
+
+Predictions come from the tier's step-cost model: with `n` requests in the tier (as the tier
+last reported, or as this ingress has in flight there, whichever is more), a new request's
+tokens come every `step(min(n + 1, slots)) / tokens_per_step`; its first token comes after
+the wait for a slot (if all are taken), half a step, and the step that prefills its prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tierserve.actors.types import TierLoad
+from tierserve.router.config import TierCost
+
+DEFAULT_OUTPUT_TOKENS = 128
+"""Output length assumed for a request without `max_tokens` on a tier that reported none."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sla:
+    """A request's latency budget; None bounds are not budgeted."""
+
+    name: str | None = None
+    """The SLA class it came from ('custom' for budgets sent as headers), None for no budget."""
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def met_by(self, ttft_ms: float | None, tpot_ms: float | None) -> bool:
+        """Whether these latencies are within budget; an unknown latency counts as within."""
+        ok_ttft = self.ttft_ms is None or ttft_ms is None or ttft_ms <= self.ttft_ms
+        ok_tpot = self.tpot_ms is None or tpot_ms is None or tpot_ms <= self.tpot_ms
+        return ok_ttft and ok_tpot
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    prompt_tokens: int
+    """Estimated from the text (chars / 4) unless token ids were sent."""
+    max_tokens: int | None = None
+    complexity: float | None = None
+    """Score in [0, 1]; None when the request names its tier or routing has no tiers configured."""
+    named_tier: str | None = None
+    """The tier the request names; it goes there and nowhere else."""
+
+
+@dataclass(slots=True)
+class TierView:
+    """What the router knows about a tier at decision time."""
+
+    name: str
+    min_complexity: float = 0.0
+    cost: TierCost = field(default_factory=TierCost)
+    max_queue: int = 32
+    max_model_len: int | None = None
+    healthy: bool = True
+    in_flight: int = 0
+    """Requests this ingress has sent there that have not finished."""
+    load: TierLoad | None = None
+    """The tier's last polled load (of the replica that answered); None before the first poll."""
+    replicas: int = 1
+    """Replicas of the tier: a polled load is one replica's, assumed the same on the others."""
+
+    def in_system(self) -> int:
+        """Requests in the tier: as reported (all replicas), or as this ingress counts them."""
+        reported = (self.load.running + self.load.waiting) * self.replicas if self.load is not None else 0
+        return max(reported, self.in_flight)
+
+    def slots(self) -> int:
+        return max(1, self.load.max_num_seqs * self.replicas) if self.load is not None else 1
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    ttft_ms: float | None
+    tpot_ms: float | None
+    queued_ahead: int
+    """Requests that would wait for a slot ahead of this one."""
+    request_ms: float | None
+    """How long a typical request holds a slot there now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    tier: str
+    predicted_ttft_ms: float | None
+    predicted_tpot_ms: float | None
+    meets_sla: bool
+    estimated_cost: float
+
+
+@dataclass(slots=True)
+class Decision:
+    choices: list[Choice]
+    """Tiers to try, in order; empty: shed the request."""
+    reason: str
+    """Why the first choice: `named`; `complexity` (the target tier), or `default` when no
+    complexity routing is configured; `sla` (the target is predicted to miss the budget),
+    `cost` (a cheaper tier as strong as the target), `target_full` / `target_unhealthy` /
+    `target_context` (the target was not admitted); `best_effort` (no tier is predicted to meet
+    the budget); `context` (the prompt looks too long for every tier: the longest-context one
+    decides). With no choices: `overloaded` or `unavailable`."""
+    target: str | None = None
+    """The tier complexity asked for (None for a named tier)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Tiers not admitted, with why: unhealthy, full, context."""
+    retry_after_s: float | None = None
+    """With no choices: when a place is likely to free up."""
+
+    @property
+    def first(self) -> Choice | None:
+        return self.choices[0] if self.choices else None
+
+
+def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None) -> Prediction:
+    """TTFT and TPOT of one more request on this tier, from its step-cost model."""
+    load = view.load
+    if load is None:
+        return Prediction(None, None, 0, None)
+    n, slots = view.in_system(), view.slots()
+    # One replica's batch: requests spread over replicas (Serve routes to the less loaded).
+    batch = min(-(-(n + 1) // view.replicas), load.max_num_seqs)
+    step = load.step_ms(batch)
+    tpot = step / max(load.tokens_per_step, 1e-6)
+    output = load.mean_output_tokens or DEFAULT_OUTPUT_TOKENS
+    if max_tokens is not None:
+        output = min(output, max_tokens)
+    full_tpot = load.step_ms(load.max_num_seqs) / max(load.tokens_per_step, 1e-6)
+    request_ms = output * full_tpot
+    queued = max(0, n + 1 - slots)
+    # Slots free up at `slots` per `request_ms` when every slot is taken.
+    wait = queued * request_ms / slots
+    ttft = wait + step / 2 + load.step_ms(batch, prompt_tokens)
+    return Prediction(ttft, tpot, queued, request_ms)
+
+
+def ranked_tiers(views: list[TierView]) -> list[TierView]:
+    """Weakest to strongest: by `min_complexity`, then config order."""
+    return [v for _, v in sorted(enumerate(views), key=lambda iv: (iv[1].min_complexity, iv[0]))]
+
+
+def complexity_target(views: list[TierView], score: float) -> TierView:
+    """The strongest tier whose threshold `score` reaches (the weakest if it reaches none)."""
+    ranked = ranked_tiers(views)
+    target = ranked[0]
+    for view in ranked:
+        if score >= view.min_complexity:
+            target = view
+    return target
+
+
+def _refusal(view: TierView, features: RequestFeatures, prediction: Prediction) -> str | None:
+    if not view.healthy:
+        return "unhealthy"
+    needed = features.prompt_tokens + (features.max_tokens or 0)
+    if view.max_model_len is not None and features.prompt_tokens >= view.max_model_len:
+        return "context"
+    if view.max_model_len is not None and features.max_tokens and needed > view.max_model_len:
+        return "context"
+    if view.load is not None and prediction.queued_ahead > view.max_queue:
+        return "full"
+    return None
+
+
+def _retry_after(views: list[TierView], predictions: dict[str, Prediction]) -> float:
+    """Seconds until the first full tier is likely to have a queue place again (at least 1)."""
+    waits = []
+    for view in views:
+        p = predictions[view.name]
+        if view.healthy and view.load is not None and p.request_ms:
+            excess = p.queued_ahead - view.max_queue
+            waits.append(excess * p.request_ms / view.slots() / 1e3)
+    return max(1.0, math.ceil(min(waits))) if waits else 1.0
+
+
+def decide(features: RequestFeatures, sla: Sla, views: list[TierView], default_tier: str | None = None) -> Decision:
+    """The ordered tiers for a request (see the module docstring)."""
+    if features.named_tier is not None:
+        views = [v for v in views if v.name == features.named_tier]
+        if not views:
+            raise ValueError(f"unknown tier {features.named_tier!r}")
+    predictions = {v.name: predict(v, features.prompt_tokens, features.max_tokens) for v in views}
+    expected_output = features.max_tokens
+    admitted: list[tuple[TierView, Choice]] = []
+    refused: dict[str, str] = {}
+    for view in views:
+        p = predictions[view.name]
+        why = _refusal(view, features, p)
+        if why is not None:
+            refused[view.name] = why
+            continue
+        recent = view.load.mean_output_tokens if view.load is not None else None
+        output = expected_output or round(recent or DEFAULT_OUTPUT_TOKENS)
+        admitted.append(
+            (
+                view,
+                Choice(
+                    view.name,
+                    p.ttft_ms,
+                    p.tpot_ms,
+                    sla.met_by(p.ttft_ms, p.tpot_ms),
+                    view.cost.of(features.prompt_tokens, output),
+                ),
+            )
+        )
+    if features.named_tier is not None:
+        target = None
+    elif features.complexity is not None:
+        target = complexity_target(views, features.complexity).name
+    else:
+        target = default_tier or views[0].name
+
+    if not admitted and refused and set(refused.values()) == {"context"}:
+        # Too long for every tier, by the estimate: the longest-context tier tokenizes it and
+        # answers with the exact 400 (or serves it, if the estimate was high).
+        widest = max(views, key=lambda v: v.max_model_len or 0)
+        p = predictions[widest.name]
+        choice = Choice(widest.name, p.ttft_ms, p.tpot_ms, sla.met_by(p.ttft_ms, p.tpot_ms), 0.0)
+        return Decision([choice], "context", target, refused)
+    if not admitted:
+        reason = "overloaded" if any(v.healthy for v in views) else "unavailable"
+        return Decision([], reason, target, refused, _retry_after(views, predictions))
+
+    rank = {v.name: i for i, v in enumerate(ranked_tiers(views))}
+    target_rank = rank.get(target, 0) if target is not None else 0
+
+    def order(item: tuple[TierView, Choice]) -> tuple:
+        view, choice = item
+        if choice.meets_sla:
+            if rank[view.name] >= target_rank:
+                return (0, choice.estimated_cost, rank[view.name])
+            return (1, -rank[view.name], 0)
+        ttft = choice.predicted_ttft_ms if choice.predicted_ttft_ms is not None else math.inf
+        return (2, ttft, rank[view.name])
+
+    if features.named_tier is None:
+        admitted.sort(key=order)
+    choices = [c for _, c in admitted]
+    first = choices[0]
+    if features.named_tier is not None:
+        reason = "named"
+    elif not first.meets_sla:
+        reason = "best_effort"
+    elif first.tier != target:
+        target_choice = next((c for c in choices if c.tier == target), None)
+        if target is not None and target in refused:
+            reason = f"target_{refused[target]}"  # target_full, target_unhealthy, target_context
+        elif target_choice is not None and target_choice.meets_sla:
+            reason = "cost"
+        else:
+            reason = "sla"
+    else:
+        reason = "complexity" if features.complexity is not None else "default"
+    return Decision(choices, reason, target, refused)

@@ -1,0 +1,312 @@
+"""The router as the ingress uses it: budget and features of a request, the policy's decision,
+and the fallback loop that opens a tier's stream.
+
+`Router.plan` reads the request's latency budget (its SLA class or its own `x-slo-*`
+budgets), scores its complexity when it asks for `model: auto`, and asks the policy
+(`policy.decide`) for the tiers to try; an empty decision is shed at once with 429 (some tier
+is up but full) or 503 (none is up), with `Retry-After`. `Router.open` then tries the choices
+in order until one sends its first batch of tokens: a tier that is dead, full, out of context
+or silent past `first_token_timeout_s` is skipped for the next one. Once tokens flow the
+request stays on its tier; a later failure ends the stream with an error event, so a client
+never sees tokens from two tiers spliced together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierserve.actors.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    ServiceUnavailable,
+    TierServeError,
+)
+from tierserve.actors.types import TokenChunk, Usage
+from tierserve.router.config import RoutingConfig
+from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla, decide
+from tierserve.router.state import TierStates
+
+logger = logging.getLogger("tierserve.router")
+
+SLA_CLASS_HEADER = "x-sla-class"
+SLO_TTFT_HEADER = "x-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-slo-tpot-ms"
+TIER_HEADER = "x-tierserve-tier"
+REASON_HEADER = "x-tierserve-route-reason"
+
+CHARS_PER_TOKEN = 4
+"""For estimating prompt tokens before any tokenizer runs (English text, BPE vocabularies)."""
+
+
+class _FirstTokenTimeout(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Routed:
+    """One request's routing: what was decided, what was tried, where it runs."""
+
+    decision: Decision
+    sla: Sla
+    features: RequestFeatures
+    arrived: float
+    """perf_counter() when the ingress got the request."""
+    tier: str | None = None
+    choice: Choice | None = None
+    tried: list[tuple[str, str]] = field(default_factory=list)
+    """Tiers that failed before their first token, with the error code."""
+    first_token_at: float | None = None
+    usage: Usage | None = None
+    cost: float | None = None
+
+    @property
+    def reason(self) -> str:
+        return "fallback" if self.tried else self.decision.reason
+
+    def headers(self) -> dict[str, str]:
+        """What the response headers say about routing."""
+        out = {TIER_HEADER: self.tier or "", REASON_HEADER: self.reason}
+        if self.features.complexity is not None:
+            out["x-tierserve-complexity"] = f"{self.features.complexity:.3f}"
+        if self.sla.name is not None:
+            out["x-tierserve-sla-class"] = self.sla.name
+        if self.choice is not None and self.choice.predicted_ttft_ms is not None:
+            out["x-tierserve-predicted-ttft-ms"] = f"{self.choice.predicted_ttft_ms:.0f}"
+        if self.choice is not None and self.choice.predicted_tpot_ms is not None:
+            out["x-tierserve-predicted-tpot-ms"] = f"{self.choice.predicted_tpot_ms:.1f}"
+        if self.tried:
+            out["x-tierserve-fallback-from"] = ",".join(t for t, _ in self.tried)
+        return out
+
+    def extension(self) -> dict[str, Any]:
+        """The `tierserve` field of the response body (OpenAI clients keep it in `model_extra`)."""
+        choice = self.choice
+        return {
+            "tier": self.tier,
+            "reason": self.reason,
+            "decision_reason": self.decision.reason,
+            "target_tier": self.decision.target,
+            "complexity": None if self.features.complexity is None else round(self.features.complexity, 4),
+            "sla_class": self.sla.name,
+            "slo_ttft_ms": self.sla.ttft_ms,
+            "slo_tpot_ms": self.sla.tpot_ms,
+            "predicted_ttft_ms": _rounded(choice.predicted_ttft_ms if choice else None, 1),
+            "predicted_tpot_ms": _rounded(choice.predicted_tpot_ms if choice else None, 2),
+            "fallback_from": [{"tier": t, "error": code} for t, code in self.tried],
+            "estimated_cost": _rounded(self.cost, 9),
+        }
+
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else 1e3 * (self.first_token_at - self.arrived)
+
+    def tpot_ms(self, ended: float) -> float | None:
+        if self.first_token_at is None or self.usage is None or self.usage.completion_tokens < 2:
+            return None
+        return 1e3 * (ended - self.first_token_at) / (self.usage.completion_tokens - 1)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _float_header(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"header {name} must be a number of milliseconds, got {raw!r}", name) from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequest(f"header {name} must be a positive number of milliseconds", name)
+    return value
+
+
+class Router:
+    """Per-ingress routing state: config, live tier views and the complexity scorer."""
+
+    def __init__(
+        self,
+        routing: RoutingConfig,
+        tiers: list[str],
+        default_tier: str,
+        cache_dir: Path | None = None,
+        replicas: dict[str, int] | None = None,
+    ):
+        self.config = routing
+        self.default_tier = default_tier
+        self.states = TierStates(tiers, routing, replicas)
+        self.scorer: Any = None
+        if routing.tiers:
+            from tierserve.actors.checkpoints import default_cache_dir
+            from tierserve.router.complexity import load_scorer
+
+            cache = cache_dir or default_cache_dir()
+            self.scorer = load_scorer(
+                routing.complexity.mode,
+                cache / "router",
+                Path(routing.complexity.dataset) if routing.complexity.dataset else None,
+                routing.complexity.embedder,
+            )
+
+    def sla(self, sla_class: str | None, ttft_ms: float | None, tpot_ms: float | None) -> Sla:
+        """The request's budget: its own numbers over its class's over the default class's."""
+        name = sla_class or self.config.default_sla_class
+        base = None
+        if name is not None:
+            base = self.config.sla_classes.get(name)
+            if base is None:
+                known = ", ".join(self.config.sla_classes) or "none configured"
+                raise InvalidRequest(f"unknown sla_class {name!r}; known: {known}", "sla_class")
+        if ttft_ms is not None or tpot_ms is not None:
+            name = "custom" if sla_class is None else name
+        return Sla(
+            name,
+            ttft_ms if ttft_ms is not None else (base.ttft_ms if base else None),
+            tpot_ms if tpot_ms is not None else (base.tpot_ms if base else None),
+        )
+
+    def sla_of(self, body: Any, headers: Mapping[str, str] | None) -> Sla:
+        """The budget from the request body's extension fields, else its HTTP headers."""
+        headers = headers or {}
+        return self.sla(
+            body.sla_class or headers.get(SLA_CLASS_HEADER),
+            body.slo_ttft_ms if body.slo_ttft_ms is not None else _float_header(headers, SLO_TTFT_HEADER),
+            body.slo_tpot_ms if body.slo_tpot_ms is not None else _float_header(headers, SLO_TPOT_HEADER),
+        )
+
+    async def complexity(self, text: str, turns: int) -> float | None:
+        if self.scorer is None:
+            return None
+        if self.scorer.embedder is None:  # cheap features only: inline
+            return self.scorer.score(text, turns).value
+        return (await asyncio.to_thread(self.scorer.score, text, turns)).value
+
+    async def plan(self, body: Any, named_tier: str | None, headers: Mapping[str, str] | None = None) -> Routed:
+        """Budget, features and decision for one request (no choices: shed it, `rejection`)."""
+        arrived = time.perf_counter()
+        sla = self.sla_of(body, headers)
+        text, turns = body.routing_text()
+        prompt = getattr(body, "prompt", None)
+        if isinstance(prompt, list):  # token ids
+            tokens = len(prompt)
+        else:
+            tokens = max(1, len(text) // CHARS_PER_TOKEN)
+        score = await self.complexity(text, turns) if named_tier is None else None
+        features = RequestFeatures(tokens, body.requested_max_tokens(), score, named_tier)
+        decision = decide(features, sla, self.states.snapshot(), self.default_tier)
+        return Routed(decision, sla, features, arrived)
+
+    def cost(self, routed: Routed) -> float | None:
+        """The request's cost on the tier that served it, from its usage and the tier's prices."""
+        if routed.usage is None or routed.tier is None:
+            return None
+        view = self.states.views[routed.tier]
+        return view.cost.of(routed.usage.prompt_tokens, routed.usage.completion_tokens)
+
+    def rejection(self, decision: Decision) -> TierServeError:
+        refused = ", ".join(f"{t}: {why}" for t, why in decision.refused.items())
+        if decision.reason == "overloaded":
+            exc: TierServeError = Overloaded(
+                f"tierserve is at capacity for this request ({refused}); retry after {decision.retry_after_s:g}s",
+                retry_after_s=decision.retry_after_s or 1.0,
+            )
+        else:
+            exc = ServiceUnavailable(
+                f"no tier can serve this request now ({refused})",
+                "model",
+                "no_tier_available",
+                retry_after_s=decision.retry_after_s or 1.0,
+            )
+        return exc
+
+    async def open(
+        self,
+        routed: Routed,
+        start: Callable[[str], AsyncIterator[list[TokenChunk]]],
+    ) -> AsyncIterator[list[TokenChunk]]:
+        """The first choice that sends tokens, as a stream of batches (first batch included).
+
+        `start(tier)` begins the request on a tier. Choices after the first are tried only for
+        `model: auto` requests, and only while no token has been sent."""
+        attempts = routed.decision.choices[: self.config.max_attempts]
+        last: TierServeError | None = None
+        for choice in attempts:
+            stream = start(choice.tier)
+            self.states.started(choice.tier)
+            try:
+                first = await self._first(stream)
+            except TierServeError as exc:
+                self.states.finished(choice.tier)
+                if not self._retryable(exc, routed):
+                    raise
+                if isinstance(exc, ServiceUnavailable):
+                    self.states.failed(choice.tier, str(exc))
+                routed.tried.append((choice.tier, exc.code or "error"))
+                last = exc
+                continue
+            except BaseException:
+                self.states.finished(choice.tier)
+                raise
+            routed.tier, routed.choice = choice.tier, choice
+            routed.first_token_at = time.perf_counter()
+            return self._counted(choice.tier, first, stream, routed.arrived)
+        assert last is not None
+        if len(attempts) > 1:
+            last.message = f"{last.message} (tried {', '.join(t for t, _ in routed.tried)})"
+        if isinstance(last, ServiceUnavailable) and last.retry_after_s is None:
+            last.retry_after_s = 1.0
+        raise last
+
+    async def _first(self, stream: AsyncIterator[list[TokenChunk]]) -> list[TokenChunk] | None:
+        timeout = self.config.first_token_timeout_s
+        try:
+            return await asyncio.wait_for(anext(stream), timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await stream.aclose()
+            raise RequestTimeout(
+                f"no token within first_token_timeout_s={timeout:g}s", None, "first_token_timeout"
+            ) from None
+
+    @staticmethod
+    def _retryable(exc: TierServeError, routed: Routed) -> bool:
+        if routed.features.named_tier is not None:
+            return False
+        return isinstance(exc, (ServiceUnavailable, Overloaded, RequestTimeout, ContextLengthExceeded))
+
+    async def _counted(
+        self, tier: str, first: list[TokenChunk] | None, stream: AsyncIterator[list[TokenChunk]], arrived: float
+    ) -> AsyncIterator[list[TokenChunk]]:
+        """The rest of the stream, counted in flight until it ends, within `request_timeout_s`."""
+        timeout = self.config.request_timeout_s
+        try:
+            if first is None:
+                return
+            yield first
+            if timeout is None:
+                async for batch in stream:
+                    yield batch
+                return
+            while True:
+                remaining = arrived + timeout - time.perf_counter()
+                try:
+                    batch = await asyncio.wait_for(anext(stream), max(remaining, 0.0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"the request ran past request_timeout_s={timeout:g}s") from None
+                yield batch
+        finally:
+            self.states.finished(tier)
+            await stream.aclose()

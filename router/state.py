@@ -1,0 +1,103 @@
+"""The router's live view of each tier: health, requests in flight, and the tier's own load.
+
+The ingress counts what it has in flight per tier itself (exact and immediate for its own
+traffic) and polls each tier's `load()` every `poll_interval_s` (the engine's queue and its
+step-cost model, which also count other ingress replicas' traffic). A tier that fails before
+its first token, or whose poll fails with a dead replica, is marked unhealthy at once, so the
+next requests skip it; the next successful poll marks it healthy again. A poll that merely
+times out (a busy replica answers late) changes nothing: the in-flight count still bounds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from tierserve.actors.types import TierLoad
+from tierserve.router.config import RoutingConfig, TierRouting
+from tierserve.router.policy import TierView
+
+logger = logging.getLogger("tierserve.router")
+
+
+class TierStates:
+    def __init__(self, names: list[str], routing: RoutingConfig, replicas: dict[str, int] | None = None):
+        self.views = {
+            name: _view(name, routing.tiers.get(name, TierRouting()), (replicas or {}).get(name, 1)) for name in names
+        }
+        self.unhealthy_since: dict[str, float] = {}
+        self.last_error: dict[str, str] = {}
+
+    def snapshot(self) -> list[TierView]:
+        """Copies of every tier's view, in config order, for one decision."""
+        return [
+            TierView(
+                v.name,
+                v.min_complexity,
+                v.cost,
+                v.max_queue,
+                v.max_model_len,
+                v.healthy,
+                v.in_flight,
+                v.load,
+                v.replicas,
+            )
+            for v in self.views.values()
+        ]
+
+    def started(self, tier: str) -> None:
+        self.views[tier].in_flight += 1
+
+    def finished(self, tier: str) -> None:
+        self.views[tier].in_flight -= 1
+
+    def failed(self, tier: str, why: str) -> None:
+        """The tier failed a request before its first token: skip it until a poll succeeds."""
+        view = self.views[tier]
+        if view.healthy:
+            logger.warning("tier %s marked unhealthy: %s", tier, why)
+        view.healthy = False
+        self.unhealthy_since.setdefault(tier, time.monotonic())
+        self.last_error[tier] = why
+
+    def polled(self, tier: str, load: TierLoad) -> None:
+        view = self.views[tier]
+        if not view.healthy:
+            logger.info("tier %s is healthy again", tier)
+        view.load, view.healthy = load, True
+        view.max_model_len = load.max_model_len or view.max_model_len
+        self.unhealthy_since.pop(tier, None)
+        self.last_error.pop(tier, None)
+
+    async def poll_forever(
+        self,
+        fetch: Callable[[str], Awaitable[TierLoad]],
+        interval_s: float,
+        is_dead: Callable[[BaseException], str | None],
+    ) -> None:
+        """Poll every tier every `interval_s`; `is_dead` says whether an error means the tier
+        cannot serve (and why)."""
+
+        async def one(tier: str) -> None:
+            try:
+                load = await asyncio.wait_for(fetch(tier), timeout=max(1.0, 4 * interval_s))
+            except asyncio.TimeoutError:
+                return
+            except Exception as exc:
+                why = is_dead(exc)
+                if why is not None:
+                    self.failed(tier, why)
+                else:
+                    logger.debug("polling tier %s failed", tier, exc_info=True)
+                return
+            self.polled(tier, load)
+
+        while True:
+            await asyncio.gather(*(one(t) for t in self.views))
+            await asyncio.sleep(interval_s)
+
+
+def _view(name: str, routing: TierRouting, replicas: int) -> TierView:
+    return TierView(name, routing.min_complexity, routing.cost, routing.max_queue, replicas=replicas)

@@ -1,0 +1,209 @@
+"""The routing policy, without Ray: targets by complexity, budgets, admission, order, cost,
+predictions, and the decision's cost in time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tierserve.actors.latency import LatencyTracker, StepCostModel
+from tierserve.actors.types import TierLoad
+from tierserve.router.config import RoutingConfig, TierCost
+from tierserve.router.policy import RequestFeatures, Sla, TierView, decide, predict
+
+
+def load(running=0, waiting=0, slots=8, base=20.0, per_seq=5.0, per_kprompt=40.0, tps=1.0, out=100.0, ctx=2048):
+    return TierLoad(running, waiting, slots, ctx, base, per_seq, per_kprompt, tps, out)
+
+
+def tiers(small_load=None, large_load=None, **kw) -> list[TierView]:
+    small = TierView("small", 0.0, TierCost(input_per_million=0.1, output_per_million=0.2), load=small_load or load())
+    large = TierView(
+        "large", 0.5, TierCost(input_per_million=1.0, output_per_million=2.0), load=large_load or load(base=60.0)
+    )
+    for key, value in kw.items():
+        tier, attr = key.split("__")
+        setattr(small if tier == "small" else large, attr, value)
+    return [small, large]
+
+
+NO_BUDGET = Sla()
+
+
+def test_complexity_picks_the_target_tier():
+    easy = decide(RequestFeatures(50, 64, 0.2), NO_BUDGET, tiers())
+    hard = decide(RequestFeatures(50, 64, 0.8), NO_BUDGET, tiers())
+    assert [c.tier for c in easy.choices] == ["small", "large"]
+    assert (easy.reason, easy.target) == ("complexity", "small")
+    assert [c.tier for c in hard.choices] == ["large", "small"]
+    assert (hard.reason, hard.target) == ("complexity", "large")
+
+
+def test_threshold_is_inclusive_and_tiers_rank_by_threshold_not_config_order():
+    views = list(reversed(tiers()))  # config order: large first
+    assert decide(RequestFeatures(50, 64, 0.5), NO_BUDGET, views).target == "large"
+    assert decide(RequestFeatures(50, 64, 0.49), NO_BUDGET, views).target == "small"
+
+
+def test_without_complexity_auto_goes_to_the_default_tier():
+    decision = decide(RequestFeatures(50, 64, None), NO_BUDGET, tiers(), default_tier="large")
+    assert (decision.first.tier, decision.reason) == ("large", "default")
+
+
+def test_a_named_tier_is_the_only_choice():
+    decision = decide(RequestFeatures(50, 64, None, named_tier="small"), NO_BUDGET, tiers())
+    assert [c.tier for c in decision.choices] == ["small"]
+    assert decision.reason == "named" and decision.target is None
+
+
+def test_target_predicted_to_miss_the_budget_gives_way_to_a_tier_that_meets_it():
+    # large is busy: 8 slots taken and 4 waiting, so its first token waits for a slot.
+    views = tiers(large_load=load(running=8, waiting=4, base=60.0))
+    decision = decide(RequestFeatures(50, 64, 0.9), Sla("interactive", ttft_ms=500, tpot_ms=200), views)
+    assert decision.target == "large"
+    assert [c.tier for c in decision.choices] == ["small", "large"]
+    assert decision.reason == "sla"
+    assert decision.choices[0].meets_sla and not decision.choices[1].meets_sla
+
+
+def test_no_tier_meets_the_budget_fastest_first():
+    views = tiers(small_load=load(running=8, waiting=2), large_load=load(running=8, waiting=6, base=60.0))
+    decision = decide(RequestFeatures(50, 64, 0.9), Sla("tight", ttft_ms=1), views)
+    assert decision.reason == "best_effort"
+    ttfts = [c.predicted_ttft_ms for c in decision.choices]
+    assert ttfts == sorted(ttfts) and decision.first.tier == "small"
+
+
+def test_cheaper_tier_at_least_as_strong_wins_on_cost():
+    views = tiers()
+    views[1].cost = TierCost()  # large is free: adequate for an easy prompt and cheaper
+    decision = decide(RequestFeatures(50, 64, 0.1), NO_BUDGET, views)
+    assert (decision.first.tier, decision.reason) == ("large", "cost")
+    assert decision.choices[0].estimated_cost == 0.0
+    assert decision.choices[1].estimated_cost == pytest.approx((50 * 0.1 + 64 * 0.2) / 1e6)
+
+
+def test_equal_cost_prefers_the_target_over_a_stronger_tier():
+    views = tiers()
+    views[0].cost = views[1].cost = TierCost()
+    assert decide(RequestFeatures(50, 64, 0.1), NO_BUDGET, views).first.tier == "small"
+
+
+def test_full_tier_is_refused_and_the_other_serves():
+    views = tiers(large_load=load(running=8, waiting=40))  # 33 queued ahead > max_queue 32
+    decision = decide(RequestFeatures(50, 64, 0.9), NO_BUDGET, views)
+    assert decision.refused == {"large": "full"}
+    assert [c.tier for c in decision.choices] == ["small"]
+    assert decision.reason == "target_full"
+
+
+def test_in_flight_counts_even_before_the_tier_reports_it():
+    views = tiers(large__in_flight=41)
+    assert decide(RequestFeatures(50, 64, 0.9), NO_BUDGET, views).refused == {"large": "full"}
+
+
+def test_unhealthy_and_too_long_prompts_are_refused():
+    views = tiers(small__healthy=False, large__max_model_len=100)
+    decision = decide(RequestFeatures(150, 64, 0.1), NO_BUDGET, views)
+    assert decision.choices == []
+    assert decision.refused == {"small": "unhealthy", "large": "context"}
+    assert decision.reason == "overloaded"  # large is up, it just cannot take this prompt
+
+
+def test_a_long_prompt_goes_to_the_tier_whose_context_fits_it():
+    views = tiers(small__max_model_len=2048, large__max_model_len=8192)
+    decision = decide(RequestFeatures(3000, 64, 0.1), NO_BUDGET, views)
+    assert ([c.tier for c in decision.choices], decision.reason) == (["large"], "target_context")
+
+
+def test_too_long_for_every_tier_goes_to_the_longest_context_for_its_exact_error():
+    views = tiers(small__max_model_len=2048, large__max_model_len=8192)
+    decision = decide(RequestFeatures(10_000, 64, 0.1), NO_BUDGET, views)
+    assert ([c.tier for c in decision.choices], decision.reason) == (["large"], "context")
+
+
+def test_everything_full_is_overloaded_with_a_retry_time_and_nothing_up_is_unavailable():
+    views = tiers(small_load=load(running=8, waiting=60), large_load=load(running=8, waiting=60))
+    full = decide(RequestFeatures(50, 64, 0.5), NO_BUDGET, views)
+    assert (full.choices, full.reason) == ([], "overloaded")
+    assert full.retry_after_s >= 1
+    down = decide(RequestFeatures(50, 64, 0.5), NO_BUDGET, tiers(small__healthy=False, large__healthy=False))
+    assert (down.choices, down.reason) == ([], "unavailable")
+
+
+def test_prediction_from_the_step_cost_model():
+    view = TierView("t", load=load(running=3, slots=8, base=20, per_seq=5, per_kprompt=40, tps=2.0))
+    p = predict(view, prompt_tokens=500)
+    step = 20 + 5 * 4  # four sequences once this one joins
+    assert p.tpot_ms == pytest.approx(step / 2.0)  # speculation: 2 tokens per step
+    assert p.ttft_ms == pytest.approx(step / 2 + step + 40 * 0.5)
+    assert p.queued_ahead == 0
+
+
+def test_prediction_adds_the_wait_for_a_slot():
+    idle = predict(TierView("t", load=load(running=0, slots=4)), 100)
+    busy = predict(TierView("t", load=load(running=4, waiting=3, slots=4)), 100)
+    assert busy.queued_ahead == 4
+    full_tpot = 20 + 5 * 4
+    assert busy.ttft_ms - idle.ttft_ms >= 4 * 100 * full_tpot / 4 * 0.99
+
+
+def test_replicas_multiply_the_slots_a_tier_has():
+    one = TierView("t", load=load(running=8, waiting=0, slots=8))
+    two = TierView("t", load=load(running=8, waiting=0, slots=8), in_flight=16, replicas=2)
+    assert predict(one, 100).queued_ahead == 1
+    assert predict(two, 100).queued_ahead == 1  # 16 in flight + 1 over 16 slots
+    assert predict(TierView("t", load=load(running=2, slots=8), replicas=2), 100).queued_ahead == 0
+
+
+def test_unknown_load_is_optimistic():
+    view = TierView("t")
+    assert predict(view, 100).ttft_ms is None
+    assert decide(RequestFeatures(10, 8, 0.1), Sla("x", ttft_ms=1), [view]).first.meets_sla
+
+
+def test_sla_met_by():
+    sla = Sla("interactive", ttft_ms=500, tpot_ms=50)
+    assert sla.met_by(400, 40) and not sla.met_by(600, 40) and not sla.met_by(400, 60)
+    assert Sla().met_by(1e9, 1e9)
+
+
+def test_decision_cost_p99_under_a_millisecond():
+    views = tiers()
+    features, sla = RequestFeatures(200, 128, 0.4), Sla("standard", 3000, 250)
+    times = []
+    for _ in range(2000):
+        start = time.perf_counter()
+        decide(features, sla, views)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    assert times[int(0.99 * len(times))] < 1e-3
+
+
+def test_routing_config_checks_its_default_class():
+    with pytest.raises(ValueError, match="default_sla_class"):
+        RoutingConfig(default_sla_class="gold")
+
+
+def test_step_cost_model_recovers_a_linear_cost():
+    model = StepCostModel(prior_ms=100.0)
+    for i in range(400):
+        running, prefill = 1 + i % 16, (i * 37) % 900
+        model.observe(running, prefill, 12.0 + 3.0 * running + 25.0 * prefill / 1000)
+    base, per_seq, per_kprompt = model.coefficients
+    assert base == pytest.approx(12.0, rel=0.05)
+    assert per_seq == pytest.approx(3.0, rel=0.05)
+    assert per_kprompt == pytest.approx(25.0, rel=0.05)
+
+
+def test_latency_tracker_reports_a_load():
+    tracker = LatencyTracker(max_num_seqs=16)
+    for _ in range(50):
+        tracker.observe_step(running=4, prefill_tokens=0, generated=8, step_s=0.03)
+    tracker.observe_request(0.1, 0.03, 40)
+    reported = tracker.load(running=4, waiting=1, max_model_len=2048)
+    assert (reported.running, reported.waiting, reported.max_num_seqs) == (4, 1, 16)
+    assert reported.tokens_per_step == pytest.approx(2.0, rel=0.01)
+    assert reported.step_ms(4) == pytest.approx(30.0, rel=0.05)
+    assert reported.ttft_ms == pytest.approx(100.0) and reported.mean_output_tokens == 40
