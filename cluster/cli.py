@@ -188,7 +188,7 @@ def _prompt_sample(path: str | None) -> list[tuple[str, int]]:
 def cmd_router_calibrate(args: argparse.Namespace) -> int:
     """RouteLLM-style calibration: the `min_complexity` per tier that sends each tier its share
     of a traffic sample, with the config's own scorer."""
-    from tierserve.router.complexity import calibrate_thresholds, load_scorer
+    from tierserve.router.complexity import calibrate_thresholds, scorer_for
     from tierserve.router.config import TierRouting
     from tierserve.router.policy import TierView, ranked_tiers
 
@@ -207,12 +207,7 @@ def cmd_router_calibrate(args: argparse.Namespace) -> int:
     ]
     order = [v.name for v in ranked_tiers(views)]
     complexity = routing.complexity
-    scorer = load_scorer(
-        complexity.mode,
-        _cache(config, args.cache_dir) / "router",
-        Path(complexity.dataset) if complexity.dataset else None,
-        complexity.embedder,
-    )
+    scorer = scorer_for(complexity, _cache(config, args.cache_dir) / "router")
     sample = _prompt_sample(args.prompts)
     scores = [s.value for s in scorer.score_many([t for t, _ in sample], [n for _, n in sample])]
     thresholds = calibrate_thresholds(scores, [shares[t] for t in order])

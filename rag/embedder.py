@@ -45,6 +45,7 @@ class Embedder:
         batch_size: int = 64,
         max_seq_length: int | None = None,
         num_threads: int | None = None,
+        dtype: str = "float32",
     ):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -59,6 +60,11 @@ class Embedder:
         self._model = SentenceTransformer(resolve_embedder_path(model), device=self.device)
         if max_seq_length is not None:
             self._model.max_seq_length = max_seq_length
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if dtype == "bfloat16":  # about 2x faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and GPUs
+            self._model.to(torch.bfloat16)
+        self.dtype = dtype
         # sentence-transformers 5 renamed the method and warns on the old name, which 3.x and 4.x only have.
         get_dimension = getattr(self._model, "get_embedding_dimension", None)
         dim = get_dimension() if get_dimension else self._model.get_sentence_embedding_dimension()
@@ -72,6 +78,12 @@ class Embedder:
         return self._name
 
     @property
+    def signature(self) -> str:
+        """Name plus whatever changes the vectors (dtype, truncation): what a model fitted on
+        these vectors is tied to."""
+        return f"{self._name}|{self.dtype}|{self._model.max_seq_length}"
+
+    @property
     def dimension(self) -> int:
         return self._dimension
 
@@ -79,6 +91,8 @@ class Embedder:
         """Shape (len(texts), dimension), float32, each row of unit L2 norm."""
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
+        if len(texts) == 1 and not progress:
+            return self._encode_one(texts[0])
         vectors = self._model.encode(
             list(texts),
             batch_size=self.batch_size,
@@ -87,3 +101,17 @@ class Embedder:
             normalize_embeddings=True,
         )
         return np.asarray(vectors, dtype=np.float32)
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        """One text straight through the model: what `SentenceTransformer.encode` computes,
+        without its batching machinery, which costs about a millisecond per call (the router
+        embeds one prompt per request)."""
+        import torch
+
+        model = self._model
+        with torch.inference_mode():
+            prepare = getattr(model, "preprocess", None) or model.tokenize
+            features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prepare([text]).items()}
+            vector = model.forward(features)["sentence_embedding"].float()
+            vector = torch.nn.functional.normalize(vector, dim=1)
+        return vector.cpu().numpy().astype(np.float32)

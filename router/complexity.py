@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from tierserve.rag.embedder import DEFAULT_EMBEDDER, Embedder
+from tierserve.router.config import ComplexityConfig
 
 FEATURES = (
     "length",
@@ -304,9 +305,19 @@ def _feature_matrix(features: list[dict[str, float]]) -> np.ndarray:
     return np.array([[f[name] for name in FEATURES] for f in features], dtype=np.float32).reshape(-1, len(FEATURES))
 
 
+EMBED_CHARS = 192
+"""Characters of a prompt the embedder sees by default: about the 48 tokens the router's
+embedder reads (`ComplexityConfig.embed_tokens`), which keeps a decision near 10 ms on one CPU
+thread (docs/routing-quality.md)."""
+
+
 def _window(text: str, max_chars: int) -> str:
-    """What gets embedded: the end of the prompt, where the question usually is."""
-    return text[-max_chars:]
+    """What gets embedded: all of a short prompt; of a long one, its start and its end, where
+    the instruction and the question usually are (the cheap features see all of it)."""
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]} ... {text[-half:]}"
 
 
 @dataclass(slots=True, eq=False)
@@ -330,7 +341,7 @@ class ComplexityClassifier:
         embedder: Embedder,
         dataset_sha256: str | None = None,
         C: float = 1.0,
-        max_chars: int = 2000,
+        max_chars: int = EMBED_CHARS,
     ) -> ComplexityClassifier:
         """Logistic regression (balanced classes, L2 with strength 1/C) on `examples`.
         `dataset_sha256` defaults to a hash of the examples themselves."""
@@ -348,7 +359,7 @@ class ComplexityClassifier:
         return cls(
             coef=model.coef_[0].astype(np.float64),
             intercept=float(model.intercept_[0]),
-            embedder=embedder.name,
+            embedder=embedder.signature,
             dimension=embedder.dimension,
             dataset_sha256=dataset_sha256,
         )
@@ -413,7 +424,7 @@ class ComplexityScorer:
         self,
         classifier: ComplexityClassifier | None = None,
         embedder: Embedder | None = None,
-        max_chars: int = 2000,
+        max_chars: int = EMBED_CHARS,
     ):
         if max_chars < 1:
             raise ValueError(f"max_chars must be at least 1, got {max_chars}")
@@ -422,10 +433,10 @@ class ComplexityScorer:
                 raise ValueError("a complexity classifier needs the embedder it was trained with")
             if not classifier.matches_features():
                 raise ValueError("the complexity classifier was trained on other cheap features; retrain it")
-            if (embedder.name, embedder.dimension) != (classifier.embedder, classifier.dimension):
+            if (embedder.signature, embedder.dimension) != (classifier.embedder, classifier.dimension):
                 raise ValueError(
                     f"the complexity classifier was trained on embedder {classifier.embedder!r} "
-                    f"({classifier.dimension} dimensions), not {embedder.name!r} ({embedder.dimension})"
+                    f"({classifier.dimension} dimensions), not {embedder.signature!r} ({embedder.dimension})"
                 )
         self.classifier = classifier
         self.embedder = embedder
@@ -473,27 +484,43 @@ def load_scorer(
     cache_dir: Path,
     dataset: Path | None = None,
     embedder: str | Embedder | None = None,
+    max_chars: int = EMBED_CHARS,
 ) -> ComplexityScorer:
-    """A ready scorer. `classifier` loads the cached classifier for this dataset and embedder, or
-    trains one on the dataset's train split (seconds on a CPU) and caches it. `embedder` is a name
-    for `Embedder`, or an already loaded one to share."""
+    """A ready scorer. `classifier` loads the cached classifier for this dataset, embedder and
+    window, or trains one on the dataset's train split (seconds on a CPU) and caches it.
+    `embedder` is a name for `Embedder`, or an already loaded one to share."""
     if mode == "heuristic":
         return ComplexityScorer()
     if mode != "classifier":
         raise ValueError(f"complexity mode must be 'heuristic' or 'classifier', got {mode!r}")
     if not isinstance(embedder, Embedder):
         embedder = Embedder(embedder)
-    path = classifier_cache_path(cache_dir, dataset, embedder.name)
+    path = classifier_cache_path(cache_dir, dataset, f"{embedder.signature}|{max_chars}")
     classifier = ComplexityClassifier.load(path) if path.exists() else None
     if classifier is None or not classifier.matches_features():
         digest = hashlib.sha256(_dataset_bytes(dataset)).hexdigest()
-        classifier = ComplexityClassifier.fit(load_prompts(dataset, "train"), embedder, dataset_sha256=digest)
+        train = load_prompts(dataset, "train")
+        classifier = ComplexityClassifier.fit(train, embedder, dataset_sha256=digest, max_chars=max_chars)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so that a concurrent reader (another replica) never sees half a file.
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
             classifier.save(tmp)
         os.replace(tmp.name, path)
-    return ComplexityScorer(classifier, embedder)
+    return ComplexityScorer(classifier, embedder, max_chars=max_chars)
+
+
+def scorer_for(config: ComplexityConfig, cache_dir: Path) -> ComplexityScorer:
+    """The scorer a `routing.complexity` config block describes (the ingress's, the CLI's)."""
+    embedder = None
+    if config.mode == "classifier":
+        embedder = Embedder(config.embedder, max_seq_length=config.embed_tokens, dtype=config.embed_dtype)
+    return load_scorer(
+        config.mode,
+        cache_dir,
+        Path(config.dataset) if config.dataset else None,
+        embedder,
+        max_chars=4 * config.embed_tokens,
+    )
 
 
 def calibrate_thresholds(scores: list[float], shares: list[float]) -> list[float]:

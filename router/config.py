@@ -79,6 +79,11 @@ class ComplexityConfig(BaseModel):
     """Labelled prompts (JSON lines); default the bundled configs/complexity/prompts.jsonl."""
     embedder: str | None = None
     """Sentence-transformers model for `classifier`: a local path; default all-MiniLM-L6-v2."""
+    embed_tokens: int = Field(48, ge=8, le=512)
+    """Tokens of the prompt the embedder reads (its start and end; the cheap features read all
+    of it): the embedding's cost grows with it (docs/routing-quality.md)."""
+    embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """The embedder's weights: bfloat16 is about twice as fast on CPUs with bf16 instructions."""
 
 
 class RoutingConfig(BaseModel):

@@ -148,15 +148,9 @@ class Router:
         self.scorer: Any = None
         if routing.tiers:
             from tierserve.actors.checkpoints import default_cache_dir
-            from tierserve.router.complexity import load_scorer
+            from tierserve.router.complexity import scorer_for
 
-            cache = cache_dir or default_cache_dir()
-            self.scorer = load_scorer(
-                routing.complexity.mode,
-                cache / "router",
-                Path(routing.complexity.dataset) if routing.complexity.dataset else None,
-                routing.complexity.embedder,
-            )
+            self.scorer = scorer_for(routing.complexity, (cache_dir or default_cache_dir()) / "router")
 
     def sla(self, sla_class: str | None, ttft_ms: float | None, tpot_ms: float | None) -> Sla:
         """The request's budget: its own numbers over its class's over the default class's."""

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from tierserve.rag.embedder import DEFAULT_EMBEDDER, Embedder, resolve_embedder_path
 from tierserve.router.complexity import (
+    EMBED_CHARS,
     FEATURES,
     ComplexityClassifier,
     ComplexityScorer,
@@ -210,11 +211,11 @@ def test_save_and_load_give_identical_predictions(scorer, embedder, heldout, tmp
     assert np.array_equal(loaded.predict(embeddings, features), scorer.classifier.predict(embeddings, features))
     fields = ("intercept", "embedder", "dimension", "dataset_sha256", "feature_names", "features_version")
     assert [getattr(loaded, f) for f in fields] == [getattr(scorer.classifier, f) for f in fields]
-    assert len(loaded.dataset_sha256) == 64 and loaded.embedder == DEFAULT_EMBEDDER
+    assert len(loaded.dataset_sha256) == 64 and loaded.embedder == f"{DEFAULT_EMBEDDER}|float32|256"
 
 
 def test_load_scorer_reuses_the_cached_classifier(scorer, embedder, cache_dir, monkeypatch):
-    path = classifier_cache_path(cache_dir, None, embedder.name)
+    path = classifier_cache_path(cache_dir, None, f"{embedder.signature}|{EMBED_CHARS}")
     assert [f.name for f in cache_dir.iterdir()] == [path.name]
     mtime = path.stat().st_mtime_ns
 
@@ -227,11 +228,12 @@ def test_load_scorer_reuses_the_cached_classifier(scorer, embedder, cache_dir, m
     assert np.array_equal(again.classifier.coef, scorer.classifier.coef)
 
 
-def test_scorer_embeds_only_the_end_of_a_long_prompt(scorer, embedder):
+def test_scorer_embeds_the_start_and_end_of_a_long_prompt(scorer, embedder):
     short = ComplexityScorer(scorer.classifier, embedder, max_chars=60)
     text = "Some background about the project. " * 20 + "Now prove that the square root of 5 is irrational."
     got = short.score(text)
-    expected = scorer.classifier.predict(embedder.encode([text[-60:]]), [cheap_features(text)])[0]
+    window = f"{text[:30]} ... {text[-30:]}"
+    expected = scorer.classifier.predict(embedder.encode([window]), [cheap_features(text)])[0]
     assert got.classifier == pytest.approx(expected, abs=1e-6)
     assert got.value == got.classifier and got.ms > 0
 
@@ -329,3 +331,16 @@ def test_routing_curve_is_monotone():
         routing_curve([0.1, 0.2], [True], [0.5])
     with pytest.raises(ValueError, match="one hard and one easy"):
         routing_curve([0.1, 0.2], [True, True], [0.5])
+
+
+def test_the_routers_scorer_reads_48_tokens_in_bfloat16_and_keeps_its_quality(cache_dir, heldout):
+    from sklearn.metrics import roc_auc_score
+
+    from tierserve.router.complexity import scorer_for
+    from tierserve.router.config import ComplexityConfig
+
+    scorer = scorer_for(ComplexityConfig(mode="classifier"), cache_dir)
+    assert scorer.embedder.signature == f"{DEFAULT_EMBEDDER}|bfloat16|48" and scorer.max_chars == 192
+    scores = scorer.score_many([p.text for p in heldout], [p.turns for p in heldout])
+    assert roc_auc_score([p.hard for p in heldout], [s.value for s in scores]) >= 0.85
+    assert scorer_for(ComplexityConfig(mode="heuristic"), cache_dir).embedder is None
