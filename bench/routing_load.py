@@ -1,21 +1,19 @@
-"""Load test of the SLA router: mixed SLA classes at about twice what the fast tier alone can serve.
+"""Load test of the SLA router: mixed SLA classes, the fast tier alone against the router.
 
 The embedded default (configs/local.yaml: tiers `small` and `quality`, one core each) runs in
 one Ray Serve app. A seeded open-loop (Poisson) stream of chat requests, drawn from the held-out
 labelled prompts of configs/complexity/prompts.jsonl, each with an SLA class
-(interactive / standard / batch, with that class's answer length), is sent:
-
-1. to `small` alone at rising rates, to find what the fast tier alone can serve: the highest
-   rate at which >= 95% of requests meet their class's budget;
-2. at twice that rate, once to `small` alone (the single-tier baseline) and once as
-   `model: auto` (the router spreads it by complexity, budget and load, and sheds what no
-   tier can take), the same arrivals in the same run.
+(interactive / standard / batch, with that class's answer length), is offered at each rate
+twice, back to back with the same arrivals: all to `small` (the single-tier baseline) and as
+`model: auto` (the router spreads it by complexity, budget and load, and sheds what no tier can
+take). The highest rate each keeps >= 95% of requests within budget is what it sustains; the
+issue's goal is the router holding that at twice what the fast tier alone sustains.
 
 A request meets its SLO when it succeeds with time to first token and time per output token
 (both measured by the client) within its class's budget; a shed (429) or failed request does
 not. Prints a table and writes docs/routing-load.md.
 
-    .venv/bin/python bench/routing_load.py [--duration-s 90] [--probe-s 30]
+    .venv/bin/python bench/routing_load.py [--rates 3,5,7,9] [--duration-s 60]
 """
 
 from __future__ import annotations
@@ -51,6 +49,8 @@ class Outcome:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     met: bool = False
+    missed: str = ""
+    """What missed: ttft, tpot, or both; empty when met or when the request failed."""
 
 
 @dataclass
@@ -128,11 +128,10 @@ async def one(client: httpx.AsyncClient, model: str, prompt: str, sla_class: str
     out.ttft_ms = 1e3 * (first - start) if first else None
     out.tpot_ms = 1e3 * (last - first) / (tokens - 1) if first and tokens > 1 else None
     ttft_budget, tpot_budget = budgets[sla_class]
-    out.met = (
-        out.ttft_ms is not None
-        and (ttft_budget is None or out.ttft_ms <= ttft_budget)
-        and (tpot_budget is None or out.tpot_ms is None or out.tpot_ms <= tpot_budget)
-    )
+    late_first = out.ttft_ms is None or (ttft_budget is not None and out.ttft_ms > ttft_budget)
+    slow = tpot_budget is not None and out.tpot_ms is not None and out.tpot_ms > tpot_budget
+    out.met = not late_first and not slow
+    out.missed = "both" if late_first and slow else "ttft" if late_first else "tpot" if slow else ""
     return out
 
 
@@ -180,9 +179,9 @@ def start_app() -> tuple[str, object]:
 
 def table(runs: list[Run]) -> str:
     lines = [
-        "| run | sent to | rate req/s | requests | SLO met | interactive | standard | batch | shed (429) | failed "
-        "| TTFT p50 / p95 ms | TPOT p50 / p95 ms | served by |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | sent to | rate req/s | requests | SLO met | interactive | standard | batch | missed TTFT "
+        "| missed TPOT | shed (429) | failed | TTFT p50 / p95 ms | TPOT p50 / p95 ms | served by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         tiers = Counter(o.tier for o in r.outcomes if o.status == 200)
@@ -190,6 +189,8 @@ def table(runs: list[Run]) -> str:
         per_class = " | ".join(f"{r.share(lambda o: o.met, c):.1%}" for c, _, _ in CLASSES)
         lines.append(
             f"| {r.label} | `{r.model}` | {r.rate:.2f} | {len(r.outcomes)} | **{r.met:.1%}** | {per_class} | "
+            f"{r.share(lambda o: o.missed in ('ttft', 'both')):.1%} | "
+            f"{r.share(lambda o: o.missed in ('tpot', 'both')):.1%} | "
             f"{r.share(lambda o: o.status == 429):.1%} | {r.share(lambda o: o.status not in (200, 429)):.1%} | "
             f"{r.q('ttft_ms', 0.5):.0f} / {r.q('ttft_ms', 0.95):.0f} | "
             f"{r.q('tpot_ms', 0.5):.1f} / {r.q('tpot_ms', 0.95):.1f} | {split} |"
@@ -199,9 +200,8 @@ def table(runs: list[Run]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", default="0.5,1,1.5,2,3", help="fast-tier probe rates, req/s, ascending")
-    p.add_argument("--probe-s", type=float, default=30, help="seconds of load per probe rate")
-    p.add_argument("--duration-s", type=float, default=90, help="seconds of load for the 2x runs")
+    p.add_argument("--rates", default="3,5,7,9", help="offered loads, req/s, ascending")
+    p.add_argument("--duration-s", type=float, default=60, help="seconds of load per rate and variant")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -214,54 +214,54 @@ def main() -> None:
     async def measure() -> None:
         print("warm-up", flush=True)
         await drive(base, "warm-up", "auto", 1.0, 10, args.seed + 99, budgets)
-        print("what the fast tier alone can serve (>= 95% of requests within budget):", flush=True)
-        capacity = None
+        # Side by side at each rate, the same arrivals: all to the fast tier, then as `auto`.
         for rate in (float(r) for r in args.rates.split(",")):
-            run = await drive(base, "small alone, probe", "small", rate, args.probe_s, args.seed + 1, budgets)
-            runs.append(run)
-            if run.met < 0.95:
-                break
-            capacity = rate
-        if capacity is None:
-            raise SystemExit("the fast tier misses its SLOs even at the lowest probe rate; lower --rates")
-        double = 2 * capacity
-        print(f"fast tier serves {capacity:g} req/s; load at {double:g} req/s:", flush=True)
-        runs.append(
-            await drive(base, "baseline: small alone, 2x", "small", double, args.duration_s, args.seed, budgets)
-        )
-        runs.append(await drive(base, "router: model auto, 2x", "auto", double, args.duration_s, args.seed, budgets))
+            seconds = args.duration_s
+            runs.append(await drive(base, "small alone", "small", rate, seconds, args.seed, budgets))
+            runs.append(await drive(base, "router (auto)", "auto", rate, seconds, args.seed, budgets))
 
     asyncio.run(measure())
     text = table(runs)
     print(text)
     if not args.no_write:
-        write_doc(text, args, config)
+        write_doc(text, args, config, runs)
 
 
-def write_doc(text: str, args: argparse.Namespace, config) -> None:
+def sustained(runs: list[Run], label: str) -> float | None:
+    """The highest rate at which `label` kept >= 95% within budget, if it did at all."""
+    ok = [r.rate for r in runs if r.label == label and r.met >= 0.95]
+    return max(ok) if ok else None
+
+
+def write_doc(text: str, args: argparse.Namespace, config, runs: list[Run]) -> None:
     classes = ", ".join(
         f"{name} (TTFT <= {c.ttft_ms:g} ms, TPOT <= {c.tpot_ms:g} ms)" if c.ttft_ms else f"{name} (no budget)"
         for name, c in config.routing.sla_classes.items()
     )
     mix = ", ".join(f"{name} {share:.0%} with max_tokens {mt}" for name, share, mt in CLASSES)
+    alone, routed = sustained(runs, "small alone"), sustained(runs, "router (auto)")
+
+    def said(rate: float | None) -> str:
+        return f"{rate:g} req/s" if rate is not None else "none of the rates"
+
     doc = f"""# Router load test
 
-Command: `.venv/bin/python bench/routing_load.py --probe-s {args.probe_s:g} --duration-s {args.duration_s:g}`
+Command: `.venv/bin/python bench/routing_load.py --rates {args.rates} --duration-s {args.duration_s:g}`
 ({time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, one run).
 
 The embedded default (configs/local.yaml): tiers `small` and `quality`, the same SmolLM2-135M on
 one core each, and the router's settings as shipped. Open-loop Poisson arrivals of held-out
 labelled prompts (configs/complexity/prompts.jsonl), greedy, `ignore_eos`. Mix: {mix}.
 SLA classes: {classes}. A request meets its SLO if it succeeds within its class's TTFT and TPOT
-budgets, measured by the client; shed and failed requests do not.
-
-The probes find what `small` alone serves (the highest probe rate with >= 95% met); the last
-two rows offer twice that rate, the same arrivals, once all to `small` (the single-tier
-baseline) and once as `model: auto`.
+budgets, measured by the client; shed and failed requests do not. At each rate the same
+arrivals go twice, back to back: all to `small` (the single-tier baseline), then as `model: auto`.
 
 {text}
 
-The load generator runs on the same two cores as both engines and the Serve processes.
+Kept >= 95% within budget up to: small alone {said(alone)}, the router {said(routed)} (of the
+rates tried). The load generator runs on the same two cores as both engines and the Serve
+processes; runs on this machine vary by tens of percent from one run to the next, so compare the
+two rows of a rate, not rates across runs.
 """
     path = REPO / "docs" / "routing-load.md"
     path.write_text(doc)

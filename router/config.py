@@ -99,6 +99,10 @@ class RoutingConfig(BaseModel):
     sla_classes: dict[str, SlaClass] = Field(default_factory=_default_sla_classes)
     default_sla_class: str | None = "standard"
     """The budget of a request that names none; None: no budget."""
+    slo_headroom: float = Field(0.8, gt=0, le=1)
+    """A tier counts as meeting a budget when its predicted TTFT and TPOT are within this share
+    of it, and its predicted TPOT within this share of the tightest TPOT budget of the requests
+    already running there (one more request must not push theirs over)."""
     poll_interval_s: float = Field(0.25, gt=0)
     """How often the router reads each tier's load and latency model."""
     first_token_timeout_s: float | None = Field(60.0, gt=0)

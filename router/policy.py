@@ -15,8 +15,11 @@ How a tier is chosen for `model: auto`:
    (requests beyond its engine's slots) is shorter than its `max_queue`.
 3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
    at least as strong as the target (weakest first on equal cost), else the strongest below
-   it. If none is predicted to meet the budget, the one with the earliest predicted first
-   token comes first (best effort). The rest follow in the same order, as fallbacks.
+   it. A tier meets the budget when its predictions are within `headroom` of the request's
+   budgets and, with this request added, within `headroom` of the tightest TPOT budget of the
+   requests already running there. If none is predicted to meet the budget, the one with the
+   earliest predicted first token comes first (best effort). The rest follow in the same
+   order, as fallbacks.
 
 Predictions come from the tier's step-cost model: with `n` requests in the tier (as the tier
 last reported, or as this ingress has in flight there, whichever is more), a new request's
@@ -45,10 +48,11 @@ class Sla:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
 
-    def met_by(self, ttft_ms: float | None, tpot_ms: float | None) -> bool:
-        """Whether these latencies are within budget; an unknown latency counts as within."""
-        ok_ttft = self.ttft_ms is None or ttft_ms is None or ttft_ms <= self.ttft_ms
-        ok_tpot = self.tpot_ms is None or tpot_ms is None or tpot_ms <= self.tpot_ms
+    def met_by(self, ttft_ms: float | None, tpot_ms: float | None, headroom: float = 1.0) -> bool:
+        """Whether these latencies are within `headroom` times the budget; an unknown latency
+        counts as within."""
+        ok_ttft = self.ttft_ms is None or ttft_ms is None or ttft_ms <= headroom * self.ttft_ms
+        ok_tpot = self.tpot_ms is None or tpot_ms is None or tpot_ms <= headroom * self.tpot_ms
         return ok_ttft and ok_tpot
 
 
@@ -79,6 +83,9 @@ class TierView:
     """The tier's last polled load (of the replica that answered); None before the first poll."""
     replicas: int = 1
     """Replicas of the tier: a polled load is one replica's, assumed the same on the others."""
+    tightest_tpot_ms: float | None = None
+    """The tightest TPOT budget among requests this ingress has running there: one more
+    request must not push their tokens past it."""
 
     def in_system(self) -> int:
         """Requests in the tier: as reported (all replicas), or as this ingress counts them."""
@@ -192,8 +199,16 @@ def _retry_after(views: list[TierView], predictions: dict[str, Prediction]) -> f
     return max(1.0, math.ceil(min(waits))) if waits else 1.0
 
 
-def decide(features: RequestFeatures, sla: Sla, views: list[TierView], default_tier: str | None = None) -> Decision:
-    """The ordered tiers for a request (see the module docstring)."""
+def decide(
+    features: RequestFeatures,
+    sla: Sla,
+    views: list[TierView],
+    default_tier: str | None = None,
+    headroom: float = 1.0,
+) -> Decision:
+    """The ordered tiers for a request (see the module docstring). A tier meets the budget when
+    its predictions are within `headroom` times the request's budgets and the predicted TPOT is
+    within `headroom` times the tightest TPOT budget of the requests already running there."""
     if features.named_tier is not None:
         views = [v for v in views if v.name == features.named_tier]
         if not views:
@@ -210,6 +225,7 @@ def decide(features: RequestFeatures, sla: Sla, views: list[TierView], default_t
             continue
         recent = view.load.mean_output_tokens if view.load is not None else None
         output = expected_output or round(recent or DEFAULT_OUTPUT_TOKENS)
+        protects = view.tightest_tpot_ms is None or p.tpot_ms is None or p.tpot_ms <= headroom * view.tightest_tpot_ms
         admitted.append(
             (
                 view,
@@ -217,7 +233,7 @@ def decide(features: RequestFeatures, sla: Sla, views: list[TierView], default_t
                     view.name,
                     p.ttft_ms,
                     p.tpot_ms,
-                    sla.met_by(p.ttft_ms, p.tpot_ms),
+                    sla.met_by(p.ttft_ms, p.tpot_ms, headroom) and protects,
                     view.cost.of(features.prompt_tokens, output),
                 ),
             )

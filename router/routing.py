@@ -197,7 +197,7 @@ class Router:
             tokens = max(1, len(text) // CHARS_PER_TOKEN)
         score = await self.complexity(text, turns) if named_tier is None else None
         features = RequestFeatures(tokens, body.requested_max_tokens(), score, named_tier)
-        decision = decide(features, sla, self.states.snapshot(), self.default_tier)
+        decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
         return Routed(decision, sla, features, arrived)
 
     def cost(self, routed: Routed) -> float | None:
@@ -233,14 +233,15 @@ class Router:
         `start(tier)` begins the request on a tier. Choices after the first are tried only for
         `model: auto` requests, and only while no token has been sent."""
         attempts = routed.decision.choices[: self.config.max_attempts]
+        budget = routed.sla.tpot_ms
         last: TierServeError | None = None
         for choice in attempts:
             stream = start(choice.tier)
-            self.states.started(choice.tier)
+            self.states.started(choice.tier, budget)
             try:
                 first = await self._first(stream)
             except TierServeError as exc:
-                self.states.finished(choice.tier)
+                self.states.finished(choice.tier, budget)
                 if not self._retryable(exc, routed):
                     raise
                 if isinstance(exc, ServiceUnavailable):
@@ -249,11 +250,11 @@ class Router:
                 last = exc
                 continue
             except BaseException:
-                self.states.finished(choice.tier)
+                self.states.finished(choice.tier, budget)
                 raise
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = time.perf_counter()
-            return self._counted(choice.tier, first, stream, routed.arrived)
+            return self._counted(choice.tier, first, stream, routed.arrived, budget)
         assert last is not None
         if len(attempts) > 1:
             last.message = f"{last.message} (tried {', '.join(t for t, _ in routed.tried)})"
@@ -280,7 +281,12 @@ class Router:
         return isinstance(exc, (ServiceUnavailable, Overloaded, RequestTimeout, ContextLengthExceeded))
 
     async def _counted(
-        self, tier: str, first: list[TokenChunk] | None, stream: AsyncIterator[list[TokenChunk]], arrived: float
+        self,
+        tier: str,
+        first: list[TokenChunk] | None,
+        stream: AsyncIterator[list[TokenChunk]],
+        arrived: float,
+        budget: float | None,
     ) -> AsyncIterator[list[TokenChunk]]:
         """The rest of the stream, counted in flight until it ends, within `request_timeout_s`."""
         timeout = self.config.request_timeout_s
@@ -302,5 +308,5 @@ class Router:
                     raise RequestTimeout(f"the request ran past request_timeout_s={timeout:g}s") from None
                 yield batch
         finally:
-            self.states.finished(tier)
+            self.states.finished(tier, budget)
             await stream.aclose()

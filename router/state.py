@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from tierserve.actors.types import TierLoad
@@ -27,6 +28,8 @@ class TierStates:
         self.views = {
             name: _view(name, routing.tiers.get(name, TierRouting()), (replicas or {}).get(name, 1)) for name in names
         }
+        self.budgets: dict[str, Counter[float]] = {name: Counter() for name in names}
+        """TPOT budgets of the requests in flight per tier."""
         self.unhealthy_since: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
 
@@ -43,15 +46,22 @@ class TierStates:
                 v.in_flight,
                 v.load,
                 v.replicas,
+                min((b for b, n in self.budgets[v.name].items() if n > 0), default=None),
             )
             for v in self.views.values()
         ]
 
-    def started(self, tier: str) -> None:
+    def started(self, tier: str, tpot_budget_ms: float | None = None) -> None:
         self.views[tier].in_flight += 1
+        if tpot_budget_ms is not None:
+            self.budgets[tier][tpot_budget_ms] += 1
 
-    def finished(self, tier: str) -> None:
+    def finished(self, tier: str, tpot_budget_ms: float | None = None) -> None:
         self.views[tier].in_flight -= 1
+        if tpot_budget_ms is not None:
+            self.budgets[tier][tpot_budget_ms] -= 1
+            if self.budgets[tier][tpot_budget_ms] <= 0:
+                del self.budgets[tier][tpot_budget_ms]
 
     def failed(self, tier: str, why: str) -> None:
         """The tier failed a request before its first token: skip it until a poll succeeds."""

@@ -148,14 +148,20 @@ def test_speculation_keeps_greedy_output_and_reports_acceptance(app, tiny):
         serve.delete("shapes-spec")
 
 
-def test_adaptive_speculation_turns_a_draft_that_does_not_pay_off_on_the_running_engine(app, tiny):
+def test_adaptive_speculation_turns_a_draft_that_does_not_pay_off_on_the_running_engine(app, tiny, tmp_path):
     """A random draft never agrees with a random target: every verify step costs a draft pass
     and a wider target pass for nothing. The tier measures that and stops drafting, and the
     engine's scheduler runs the new schedule; greedy output is unchanged throughout."""
     from ray import serve
 
-    target, draft = tiny
-    adaptive = {"enabled": True, "min_steps": 4, "probe_steps": 4, "probe_every_s": 600}
+    from tierserve.actors.checkpoints import prepare_embedded
+
+    target, _ = tiny
+    # A draft as large as the target: three draft passes per step cost about three target
+    # passes, far more than timing noise on models this small (a smaller draft's cost is not).
+    tokenizer = prepare_embedded("smollm2-135m-instruct", progress=False)
+    draft = build_tiny_llama(tmp_path / "draft", tokenizer, hidden=128, layers=2, heads=4, kv_heads=2, seed=2)
+    adaptive = {"enabled": True, "min_steps": 12, "probe_steps": 12, "probe_every_s": 600}
     speculative = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3, "adaptive": adaptive}
     client, base = deploy(
         app, "shapes-adaptive", [tier("plain", target), tier("adaptive", target, speculative=speculative)]

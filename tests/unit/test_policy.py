@@ -207,3 +207,33 @@ def test_latency_tracker_reports_a_load():
     assert reported.tokens_per_step == pytest.approx(2.0, rel=0.01)
     assert reported.step_ms(4) == pytest.approx(30.0, rel=0.05)
     assert reported.ttft_ms == pytest.approx(100.0) and reported.mean_output_tokens == 40
+
+
+def test_headroom_keeps_predictions_off_the_edge_of_the_budget():
+    views = tiers(large_load=load(base=60.0, per_seq=0.0))  # large: TPOT 60 ms whatever the batch
+    sla = Sla("interactive", tpot_ms=70)
+    assert decide(RequestFeatures(50, 64, 0.9), sla, views, headroom=1.0).reason == "complexity"
+    squeezed = decide(RequestFeatures(50, 64, 0.9), sla, views, headroom=0.8)  # 60 > 0.8 * 70
+    assert (squeezed.first.tier, squeezed.reason) == ("small", "sla")
+
+
+def test_a_request_without_budget_does_not_push_running_ones_past_theirs():
+    # small already runs interactive requests (TPOT budget 50 ms); one more puts its step at
+    # 20 + 5 * 5 = 45 ms, past 0.8 * 50: the batch request goes to large, where nothing is tight.
+    views = tiers(small_load=load(running=4), small__tightest_tpot_ms=50.0)
+    decision = decide(RequestFeatures(50, 128, 0.1), Sla("batch"), views, headroom=0.8)
+    assert (decision.first.tier, decision.reason) == ("large", "sla")
+    relaxed = tiers(small_load=load(running=4), small__tightest_tpot_ms=100.0)
+    assert decide(RequestFeatures(50, 128, 0.1), Sla("batch"), relaxed, headroom=0.8).first.tier == "small"
+
+
+def test_in_flight_budgets_are_tracked_per_tier():
+    from tierserve.router.state import TierStates
+
+    states = TierStates(["small", "large"], RoutingConfig())
+    states.started("small", 100.0)
+    states.started("small", 50.0)
+    states.started("large", None)
+    assert {v.name: v.tightest_tpot_ms for v in states.snapshot()} == {"small": 50.0, "large": None}
+    states.finished("small", 50.0)
+    assert states.snapshot()[0].tightest_tpot_ms == 100.0 and states.snapshot()[0].in_flight == 1
