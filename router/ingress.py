@@ -414,7 +414,7 @@ class Ingress:
         span: trace.Span,
         headers: Any = None,
     ) -> AsyncIterator[list[BaseModel]]:
-        routed, batches = await self._stream_routed(body, formatter, span, headers)
+        _, batches = await self._stream_routed(body, formatter, span, headers)
         return batches
 
     async def _stream_routed(
