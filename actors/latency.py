@@ -12,7 +12,7 @@ to the engine's own steps by recursive least squares with forgetting, so the fit
 tier as its load and its speculation change. With it, and with the tier's recent output
 length and tokens per step, the router's policy (`tierserve.router.policy`) turns a load into
 a predicted TTFT and TPOT. `LatencyTracker` also keeps the TTFT and TPOT the tier actually
-delivered, which the router reads as a check on its predictions.
+delivered, shown at `GET /v1/tiers` beside the model (the router does not use them yet).
 """
 
 from __future__ import annotations
@@ -68,9 +68,6 @@ class StepCostModel:
         base, per_seq, per_kprompt = (float(c) for c in self._coef)
         return base, per_seq, per_kprompt
 
-    def predict(self, running: int, prefill_tokens: int = 0) -> float:
-        return float(self._x(running, prefill_tokens) @ self._coef)
-
 
 class Ewma:
     """Exponentially weighted mean; None until the first value."""
@@ -94,7 +91,6 @@ class LatencyTracker:
         self.output_tokens = Ewma(0.1)
         self.ttft_ms = Ewma(0.2)
         self.tpot_ms = Ewma(0.2)
-        self.finished_at: list[float] = []
 
     def observe_step(self, running: int, prefill_tokens: int, generated: int, step_s: float) -> None:
         if running <= 0:

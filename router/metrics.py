@@ -81,10 +81,9 @@ class IngressMetrics:
         tier = routed.tier or "none"
         if outcome == "ok":
             ttft, tpot = routed.ttft_ms(), routed.tpot_ms(time.perf_counter())
-            sla = routed.sla
-            if sla.ttft_ms is not None and ttft is not None and ttft > sla.ttft_ms:
+            if not routed.sla.met_by(ttft, None):
                 outcome = "missed_ttft"
-            elif sla.tpot_ms is not None and tpot is not None and tpot > sla.tpot_ms:
+            elif not routed.sla.met_by(None, tpot):
                 outcome = "missed_tpot"
             else:
                 outcome = "met"

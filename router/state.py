@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from tierserve.actors.types import TierLoad
 from tierserve.router.config import RoutingConfig, TierRouting
@@ -30,26 +30,12 @@ class TierStates:
         }
         self.budgets: dict[str, Counter[float]] = {name: Counter() for name in names}
         """TPOT budgets of the requests in flight per tier."""
-        self.unhealthy_since: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
 
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
-        return [
-            TierView(
-                v.name,
-                v.min_complexity,
-                v.cost,
-                v.max_queue,
-                v.max_model_len,
-                v.healthy,
-                v.in_flight,
-                v.load,
-                v.replicas,
-                min((b for b, n in self.budgets[v.name].items() if n > 0), default=None),
-            )
-            for v in self.views.values()
-        ]
+        # `finished` deletes a budget when its last request ends, so every key here is in flight.
+        return [replace(v, tightest_tpot_ms=min(self.budgets[v.name], default=None)) for v in self.views.values()]
 
     def started(self, tier: str, tpot_budget_ms: float | None = None) -> None:
         self.views[tier].in_flight += 1
@@ -69,7 +55,6 @@ class TierStates:
         if view.healthy:
             logger.warning("tier %s marked unhealthy: %s", tier, why)
         view.healthy = False
-        self.unhealthy_since.setdefault(tier, time.monotonic())
         self.last_error[tier] = why
 
     def polled(self, tier: str, load: TierLoad) -> None:
@@ -78,7 +63,6 @@ class TierStates:
             logger.info("tier %s is healthy again", tier)
         view.load, view.healthy = load, True
         view.max_model_len = load.max_model_len or view.max_model_len
-        self.unhealthy_since.pop(tier, None)
         self.last_error.pop(tier, None)
 
     async def poll_forever(
