@@ -13,6 +13,7 @@ from ray.serve import Application
 from tierserve.actors.deployment import TierDeployment
 from tierserve.actors.placement import placement_options
 from tierserve.cluster.config import AppConfig, load_config
+from tierserve.rag.retriever import Retriever
 from tierserve.router.ingress import Ingress
 from tierserve.router.tiers import TierEntry
 
@@ -22,10 +23,12 @@ def tier_deployment_name(tier: str) -> str:
 
 
 INGRESS_NAME = "ingress"
+RETRIEVER_NAME = "retriever"
 
 
 def build_application(config: AppConfig) -> Application:
-    """The ingress bound to one deployment per tier, each with its own Serve options."""
+    """The ingress bound to one deployment per tier, each with its own Serve options, and to
+    the retriever when retrieval is on."""
     handles = {
         tier.name: TierDeployment.options(name=tier_deployment_name(tier.name), **placement_options(tier)).bind(
             tier, config.model_cache, config.telemetry
@@ -33,8 +36,13 @@ def build_application(config: AppConfig) -> Application:
         for tier in config.tiers
     }
     entries = [TierEntry(t.name, t.description, t.deployment.max_replicas()) for t in config.tiers]
+    retriever = None
+    if config.rag.enabled:
+        retriever = Retriever.options(name=RETRIEVER_NAME, **config.rag.deployment.serve_options()).bind(
+            config.rag, config.model_cache, config.telemetry
+        )
     return Ingress.options(name=INGRESS_NAME, **config.ingress.deployment.serve_options()).bind(
-        config.ingress, entries, handles, config.telemetry, config.routing, config.model_cache
+        config.ingress, entries, handles, config.telemetry, config.routing, config.model_cache, retriever, config.rag
     )
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tierserve.actors.config import TierConfig
 from tierserve.cluster.telemetry import TelemetryConfig
+from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
 
 
@@ -75,6 +76,8 @@ class AppConfig(BaseModel):
     """How `model: auto` picks a tier, fallback and load shedding (docs/routing.md)."""
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     """Tracing of every deployment (docs/telemetry.md); off unless an exporter has somewhere to send."""
+    rag: RagConfig = Field(default_factory=RagConfig)
+    """Retrieval-augmented generation: the index store, the embedder and the retriever (docs/rag.md)."""
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppConfig:

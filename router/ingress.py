@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tierserve.actors.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.cluster.telemetry import TelemetryConfig, inject, setup_telemetry
+from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
@@ -46,6 +47,7 @@ from tierserve.router.responses import (
     CompletionStreamFormatter,
     StreamFormatter,
 )
+from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
@@ -173,6 +175,8 @@ class Ingress:
         telemetry: TelemetryConfig | None = None,
         routing: RoutingConfig | None = None,
         model_cache: str | None = None,
+        retriever: DeploymentHandle | None = None,
+        rag: RagConfig | None = None,
     ):
         setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
@@ -187,6 +191,7 @@ class Ingress:
             Path(model_cache) if model_cache else None,
             {t.name: t.replicas for t in tiers},
         )
+        self.retrieval = RetrievalStep(rag or RagConfig(enabled=retriever is not None), retriever)
         self._poller: asyncio.Task | None = None
         self._ensure_polling()
 
@@ -283,6 +288,12 @@ class Ingress:
 
         return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
 
+    async def indexes(self) -> list[dict[str, Any]]:
+        """The retrieval indexes with their published version's manifest (none without RAG)."""
+        if self.retrieval.retriever is None:
+            return []
+        return await self.retrieval.retriever.indexes.remote()
+
     # ----- HTTP routes -------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
@@ -301,6 +312,10 @@ class Ingress:
     @app.get("/v1/tiers")
     async def _http_tiers(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.tiers()})
+
+    @app.get("/v1/indexes")
+    async def _http_indexes(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": await self.indexes()})
 
     @app.get("/health")
     async def _http_health(self) -> JSONResponse:
@@ -351,12 +366,14 @@ class Ingress:
         routed, whole = await self._whole_routed(body, formatter, span, headers)
         return JSONResponse(whole.model_dump(exclude_unset=True), headers=routed.headers())
 
-    async def _plan(self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, headers: Any) -> Routed:
+    async def _plan(
+        self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, headers: Any, extra_tokens: int = 0
+    ) -> Routed:
         """Where the request may go, recorded on its span and in the metrics; shed at once if
         nowhere."""
         self._ensure_polling()
         named = None if body.model == AUTO else self.directory.resolve(body.model)
-        routed = await self.router.plan(body, named, headers)
+        routed = await self.router.plan(body, named, headers, extra_tokens)
         decision = routed.decision
         route_span(span, body.model, routed)
         if not decision.choices:
@@ -371,12 +388,22 @@ class Ingress:
         formatter: type[StreamFormatter],
         span: trace.Span,
         headers: Any = None,
-    ) -> tuple[Routed, str, AsyncIterator[list[TokenChunk]]]:
-        """Route the request and start it on the first tier that sends tokens (see
-        `Router.open`): its routing, its id, and its batches of token chunks."""
-        routed = await self._plan(body, span, headers)
+    ) -> tuple[Routed, str, AsyncIterator[list[TokenChunk]], Retrieved | None]:
+        """Route the request, retrieve its passages if it uses retrieval, and start it on the
+        first tier that sends tokens (see `Router.open`): its routing, its id, its batches of
+        token chunks and its retrieval."""
+        options = self.retrieval.options(body, "chat" if formatter is ChatStreamFormatter else "completions")
+        question = question_of(body) if options is not None else ""
+        # Routed before retrieving, so an overloaded service sheds at once; the passages'
+        # tokens are counted at their most (top_k full chunks) for the context check.
+        passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
+        routed = await self._plan(body, span, headers, passage_tokens)
         rid = _request_id(formatter.id_prefix)
         request = body.to_generate(rid)
+        retrieved = None
+        if options is not None:
+            retrieved = await self.retrieval.retrieve(options, question, span)
+            request = self.retrieval.augment(request, retrieved)
         try:
             batches = await self.router.open(routed, lambda tier: self._tier_batches(tier, request, span))
         except TierServeError:
@@ -386,7 +413,14 @@ class Ingress:
             for tier, code in routed.tried:
                 self.metrics.fallbacks.inc(1, {"tier": tier, "code": code})
         span.set_attribute("tierserve.tier", routed.tier or "")
-        return routed, rid, self._accounted(routed, batches)
+        return routed, rid, self._accounted(routed, batches), retrieved
+
+    def _extension(self, routed: Routed, retrieved: Retrieved | None) -> dict[str, Any]:
+        """The response's `tierserve` field: routing facts, and retrieval's when it ran."""
+        extension = routed.extension()
+        if retrieved is not None:
+            extension["retrieval"] = retrieved.extension()
+        return extension
 
     async def _accounted(
         self, routed: Routed, batches: AsyncIterator[list[TokenChunk]]
@@ -425,14 +459,19 @@ class Ingress:
         headers: Any,
     ) -> tuple[Routed, AsyncIterator[list[BaseModel]]]:
         """The stream as lists of OpenAI objects; the last object carries the `tierserve` field."""
-        routed, rid, batches = await self._open(body, formatter, span, headers)
+        routed, rid, batches, retrieved = await self._open(body, formatter, span, headers)
         fmt = formatter(rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
 
         async def formatted() -> AsyncIterator[list[BaseModel]]:
+            answer: list[str] = []  # the first choice's text, for grounding
             async for batch in batches:
                 items = [item for chunk in batch for item in fmt.format(chunk)]
+                if retrieved is not None:
+                    answer += [chunk.text for chunk in batch if chunk.index == 0]
                 if items and any(chunk.usage is not None for chunk in batch):
-                    items[-1].tierserve = routed.extension()
+                    if retrieved is not None:
+                        await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
+                    items[-1].tierserve = self._extension(routed, retrieved)
                 yield items
 
         return routed, formatted()
@@ -450,13 +489,15 @@ class Ingress:
         headers: Any,
     ) -> tuple[Routed, BaseModel]:
         """The whole response, folded from the stream, with the `tierserve` field."""
-        routed, rid, batches = await self._open(body, formatter, span, headers)
+        routed, rid, batches, retrieved = await self._open(body, formatter, span, headers)
         built = CompletionBuilder(body.n)
         async for batch in batches:
             for chunk in batch:
                 built.add(chunk)
         whole = built.chat(rid, routed.tier) if formatter is ChatStreamFormatter else built.completion(rid, routed.tier)
-        whole.tierserve = routed.extension()
+        if retrieved is not None:
+            await self.retrieval.ground(retrieved, "".join(built.texts[0]), routed.tier)
+        whole.tierserve = self._extension(routed, retrieved)
         return routed, whole
 
     async def _tier_batches(

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tierserve.actors.errors import InvalidRequest
 from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+from tierserve.rag.config import RetrievalOptions
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -74,6 +75,15 @@ class _SamplingFields(BaseModel):
     """Time-to-first-token budget in milliseconds (overrides the class's)."""
     slo_tpot_ms: float | None = Field(None, gt=0)
     """Time-per-output-token budget in milliseconds (overrides the class's)."""
+    retrieval: bool | RetrievalOptions | None = None
+    """Answer from an index's passages (docs/rag.md): `true` for the configured defaults, or
+    `{index, top_k, score_threshold, filters}`; `false` turns off the route's default."""
+
+    @field_validator("retrieval", mode="before")
+    @classmethod
+    def _retrieval_object(cls, v: Any) -> Any:
+        """An object is validated as `RetrievalOptions` alone, so its errors name its fields."""
+        return RetrievalOptions.model_validate(v) if isinstance(v, dict) else v
 
     @field_validator("stop")
     @classmethod

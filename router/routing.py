@@ -185,8 +185,12 @@ class Router:
             return self.scorer.score(text, turns).value
         return (await asyncio.to_thread(self.scorer.score, text, turns)).value
 
-    async def plan(self, body: Any, named_tier: str | None, headers: Mapping[str, str] | None = None) -> Routed:
-        """Budget, features and decision for one request (no choices: shed it, `rejection`)."""
+    async def plan(
+        self, body: Any, named_tier: str | None, headers: Mapping[str, str] | None = None, extra_tokens: int = 0
+    ) -> Routed:
+        """Budget, features and decision for one request (no choices: shed it, `rejection`).
+        `extra_tokens`: prompt tokens added after routing (retrieved passages), for the
+        context-length check; complexity is scored on the request's own text."""
         arrived = time.perf_counter()
         sla = self.sla_of(body, headers)
         text, turns = body.routing_text()
@@ -195,6 +199,7 @@ class Router:
             tokens = len(prompt)
         else:
             tokens = max(1, len(text) // CHARS_PER_TOKEN)
+        tokens += extra_tokens
         score = await self.complexity(text, turns) if named_tier is None else None
         features = RequestFeatures(tokens, body.requested_max_tokens(), score, named_tier)
         decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)

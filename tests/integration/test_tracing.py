@@ -2,9 +2,9 @@
 routing decision, the tier's generation span (GenAI conventions) and one span per token, one
 tree across the ingress and tier processes, continuing the client's `traceparent`.
 
-The app here has its own `telemetry` block pointing at the receiver, and two tiers on a tiny
-random-weight checkpoint (fast to start): `traced` makes a span per token and speculates with
-n-gram lookup; `sampled` makes one per 4 tokens.
+The app here has its own `telemetry` block pointing at the receiver, a retriever (the bundled
+handbook), and two tiers on a tiny random-weight checkpoint (fast to start): `traced` makes a
+span per token and speculates with n-gram lookup; `sampled` makes one per 4 tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def traced(app, receiver, tmp_path_factory):
                 tier("sampled", target, token_spans=4),
             ],
             "ingress": {"deployment": {"num_cpus": 0}},
+            "rag": {"enabled": True, "deployment": {"num_cpus": 0}},
             "telemetry": {"exporter": "otlp", "endpoint": receiver.endpoint, "batch_delay_ms": 100, "token_text": True},
         }
     )
@@ -189,3 +190,37 @@ def test_handle_calls_are_traced_too(traced, receiver):
     spans = receiver.wait_for(root.trace_id, lambda s: len(by_name(s, "token")) >= 5 and by_name(s, "chat traced"))
     (chat,) = by_name(spans, "chat traced")
     assert chat.parent_span_id == root.span_id and root.parent_span_id == ""
+
+
+def test_retrieval_is_a_span_in_the_request_tree_across_the_retriever_process(traced, receiver):
+    raw = traced.chat.completions.with_raw_response.create(
+        model="traced",
+        messages=[{"role": "user", "content": "What does the x-sla-class header do?"}],
+        max_tokens=4,
+        extra_body={"retrieval": {"top_k": 2}},
+    )
+    citations = raw.parse().model_extra["tierserve"]["retrieval"]["citations"]
+    spans = receiver.wait_for(
+        raw.headers["x-trace-id"],
+        lambda s: (
+            by_name(s, "chat traced")
+            and by_name(s, "embeddings all-MiniLM-L6-v2")
+            and by_name(s, "POST /v1/chat/completions")
+        ),
+    )
+    (http,) = by_name(spans, "POST /v1/chat/completions")
+    (retrieval,) = by_name(spans, "retrieval tierserve-docs")
+    (search,) = by_name(spans, "tierserve.retriever.search")
+    (embedding,) = by_name(spans, "embeddings all-MiniLM-L6-v2")
+    (chat,) = by_name(spans, "chat traced")
+    assert retrieval.parent_span_id == http.span_id and chat.parent_span_id == http.span_id
+    assert search.parent_span_id == retrieval.span_id and embedding.parent_span_id == search.span_id
+    assert search.resource["tierserve.component"] == "retriever"
+    assert search.resource["process.pid"] != http.resource["process.pid"]
+    assert retrieval.end_ns <= chat.start_ns
+    a = retrieval.attributes
+    assert a["gen_ai.operation.name"] == "retrieval" and a["gen_ai.data_source.id"] == "tierserve-docs"
+    assert a["tierserve.retrieval.top_k"] == 2 and a["tierserve.retrieval.hits"] == len(citations)
+    assert list(a["tierserve.retrieval.chunk_ids"]) == [c["chunk_id"] for c in citations]
+    assert a["tierserve.retrieval.embed_ms"] > 0 and search.attributes["tierserve.retrieval.version"]
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings"

@@ -8,7 +8,7 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from tierserve.cluster.app import INGRESS_NAME, build_app, build_application, tier_deployment_name
+from tierserve.cluster.app import INGRESS_NAME, RETRIEVER_NAME, build_app, build_application, tier_deployment_name
 from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_serve_yaml_is_valid_and_points_at_the_builder():
 def test_each_tier_is_its_own_deployment_with_its_options():
     config = load_config(REPO / "configs" / "gpu.yaml")
     ingress = bound(build_application(config))
-    ingress_config, entries, handles, telemetry, routing, model_cache = ingress.init_args
+    ingress_config, entries, handles, telemetry, routing, model_cache, retriever, rag = ingress.init_args
     assert telemetry == config.telemetry  # every deployment gets the same telemetry settings
     assert routing == config.routing and routing.tiers["llama-70b"].min_complexity == 0.5
     assert model_cache == config.model_cache
@@ -52,6 +52,13 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert tier_telemetry == config.telemetry
     assert tier_config.engine["max_model_len"] == 16384
     assert tier_config.speculative.model == "/models/Llama-3.2-1B-Instruct"
+
+    # The retriever: its own deployment with the rag block's options, shared by every tier.
+    assert rag == config.rag and rag.routes["chat"].index == "handbook"
+    shared = bound(retriever)
+    assert shared.name == RETRIEVER_NAME and shared.num_replicas == 2
+    assert shared.ray_actor_options["num_gpus"] == 0.1
+    assert shared.init_args == (config.rag, config.model_cache, config.telemetry)
 
     large = bound(handles["llama-70b"])
     assert large.num_replicas == 1

@@ -1,0 +1,179 @@
+"""The retriever deployment: one embedder and every index of the store, shared by all tiers.
+
+It answers `RetrievalQuery`s (embed the query, search the published version of the index) and
+measures how well an answer is grounded in the passages it was given. Each index is loaded on
+first use and swapped for the newer version within `reload_interval_s` of a publish
+(`tierserve rag ingest` while the service runs), between two queries: a query is answered
+wholly by one version. On start it builds the bundled handbook's index when the store lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from ray import serve
+
+from tierserve.actors.errors import TierServeError
+from tierserve.cluster.telemetry import TelemetryConfig, extract, setup_telemetry, tracer
+from tierserve.rag.config import RagConfig
+from tierserve.rag.grounding import Grounding, grounding, sentences
+from tierserve.rag.metrics import RetrieverMetrics
+from tierserve.rag.store import IndexMismatch, IndexNotFound, IndexSnapshot, IndexStore
+from tierserve.rag.types import Hit, Retrieval, RetrievalQuery
+
+logger = logging.getLogger("tierserve.rag")
+
+
+class IndexUnavailable(TierServeError):
+    """The request names an index the store does not have (404)."""
+
+    status_code = 404
+    default_code = "index_not_found"
+
+
+class IndexConflict(TierServeError):
+    """The index was built with another embedder than the retriever's (409)."""
+
+    status_code = 409
+    default_code = "index_embedder_mismatch"
+
+
+def default_store(config: RagConfig, model_cache: str | Path | None) -> Path:
+    """`rag.store`, else `<model cache>/indexes`."""
+    if config.store:
+        return Path(config.store).expanduser()
+    from tierserve.actors.checkpoints import default_cache_dir
+
+    return (Path(model_cache) if model_cache else default_cache_dir()) / "indexes"
+
+
+def build_bundled(config: RagConfig, store: IndexStore, embedder: Any, progress: bool = False) -> Any:
+    """Ingest the shipped handbook into `config.bundled.index` (a no-op when it is up to date)."""
+    from tierserve.rag.chunking import Chunker
+    from tierserve.rag.ingest import bundled_corpus, ingest
+    from tierserve.rag.loaders import load_documents
+
+    assert config.bundled is not None
+    chunker = Chunker(config.chunking, config.embedder.model)
+    loaded = load_documents(bundled_corpus())
+    return ingest(loaded, config.bundled.index, store, embedder, chunker, config.index, prune=True, progress=progress)
+
+
+class _Loaded:
+    """An index snapshot and when the store was last checked for a newer one."""
+
+    def __init__(self, snapshot: IndexSnapshot):
+        self.snapshot = snapshot
+        self.checked = time.monotonic()
+
+
+@serve.deployment
+class Retriever:
+    def __init__(self, config: RagConfig, model_cache: str | None = None, telemetry: TelemetryConfig | None = None):
+        from tierserve.rag.embedder import Embedder
+
+        setup_telemetry(telemetry or TelemetryConfig(), "retriever")
+        self.metrics = RetrieverMetrics()
+        self.config = config
+        self.store = IndexStore(default_store(config, model_cache))
+        # One thread: the replica reserves a fraction of a CPU next to the engines' pinned cores.
+        self.embedder = Embedder(
+            config.embedder.model, config.embedder.device, config.embedder.batch_size, num_threads=1
+        )
+        if config.bundled is not None and config.bundled.build_on_start:
+            report = build_bundled(config, self.store, self.embedder)
+            logger.info("bundled corpus: %s", report.summary())
+        self._loaded: dict[str, _Loaded] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    async def _snapshot(self, name: str) -> IndexSnapshot:
+        """The newest published version of `name` (checked at most every `reload_interval_s`)."""
+        loaded = self._loaded.get(name)
+        now = time.monotonic()
+        if loaded is not None and now - loaded.checked < self.config.reload_interval_s:
+            return loaded.snapshot
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None and time.monotonic() - loaded.checked < self.config.reload_interval_s:
+                return loaded.snapshot
+            current = self.store.current(name)
+            if current is None:
+                known = ", ".join(self.store.names()) or "none"
+                raise IndexUnavailable(f"no index named {name!r} (indexes: {known})", "retrieval.index")
+            if loaded is not None and loaded.snapshot.version == current:
+                loaded.checked = time.monotonic()
+                return loaded.snapshot
+            try:
+                snapshot = await asyncio.to_thread(self.store.open, name, self.config.index.use_gpu)
+                snapshot.manifest.check_embedder(self.embedder.signature, self.embedder.dimension)
+            except IndexNotFound as exc:
+                raise IndexUnavailable(str(exc), "retrieval.index") from None
+            except IndexMismatch as exc:
+                raise IndexConflict(str(exc), "retrieval.index") from None
+            if loaded is not None:
+                logger.info("index %s: %s -> %s", name, loaded.snapshot.version, snapshot.version)
+                old = loaded.snapshot
+                # Queries already searching the old version finish on it; close it after them.
+                asyncio.get_running_loop().call_later(30, old.close)
+            self._loaded[name] = _Loaded(snapshot)
+            return snapshot
+
+    async def retrieve(self, query: RetrievalQuery) -> Retrieval:
+        """The query's top chunks from the newest version of its index."""
+        with tracer().start_as_current_span(
+            "tierserve.retriever.search",
+            context=extract(query.trace_context),
+            attributes={"gen_ai.data_source.id": query.index, "tierserve.retrieval.top_k": query.top_k},
+        ) as span:
+            snapshot = await self._snapshot(query.index)
+            started = time.perf_counter()
+            with tracer().start_as_current_span(
+                f"embeddings {self.embedder.name}",
+                attributes={"gen_ai.operation.name": "embeddings", "gen_ai.request.model": self.embedder.name},
+            ):
+                vector = await asyncio.to_thread(self.embedder.encode, [query.query])
+            embedded = time.perf_counter()
+            try:
+                hits = await asyncio.to_thread(
+                    snapshot.search, vector[0], query.top_k, query.score_threshold, query.filters
+                )
+            except ValueError as exc:  # a malformed filter
+                raise TierServeError(str(exc), "retrieval.filters") from None
+            searched = time.perf_counter()
+            span.set_attribute("tierserve.retrieval.version", snapshot.version)
+            span.set_attribute("tierserve.retrieval.hits", len(hits))
+            self.metrics.observe(query.index, embedded - started, searched - embedded, len(hits))
+            return Retrieval(
+                query.index, snapshot.version, hits, 1e3 * (embedded - started), 1e3 * (searched - embedded)
+            )
+
+    async def ground(self, answer: str, passages: list[Hit]) -> Grounding:
+        """How much of `answer` the passages support (see `tierserve.rag.grounding`)."""
+        judged = sentences(answer)
+        texts = [hit.text for hit in passages]
+        if judged and texts:
+            vectors = await asyncio.to_thread(self.embedder.encode, judged + texts)
+            sentence_vectors, passage_vectors = vectors[: len(judged)], vectors[len(judged) :]
+        else:
+            sentence_vectors = passage_vectors = self.embedder.encode([])
+        result = grounding(answer, texts, sentence_vectors, passage_vectors, self.config.grounding_threshold)
+        trace.get_current_span().set_attribute("tierserve.grounding.score", result.score or 0.0)
+        return result
+
+    async def indexes(self) -> list[dict[str, Any]]:
+        """Every index of the store with its published version's manifest."""
+        out = []
+        for name in self.store.names():
+            manifest = self.store.manifest(name)
+            loaded = self._loaded.get(name)
+            out.append({**manifest.__dict__, "served_version": loaded.snapshot.version if loaded is not None else None})
+        return out
+
+    async def check_health(self) -> None:
+        return None
