@@ -49,7 +49,7 @@ class IndexConfig(BaseModel):
     hnsw_ef_construction: int = Field(80, ge=8)
     hnsw_ef_search: int = Field(64, ge=1)
     ivf_nlist: int | None = Field(None, ge=1)
-    """Inverted lists; None: about 4 * sqrt(chunks)."""
+    """Inverted lists; None: about sqrt(chunks)."""
     ivf_nprobe: int = Field(16, ge=1)
     pq_m: int | None = Field(None, ge=1)
     """Sub-quantizers of `ivf_pq` (must divide the dimension); None: dimension / 8."""

@@ -191,5 +191,7 @@ def _user_error(exc: BaseException) -> TierServeError | None:
     if isinstance(cause, TierServeError):
         return cause
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        return ServiceUnavailable("the retriever is unavailable: its replica died", "retrieval")
+        return ServiceUnavailable(
+            "the retriever is unavailable: its replica died", "retrieval", "retriever_unavailable"
+        )
     return None

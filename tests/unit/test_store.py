@@ -18,7 +18,8 @@ import pytest
 
 from tierserve.rag import store as store_module
 from tierserve.rag.config import IndexConfig
-from tierserve.rag.store import IndexMismatch, IndexNotFound, IndexStore, choose_type
+from tierserve.rag.indexes import choose_type
+from tierserve.rag.store import IndexMismatch, IndexNotFound, IndexStore
 from tierserve.rag.types import Chunk
 
 DIM = 32
