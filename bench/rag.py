@@ -294,8 +294,8 @@ torch {torch.__version__} ({torch.get_num_threads()} thread for query embedding)
 the scale rows use real query embeddings against chunk vectors drawn from a Gaussian fitted to
 {ingest_row["chunks"]} real chunk vectors (no corpus of a million chunks can be embedded on this machine),
 so their recall is that of this synthetic distribution, not of a real corpus of that size.
-Index parameters are the defaults of `rag.index` (HNSW M=32, efConstruction 80, efSearch 64;
-IVF sqrt(n) lists, nprobe 16; PQ 48 sub-quantizers of 8 bits).
+Index parameters are the defaults of `rag.index` (HNSW M=32, efConstruction 80, efSearch 256;
+IVF sqrt(n) lists, nprobe 64; PQ 48 sub-quantizers of 8 bits, top 4k re-scored exactly).
 
 """
     (REPO / "docs" / "rag-benchmark.md").write_text(header + body + "\n")

@@ -47,12 +47,17 @@ class IndexConfig(BaseModel):
     flat_below: int = Field(50_000, ge=0)
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_construction: int = Field(80, ge=8)
-    hnsw_ef_search: int = Field(64, ge=1)
+    hnsw_ef_search: int = Field(256, ge=1)
+    """Candidates HNSW keeps while searching: recall for time (docs/rag-benchmark.md)."""
     ivf_nlist: int | None = Field(None, ge=1)
     """Inverted lists; None: about sqrt(chunks)."""
-    ivf_nprobe: int = Field(16, ge=1)
+    ivf_nprobe: int = Field(64, ge=1)
+    """Lists an IVF search scans: recall for time."""
     pq_m: int | None = Field(None, ge=1)
     """Sub-quantizers of `ivf_pq` (must divide the dimension); None: dimension / 8."""
+    pq_rerank: int = Field(4, ge=1)
+    """`ivf_pq` fetches top_k times this many candidates and re-scores them exactly from the
+    stored vectors; 1: quantised scores only."""
     use_gpu: bool | None = None
     """Search on a GPU (faiss-gpu): None when one is present; `hnsw` always searches on the CPU."""
 

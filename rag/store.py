@@ -163,7 +163,6 @@ class IndexSnapshot:
         self.index, self.on_gpu = to_gpu(cpu_index, self.manifest.index_type, use_gpu)
         self.vectors = np.load(path / "vectors.npy", mmap_mode="r")
         self.ids = np.load(path / "ids.npy")
-        self._row_of = None  # id -> row of `vectors`, built on the first exact filtered search
         self._db = sqlite3.connect(f"file:{path / 'chunks.sqlite'}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()
 
@@ -197,7 +196,8 @@ class IndexSnapshot:
             allowed = self._filtered_ids(filters)
             if len(allowed) == 0:
                 return []
-            if len(allowed) < EXACT_FILTER_BELOW:
+            # GPU indexes take no id selector: filtered searches there are exact.
+            if len(allowed) < EXACT_FILTER_BELOW or self.on_gpu:
                 scores, ids = self._exact(query, allowed, top_k)
             else:
                 scores, ids = self._ann(query, top_k, allowed)
@@ -209,22 +209,27 @@ class IndexSnapshot:
         return self._hits(found)
 
     def _ann(self, query: np.ndarray, top_k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top_k; for `ivf_pq`, its top `top_k * pq_rerank` re-scored exactly from the
+        stored vectors (quantised scores misorder close neighbours; the vectors stay on disk,
+        memory-mapped, so the index keeps its small footprint)."""
         import faiss
 
         selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         params = None if self.on_gpu else search_params(self.manifest.index_type, self.config, selector)
-        k = min(top_k, len(self))
+        rerank = self.manifest.index_type == "ivf_pq" and self.config.pq_rerank > 1
+        k = min(top_k * self.config.pq_rerank if rerank else top_k, len(self))
         scores, ids = self.index.search(query, k, params=params) if params is not None else self.index.search(query, k)
+        if rerank:
+            return self._exact(query, ids[0][ids[0] >= 0], top_k)
         return scores[0], ids[0]
 
-    def _exact(self, query: np.ndarray, allowed: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._row_of is None:
-            self._row_of = {int(i): row for row, i in enumerate(self.ids)}
-        rows = np.fromiter((self._row_of[int(i)] for i in allowed), dtype=np.int64, count=len(allowed))
-        scores = np.asarray(self.vectors[np.sort(rows)], dtype=np.float32) @ query[0]
-        ids = self.ids[np.sort(rows)]
+    def _exact(self, query: np.ndarray, candidates: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the candidate ids from the stored vectors; the best top_k."""
+        # Ids only grow and deletes keep order, so `self.ids` is sorted: a row is a binary search away.
+        rows = np.sort(np.searchsorted(self.ids, candidates))
+        scores = np.asarray(self.vectors[rows], dtype=np.float32) @ query[0]
         best = np.argsort(-scores)[:top_k]
-        return scores[best], ids[best]
+        return scores[best], self.ids[rows][best]
 
     def _filtered_ids(self, filters: dict[str, FilterValue]) -> np.ndarray:
         where, args = filter_sql(filters)
