@@ -42,7 +42,15 @@ def build_application(config: AppConfig) -> Application:
             config.rag, config.model_cache, config.telemetry
         )
     return Ingress.options(name=INGRESS_NAME, **config.ingress.deployment.serve_options()).bind(
-        config.ingress, entries, handles, config.telemetry, config.routing, config.model_cache, retriever, config.rag
+        config.ingress,
+        entries,
+        handles,
+        config.telemetry,
+        config.routing,
+        config.model_cache,
+        retriever,
+        config.rag,
+        config.safety,
     )
 
 

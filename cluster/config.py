@@ -19,6 +19,7 @@ from tierserve.actors.config import TierConfig
 from tierserve.cluster.telemetry import TelemetryConfig
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
+from tierserve.safety.config import SafetyConfig
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,8 @@ class AppConfig(BaseModel):
     """Tracing of every deployment (docs/telemetry.md); off unless an exporter has somewhere to send."""
     rag: RagConfig = Field(default_factory=RagConfig)
     """Retrieval-augmented generation: the index store, the embedder and the retriever (docs/rag.md)."""
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    """The guard chain on input, retrieved chunks and output: PII and prompt injection (docs/safety.md)."""
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppConfig:

@@ -32,6 +32,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -267,9 +268,11 @@ class LabelledPrompt:
     category: str
 
 
-def _dataset_bytes(path: Path | None) -> bytes:
+def dataset_bytes(path: Path | None, bundled: str = "complexity/prompts.jsonl") -> bytes:
+    """The bytes of a labelled dataset: `path`, or for None the file bundled in
+    `tierserve.configs` at `bundled`."""
     if path is None:
-        return resources.files("tierserve.configs").joinpath("complexity", "prompts.jsonl").read_bytes()
+        return resources.files("tierserve.configs").joinpath(*bundled.split("/")).read_bytes()
     return Path(path).read_bytes()
 
 
@@ -280,7 +283,7 @@ def load_prompts(path: Path | None = None, split: str | None = None) -> list[Lab
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     where = path or "configs/complexity/prompts.jsonl"
     prompts = []
-    for number, line in enumerate(_dataset_bytes(path).decode().splitlines(), 1):
+    for number, line in enumerate(dataset_bytes(path).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -301,8 +304,8 @@ def load_prompts(path: Path | None = None, split: str | None = None) -> list[Lab
     return prompts
 
 
-def _feature_matrix(features: list[dict[str, float]]) -> np.ndarray:
-    return np.array([[f[name] for name in FEATURES] for f in features], dtype=np.float32).reshape(-1, len(FEATURES))
+def _feature_matrix(features: list[dict[str, float]], names: tuple[str, ...] = FEATURES) -> np.ndarray:
+    return np.array([[f[name] for name in names] for f in features], dtype=np.float32).reshape(-1, len(names))
 
 
 EMBED_CHARS = 192
@@ -321,55 +324,61 @@ def _window(text: str, max_chars: int) -> str:
 
 
 @dataclass(slots=True, eq=False)
-class ComplexityClassifier:
-    """P(hard) = logistic(coef · [embedding, cheap features] + intercept)."""
+class EmbeddingClassifier:
+    """P(positive) = logistic(coef · [embedding, features] + intercept): a logistic regression on
+    a sentence embedding concatenated with named cheap features. The complexity scorer and the
+    injection guard (`tierserve.safety.injection`) each train one on their own features."""
 
     coef: np.ndarray
-    """Shape (dimension + len(FEATURES),): embedding weights, then one weight per feature in `FEATURES` order."""
+    """Shape (dimension + len(feature_names),): embedding weights, then one weight per feature."""
     intercept: float
     embedder: str
-    """Name of the embedder the coefficients were fitted on; another embedder's vectors mean nothing to them."""
+    """Signature of the embedder the coefficients were fitted on; another embedder's vectors mean nothing to them."""
     dimension: int
     dataset_sha256: str
-    feature_names: tuple[str, ...] = FEATURES
-    features_version: int = FEATURES_VERSION
+    feature_names: tuple[str, ...]
+    """The feature columns, in order, that `predict` reads from each feature dict."""
+    features_version: int
+    """Version of the feature formulas it was trained on; a cached classifier of another version is retrained."""
 
     @classmethod
-    def fit(
+    def fit_rows(
         cls,
-        examples: list[LabelledPrompt],
+        embeddings: np.ndarray,
+        features: list[dict[str, float]],
+        labels: list[bool],
+        *,
         embedder: Embedder,
-        dataset_sha256: str | None = None,
+        feature_names: tuple[str, ...],
+        features_version: int,
+        dataset_sha256: str,
         C: float = 1.0,
-        max_chars: int = EMBED_CHARS,
-    ) -> ComplexityClassifier:
-        """Logistic regression (balanced classes, L2 with strength 1/C) on `examples`.
-        `dataset_sha256` defaults to a hash of the examples themselves."""
+    ) -> EmbeddingClassifier:
+        """Logistic regression (balanced classes, L2 with strength 1/C) on embedded, featurised rows
+        (an instance of `cls`)."""
         from sklearn.linear_model import LogisticRegression
 
-        labels = np.array([e.hard for e in examples])
-        if labels.all() or not labels.any():
-            raise ValueError("training needs both hard and easy examples")
-        embeddings = embedder.encode([_window(e.text, max_chars) for e in examples])
-        x = np.hstack([embeddings, _feature_matrix([cheap_features(e.text, e.turns) for e in examples])])
-        model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(x, labels)
-        if dataset_sha256 is None:
-            rows = "\n".join(json.dumps([e.text, e.turns, e.hard]) for e in examples)
-            dataset_sha256 = hashlib.sha256(rows.encode()).hexdigest()
+        y = np.asarray(labels, dtype=bool)
+        if y.all() or not y.any():
+            raise ValueError("training needs both positive and negative examples")
+        x = np.hstack([embeddings, _feature_matrix(features, feature_names)])
+        model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(x, y)
         return cls(
             coef=model.coef_[0].astype(np.float64),
             intercept=float(model.intercept_[0]),
             embedder=embedder.signature,
             dimension=embedder.dimension,
             dataset_sha256=dataset_sha256,
+            feature_names=tuple(feature_names),
+            features_version=features_version,
         )
 
     def predict(self, embeddings: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
-        """P(hard) for each row of `embeddings` (n, dimension) with its `cheap_features`."""
+        """P(positive) for each row of `embeddings` (n, dimension) with its feature dict."""
         embeddings = np.asarray(embeddings, dtype=np.float64).reshape(-1, self.dimension)
         if len(embeddings) != len(features):
             raise ValueError(f"{len(embeddings)} embeddings but {len(features)} feature dicts")
-        x = np.hstack([embeddings, _feature_matrix(features)])
+        x = np.hstack([embeddings, _feature_matrix(features, self.feature_names)])
         return 1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))
 
     def save(self, path: Path) -> None:
@@ -386,7 +395,8 @@ class ComplexityClassifier:
         )
 
     @classmethod
-    def load(cls, path: Path) -> ComplexityClassifier:
+    def load(cls, path: Path) -> EmbeddingClassifier:
+        """What `save` wrote, as an instance of `cls`."""
         with np.load(path, allow_pickle=False) as f:
             classifier = cls(
                 coef=f["coef"].astype(np.float64),
@@ -401,9 +411,54 @@ class ComplexityClassifier:
             raise ValueError(f"{path}: coef has shape {classifier.coef.shape}, not dimension + features")
         return classifier
 
+    def has_features(self, names: tuple[str, ...], version: int) -> bool:
+        """Whether it was trained on these feature columns, computed by this version of their formulas."""
+        return self.feature_names == tuple(names) and self.features_version == version
+
+    def check_embedder(self, embedder: Embedder | None, what: str) -> None:
+        """Raise unless `embedder` is the one the coefficients were fitted on; `what` names the classifier."""
+        if embedder is None:
+            raise ValueError(f"a {what} classifier needs the embedder it was trained with")
+        if (embedder.signature, embedder.dimension) != (self.embedder, self.dimension):
+            raise ValueError(
+                f"the {what} classifier was trained on embedder {self.embedder!r} "
+                f"({self.dimension} dimensions), not {embedder.signature!r} ({embedder.dimension})"
+            )
+
+
+class ComplexityClassifier(EmbeddingClassifier):
+    """P(hard) from a prompt's embedding and its `cheap_features`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def fit(
+        cls,
+        examples: list[LabelledPrompt],
+        embedder: Embedder,
+        dataset_sha256: str | None = None,
+        C: float = 1.0,
+        max_chars: int = EMBED_CHARS,
+    ) -> ComplexityClassifier:
+        """Logistic regression (balanced classes, L2 with strength 1/C) on `examples`.
+        `dataset_sha256` defaults to a hash of the examples themselves."""
+        if dataset_sha256 is None:
+            rows = "\n".join(json.dumps([e.text, e.turns, e.hard]) for e in examples)
+            dataset_sha256 = hashlib.sha256(rows.encode()).hexdigest()
+        return cls.fit_rows(
+            embedder.encode([_window(e.text, max_chars) for e in examples]),
+            [cheap_features(e.text, e.turns) for e in examples],
+            [e.hard for e in examples],
+            embedder=embedder,
+            feature_names=FEATURES,
+            features_version=FEATURES_VERSION,
+            dataset_sha256=dataset_sha256,
+            C=C,
+        )
+
     def matches_features(self) -> bool:
         """Whether it was trained on the `cheap_features` this code computes."""
-        return self.feature_names == FEATURES and self.features_version == FEATURES_VERSION
+        return self.has_features(FEATURES, FEATURES_VERSION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,11 +488,7 @@ class ComplexityScorer:
                 raise ValueError("a complexity classifier needs the embedder it was trained with")
             if not classifier.matches_features():
                 raise ValueError("the complexity classifier was trained on other cheap features; retrain it")
-            if (embedder.signature, embedder.dimension) != (classifier.embedder, classifier.dimension):
-                raise ValueError(
-                    f"the complexity classifier was trained on embedder {classifier.embedder!r} "
-                    f"({classifier.dimension} dimensions), not {embedder.signature!r} ({embedder.dimension})"
-                )
+            classifier.check_embedder(embedder, "complexity")
         self.classifier = classifier
         self.embedder = embedder
         self.max_chars = max_chars
@@ -473,10 +524,37 @@ class ComplexityScorer:
         ]
 
 
+def cache_path(cache_dir: Path, prefix: str, data: bytes, signature: str) -> Path:
+    """`cache_dir/{prefix}-{key}.npz`, the key a hash of a classifier's training data and of the
+    signature of what it depends on (embedder, window)."""
+    return Path(cache_dir) / f"{prefix}-{hashlib.sha256(data + signature.encode()).hexdigest()[:12]}.npz"
+
+
+def cached_classifier(
+    path: Path | None,
+    fit: Callable[[], EmbeddingClassifier],
+    feature_names: tuple[str, ...],
+    features_version: int,
+    cls: type[EmbeddingClassifier] = EmbeddingClassifier,
+) -> EmbeddingClassifier:
+    """The classifier saved at `path` if it was trained on these features, else `fit()`'s,
+    saved there (None: fitted and not saved)."""
+    classifier = cls.load(path) if path is not None and path.exists() else None
+    if classifier is not None and classifier.has_features(feature_names, features_version):
+        return classifier
+    classifier = fit()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so that a concurrent reader (another replica) never sees half a file.
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
+            classifier.save(tmp)
+        os.replace(tmp.name, path)
+    return classifier
+
+
 def classifier_cache_path(cache_dir: Path, dataset: Path | None = None, embedder: str | None = None) -> Path:
     """Where `load_scorer` keeps the classifier trained on `dataset` with `embedder`."""
-    key = hashlib.sha256(_dataset_bytes(dataset) + (embedder or DEFAULT_EMBEDDER).encode()).hexdigest()
-    return Path(cache_dir) / f"complexity-{key[:12]}.npz"
+    return cache_path(cache_dir, "complexity", dataset_bytes(dataset), embedder or DEFAULT_EMBEDDER)
 
 
 def load_scorer(
@@ -495,17 +573,14 @@ def load_scorer(
         raise ValueError(f"complexity mode must be 'heuristic' or 'classifier', got {mode!r}")
     if not isinstance(embedder, Embedder):
         embedder = Embedder(embedder)
-    path = classifier_cache_path(cache_dir, dataset, f"{embedder.signature}|{max_chars}")
-    classifier = ComplexityClassifier.load(path) if path.exists() else None
-    if classifier is None or not classifier.matches_features():
-        digest = hashlib.sha256(_dataset_bytes(dataset)).hexdigest()
+
+    def fit() -> ComplexityClassifier:
+        digest = hashlib.sha256(dataset_bytes(dataset)).hexdigest()
         train = load_prompts(dataset, "train")
-        classifier = ComplexityClassifier.fit(train, embedder, dataset_sha256=digest, max_chars=max_chars)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so that a concurrent reader (another replica) never sees half a file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
-            classifier.save(tmp)
-        os.replace(tmp.name, path)
+        return ComplexityClassifier.fit(train, embedder, dataset_sha256=digest, max_chars=max_chars)
+
+    path = classifier_cache_path(cache_dir, dataset, f"{embedder.signature}|{max_chars}")
+    classifier = cached_classifier(path, fit, FEATURES, FEATURES_VERSION, ComplexityClassifier)
     return ComplexityScorer(classifier, embedder, max_chars=max_chars)
 
 

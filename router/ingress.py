@@ -49,8 +49,10 @@ from tierserve.router.responses import (
 )
 from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router
+from tierserve.router.safety import SafetyReport, SafetyStep
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
+from tierserve.safety.config import SafetyConfig
 
 logger = logging.getLogger("tierserve.ingress")
 
@@ -162,6 +164,18 @@ async def _ending(body: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[A
         end_with_status(span, 200)
 
 
+@dataclasses.dataclass
+class Opened:
+    """A request on its way: where it went, its id, its (guarded) batches, what it retrieved
+    and what the guards did."""
+
+    routed: Routed
+    rid: str
+    batches: AsyncIterator[list[TokenChunk]]
+    retrieved: Retrieved | None
+    safety: SafetyReport
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -177,6 +191,7 @@ class Ingress:
         model_cache: str | None = None,
         retriever: DeploymentHandle | None = None,
         rag: RagConfig | None = None,
+        safety: SafetyConfig | None = None,
     ):
         setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
@@ -192,6 +207,7 @@ class Ingress:
             {t.name: t.replicas for t in tiers},
         )
         self.retrieval = RetrievalStep(rag or RagConfig(enabled=retriever is not None), retriever)
+        self.safety = SafetyStep(safety or SafetyConfig(), Path(model_cache) / "safety" if model_cache else None)
         self._poller: asyncio.Task | None = None
         self._ensure_polling()
 
@@ -388,21 +404,23 @@ class Ingress:
         formatter: type[StreamFormatter],
         span: trace.Span,
         headers: Any = None,
-    ) -> tuple[Routed, str, AsyncIterator[list[TokenChunk]], Retrieved | None]:
-        """Route the request, retrieve its passages if it uses retrieval, and start it on the
-        first tier that sends tokens (see `Router.open`): its routing, its id, its batches of
-        token chunks and its retrieval."""
+    ) -> Opened:
+        """Guard the request's text, route it, retrieve its passages if it uses retrieval (and
+        guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
+        report = SafetyReport()
         options = self.retrieval.options(body, "chat" if formatter is ChatStreamFormatter else "completions")
-        question = question_of(body) if options is not None else ""
+        guarded = await self.safety.check_input(body, report, span)
+        question = question_of(body, guarded) if options is not None else ""
         # Routed before retrieving, so an overloaded service sheds at once; the passages'
         # tokens are counted at their most (top_k full chunks) for the context check.
         passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
         routed = await self._plan(body, span, headers, passage_tokens)
         rid = _request_id(formatter.id_prefix)
-        request = body.to_generate(rid)
+        request = self.safety.apply_input(body.to_generate(rid), guarded)
         retrieved = None
         if options is not None:
             retrieved = await self.retrieval.retrieve(options, question, span)
+            retrieved.result.hits = await self.safety.check_retrieved(retrieved.result.hits, report, span)
             request = self.retrieval.augment(request, retrieved)
         try:
             batches = await self.router.open(routed, lambda tier: self._tier_batches(tier, request, span))
@@ -413,13 +431,17 @@ class Ingress:
             for tier, code in routed.tried:
                 self.metrics.fallbacks.inc(1, {"tier": tier, "code": code})
         span.set_attribute("tierserve.tier", routed.tier or "")
-        return routed, rid, self._accounted(routed, batches), retrieved
+        guarded_batches = self.safety.guard_output(self._accounted(routed, batches), report, span)
+        return Opened(routed, rid, guarded_batches, retrieved, report)
 
-    def _extension(self, routed: Routed, retrieved: Retrieved | None) -> dict[str, Any]:
-        """The response's `tierserve` field: routing facts, and retrieval's when it ran."""
-        extension = routed.extension()
-        if retrieved is not None:
-            extension["retrieval"] = retrieved.extension()
+    def _extension(self, opened: Opened) -> dict[str, Any]:
+        """The response's `tierserve` field: routing facts, and retrieval's and the guards'
+        when they ran."""
+        extension = opened.routed.extension()
+        if opened.retrieved is not None:
+            extension["retrieval"] = opened.retrieved.extension()
+        if self.safety.chain is not None:
+            extension["safety"] = opened.safety.extension()
         return extension
 
     async def _accounted(
@@ -459,19 +481,21 @@ class Ingress:
         headers: Any,
     ) -> tuple[Routed, AsyncIterator[list[BaseModel]]]:
         """The stream as lists of OpenAI objects; the last object carries the `tierserve` field."""
-        routed, rid, batches, retrieved = await self._open(body, formatter, span, headers)
-        fmt = formatter(rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
+        opened = await self._open(body, formatter, span, headers)
+        routed, retrieved = opened.routed, opened.retrieved
+        fmt = formatter(opened.rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
 
         async def formatted() -> AsyncIterator[list[BaseModel]]:
             answer: list[str] = []  # the first choice's text, for grounding
-            async for batch in batches:
+            async for batch in opened.batches:
                 items = [item for chunk in batch for item in fmt.format(chunk)]
                 if retrieved is not None:
                     answer += [chunk.text for chunk in batch if chunk.index == 0]
-                if items and any(chunk.usage is not None for chunk in batch):
+                last = any(chunk.usage is not None or chunk.finish_reason == "content_filter" for chunk in batch)
+                if items and last:
                     if retrieved is not None:
                         await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
-                    items[-1].tierserve = self._extension(routed, retrieved)
+                    items[-1].tierserve = self._extension(opened)
                 yield items
 
         return routed, formatted()
@@ -489,15 +513,16 @@ class Ingress:
         headers: Any,
     ) -> tuple[Routed, BaseModel]:
         """The whole response, folded from the stream, with the `tierserve` field."""
-        routed, rid, batches, retrieved = await self._open(body, formatter, span, headers)
+        opened = await self._open(body, formatter, span, headers)
+        routed, rid = opened.routed, opened.rid
         built = CompletionBuilder(body.n)
-        async for batch in batches:
+        async for batch in opened.batches:
             for chunk in batch:
                 built.add(chunk)
         whole = built.chat(rid, routed.tier) if formatter is ChatStreamFormatter else built.completion(rid, routed.tier)
-        if retrieved is not None:
-            await self.retrieval.ground(retrieved, "".join(built.texts[0]), routed.tier)
-        whole.tierserve = self._extension(routed, retrieved)
+        if opened.retrieved is not None:
+            await self.retrieval.ground(opened.retrieved, "".join(built.texts[0]), routed.tier)
+        whole.tierserve = self._extension(opened)
         return routed, whole
 
     async def _tier_batches(

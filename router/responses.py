@@ -21,11 +21,12 @@ from openai.types.completion_choice import Logprobs as CompletionLogprobs
 
 from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
 
-_FINISH = {"stop": "stop", "length": "length"}
+_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
 def finish_reason(reason: str | None) -> str | None:
-    """vLLM's finish reason in OpenAI's vocabulary ('abort' never reaches a live client)."""
+    """vLLM's finish reason in OpenAI's vocabulary ('abort' never reaches a live client);
+    `content_filter` is the output guard's."""
     return None if reason is None else _FINISH.get(reason, "stop")
 
 
@@ -130,9 +131,14 @@ class CompletionStreamFormatter(StreamFormatter):
         self._offsets: dict[int, int] = {}
 
     def _choice(self, chunk: TokenChunk) -> CompletionChoice:
-        offset = self._offsets.get(chunk.index, 0)
-        self._offsets[chunk.index] = offset + len(chunk.text)
-        logprobs = completion_logprobs(chunk.logprobs, offset) if chunk.logprobs is not None else None
+        end = self._offsets.get(chunk.index, 0) + len(chunk.text)
+        self._offsets[chunk.index] = end
+        logprobs = None
+        if chunk.logprobs is not None:
+            # The tokens end where this chunk's text does; they may start before it (the output
+            # guard holds a choice's logprobs until its last chunk).
+            start = max(0, end - sum(len(t.token) for t in chunk.logprobs))
+            logprobs = completion_logprobs(chunk.logprobs, start)
         # Streamed choices carry finish_reason null until the last one, which the openai
         # package's CompletionChoice type does not admit; build it without validation.
         return CompletionChoice.model_construct(

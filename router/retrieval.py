@@ -170,17 +170,18 @@ class RetrievalStep:
                 self.metrics.ungrounded.inc(1, tags)
 
 
-def question_of(body: Any) -> str:
-    """The text retrieval searches for: the last user turn, or the completion prompt."""
+def question_of(body: Any, texts: list[str] | None = None) -> str:
+    """The text retrieval searches for: the last user turn, or the completion prompt. `texts`:
+    the request's texts as the input guards left them (one per message, or the prompt)."""
     messages = getattr(body, "messages", None)
     if messages is not None:
-        users = [m for m in messages if m.role == "user"]
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
         if not users:
             raise InvalidRequest("retrieval needs a user message to search for", "messages")
-        return users[-1].text()
+        return texts[users[-1]] if texts is not None else messages[users[-1]].text()
     if not isinstance(body.prompt, str):
         raise InvalidRequest("retrieval needs a text prompt, not token ids", "prompt")
-    return body.prompt
+    return texts[0] if texts is not None else body.prompt
 
 
 def _user_error(exc: BaseException) -> TierServeError | None:

@@ -3,8 +3,9 @@ routing decision, the tier's generation span (GenAI conventions) and one span pe
 tree across the ingress and tier processes, continuing the client's `traceparent`.
 
 The app here has its own `telemetry` block pointing at the receiver, a retriever (the bundled
-handbook), and two tiers on a tiny random-weight checkpoint (fast to start): `traced` makes a
-span per token and speculates with n-gram lookup; `sampled` makes one per 4 tokens.
+handbook), a PII guard on input and output, and two tiers on a tiny random-weight checkpoint
+(fast to start): `traced` makes a span per token and speculates with n-gram lookup; `sampled`
+makes one per 4 tokens.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def traced(app, receiver, tmp_path_factory):
             ],
             "ingress": {"deployment": {"num_cpus": 0}},
             "rag": {"enabled": True, "deployment": {"num_cpus": 0}},
+            "safety": {
+                "enabled": True,
+                "guards": [{"type": "pii", "actions": {"input": "redact", "output": "redact"}}],
+            },
             "telemetry": {"exporter": "otlp", "endpoint": receiver.endpoint, "batch_delay_ms": 100, "token_text": True},
         }
     )
@@ -224,3 +229,26 @@ def test_retrieval_is_a_span_in_the_request_tree_across_the_retriever_process(tr
     assert list(a["tierserve.retrieval.chunk_ids"]) == [c["chunk_id"] for c in citations]
     assert a["tierserve.retrieval.embed_ms"] > 0 and search.attributes["tierserve.retrieval.version"]
     assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+
+
+def test_guards_are_spans_with_what_they_found_but_never_the_text(traced, receiver):
+    raw = traced.chat.completions.with_raw_response.create(
+        model="traced",
+        messages=[{"role": "user", "content": "Mail the report to jane.doe@example.com please."}],
+        max_tokens=4,
+    )
+    assert raw.parse().model_extra["tierserve"]["safety"]["input"] == {"EMAIL_ADDRESS": 1}
+    spans = receiver.wait_for(
+        raw.headers["x-trace-id"],
+        lambda s: by_name(s, "apply_guardrail output") and by_name(s, "POST /v1/chat/completions"),
+    )
+    (http,) = by_name(spans, "POST /v1/chat/completions")
+    (guard_in,) = by_name(spans, "apply_guardrail input")
+    (guard_out,) = by_name(spans, "apply_guardrail output")
+    assert guard_in.parent_span_id == http.span_id and guard_out.parent_span_id == http.span_id
+    a = guard_in.attributes
+    assert a["gen_ai.operation.name"] == "apply_guardrail" and a["tierserve.guard.stage"] == "input"
+    assert a["tierserve.guard.action"] == "redact" and list(a["tierserve.guard.entities"]) == ["EMAIL_ADDRESS"]
+    assert a["tierserve.guard.findings"] == 1 and a["tierserve.guard.texts"] == 1
+    assert guard_out.attributes["tierserve.guard.stage"] == "output"
+    assert not any("jane.doe" in str(v) for span in spans for v in span.attributes.values())

@@ -35,7 +35,8 @@ def test_serve_yaml_is_valid_and_points_at_the_builder():
 def test_each_tier_is_its_own_deployment_with_its_options():
     config = load_config(REPO / "configs" / "gpu.yaml")
     ingress = bound(build_application(config))
-    ingress_config, entries, handles, telemetry, routing, model_cache, retriever, rag = ingress.init_args
+    ingress_config, entries, handles, telemetry, routing, model_cache, retriever, rag, safety = ingress.init_args
+    assert safety == config.safety
     assert telemetry == config.telemetry  # every deployment gets the same telemetry settings
     assert routing == config.routing and routing.tiers["llama-70b"].min_complexity == 0.5
     assert model_cache == config.model_cache

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def defined_metrics() -> set[str]:
     names = set()
-    for module in ("actors/metrics.py", "router/metrics.py", "rag/metrics.py"):
+    for module in ("actors/metrics.py", "router/metrics.py", "rag/metrics.py", "safety/metrics.py"):
         names |= set(re.findall(r'"(tierserve_[a-z_]+)"', (REPO / module).read_text()))
     return names
 

@@ -1,0 +1,239 @@
+"""The ingress's side of the guard chain: the request's text, retrieved chunks, the answer.
+
+- **input**: every message of a chat (or a completion's prompt) is checked before routing and
+  retrieval. A block is a 400 `content_policy_violation` whose message says why, never what
+  matched; a redaction rewrites the text the tier, the retriever and the logs see.
+- **retrieved**: each retrieved chunk is checked before it reaches the prompt; a blocked chunk
+  (e.g. instructions injected into a document) is dropped, a redacted one goes in redacted.
+- **output**: the answer is checked as it streams (`tierserve.safety.streaming`); a blocked
+  answer ends with `finish_reason: "content_filter"`, as OpenAI's own filter ends one. Logprobs
+  come with a choice's last chunk, and only when the guard changed nothing in that choice.
+
+Each stage is an `apply_guardrail {stage}` span with what was found (entity types and counts,
+never text), and findings are counted per guard, entity, stage and action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+
+from tierserve.actors.errors import InvalidRequest
+from tierserve.actors.types import GenerateRequest, TokenChunk, TokenLogprob
+from tierserve.cluster.telemetry import tracer
+from tierserve.rag.types import Hit
+from tierserve.safety.chain import GuardChain, build_chain
+from tierserve.safety.config import SafetyConfig
+from tierserve.safety.streaming import StreamGuard
+from tierserve.safety.types import Finding, Stage, Verdict
+
+
+class ContentBlocked(InvalidRequest):
+    """A guard refused the request's text (400)."""
+
+    default_code = "content_policy_violation"
+
+
+@dataclasses.dataclass
+class SafetyReport:
+    """What the guards did to one request, for the response's `tierserve.safety` field."""
+
+    input: Counter = dataclasses.field(default_factory=Counter)
+    retrieved: Counter = dataclasses.field(default_factory=Counter)
+    output: Counter = dataclasses.field(default_factory=Counter)
+    retrieved_dropped: int = 0
+    output_blocked: str | None = None
+    logprobs_withheld: bool = False
+
+    def add(self, stage: Stage, findings: list[Finding]) -> None:
+        getattr(self, stage).update(f.entity for f in findings)
+
+    def extension(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "input": dict(self.input),
+            "retrieved": dict(self.retrieved),
+            "output": dict(self.output),
+        }
+        if self.retrieved_dropped:
+            out["retrieved_dropped"] = self.retrieved_dropped
+        if self.output_blocked:
+            out["output_blocked"] = self.output_blocked
+        if self.logprobs_withheld:
+            out["logprobs_withheld"] = True
+        return out
+
+
+class SafetyStep:
+    def __init__(self, config: SafetyConfig, cache_dir: Path | None):
+        from tierserve.safety.metrics import SafetyMetrics
+
+        self.chain: GuardChain | None = build_chain(config, cache_dir) if config.enabled else None
+        self.metrics = SafetyMetrics()
+
+    def active(self, stage: Stage) -> bool:
+        return self.chain is not None and self.chain.active(stage)
+
+    async def _check(self, texts: list[str], stage: Stage, parent: trace.Span) -> list[Verdict]:
+        """Each text's verdict, under one `apply_guardrail {stage}` span, counted."""
+        assert self.chain is not None
+        with tracer().start_as_current_span(
+            f"apply_guardrail {stage}",
+            context=trace.set_span_in_context(parent),
+            attributes={"gen_ai.operation.name": "apply_guardrail", "tierserve.guard.stage": stage},
+        ) as span:
+            started = time.perf_counter()
+            verdicts = await asyncio.to_thread(lambda: [self.chain.check(t, stage) for t in texts])
+            self.metrics.duration.observe(time.perf_counter() - started, {"stage": stage})
+            findings = [f for v in verdicts for f in v.findings]
+            action = next((v.action for v in verdicts if v.blocked), None) or (
+                "redact" if any(v.action == "redact" for v in verdicts) else "allow"
+            )
+            span.set_attributes(
+                {
+                    "tierserve.guard.action": action,
+                    "tierserve.guard.texts": len(texts),
+                    "tierserve.guard.findings": len(findings),
+                    "tierserve.guard.entities": sorted({f.entity for f in findings}),
+                }
+            )
+            for v in verdicts:
+                self.metrics.count(stage, v)
+        return verdicts
+
+    async def check_input(self, body: Any, report: SafetyReport, span: trace.Span) -> list[str] | None:
+        """The request's texts after the input guards (None: nothing to guard); raises
+        `ContentBlocked` if a guard blocks."""
+        if not self.active("input"):
+            return None
+        messages = getattr(body, "messages", None)
+        if messages is not None:
+            texts, param = [m.text() for m in messages], "messages"
+        elif isinstance(body.prompt, str):
+            texts, param = [body.prompt], "prompt"
+        else:  # token ids: no text to check
+            return None
+        verdicts = await self._check(texts, "input", span)
+        for v in verdicts:
+            report.add("input", v.findings)
+        blocked = next((v for v in verdicts if v.blocked), None)
+        if blocked is not None:
+            raise ContentBlocked(blocked.reason or "the request was refused by a guard", param)
+        return [v.text for v in verdicts]
+
+    @staticmethod
+    def apply_input(request: GenerateRequest, texts: list[str] | None) -> GenerateRequest:
+        """The tier's request with the guarded texts in place of the originals."""
+        if texts is None:
+            return request
+        if request.messages is not None:
+            messages = [dataclasses.replace(m, content=t) for m, t in zip(request.messages, texts)]
+            return dataclasses.replace(request, messages=messages)
+        return dataclasses.replace(request, prompt=texts[0])
+
+    async def check_retrieved(self, hits: list[Hit], report: SafetyReport, span: trace.Span) -> list[Hit]:
+        """The chunks that may enter the prompt: blocked ones dropped, redacted ones redacted."""
+        if not hits or not self.active("retrieved"):
+            return hits
+        verdicts = await self._check([h.text for h in hits], "retrieved", span)
+        kept = []
+        for hit, v in zip(hits, verdicts):
+            report.add("retrieved", v.findings)
+            if v.blocked:
+                report.retrieved_dropped += 1
+                continue
+            kept.append(dataclasses.replace(hit, text=v.text))
+        return kept
+
+    async def guard_output(
+        self, batches: AsyncIterator[list[TokenChunk]], report: SafetyReport, span: trace.Span
+    ) -> AsyncIterator[list[TokenChunk]]:
+        """The batches with each choice's text guarded (see `StreamGuard`); a block ends every
+        choice with `content_filter` and stops the tier's stream."""
+        if not self.active("output"):
+            async for batch in batches:
+                yield batch
+            return
+        assert self.chain is not None
+        guards: dict[int, StreamGuard] = {}
+        finished: set[int] = set()
+        held: dict[int, list[TokenLogprob]] = {}
+        with tracer().start_as_current_span(
+            "apply_guardrail output",
+            context=trace.set_span_in_context(span),
+            attributes={"gen_ai.operation.name": "apply_guardrail", "tierserve.guard.stage": "output"},
+        ) as guard_span:
+            spent = 0.0
+            try:
+                async with contextlib.aclosing(batches) as source:  # a block stops the tier's stream
+                    async for batch in source:
+                        started = time.perf_counter()
+                        out, blocked = await asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report)
+                        spent += time.perf_counter() - started
+                        # The last batch carries the report: what was found so far.
+                        report.output = Counter(f.entity for g in guards.values() for f in g.findings)
+                        if blocked is not None:
+                            last = batch[-1]
+                            out += [
+                                TokenChunk(i, "", [], last.step, finish_reason="content_filter")
+                                for i in sorted(guards)
+                                if i not in finished
+                            ]
+                            report.output_blocked = blocked.reason
+                            yield out
+                            return
+                        yield out
+            finally:
+                findings = [f for g in guards.values() for f in g.findings]
+                action = "block" if report.output_blocked else ("redact" if findings else "allow")
+                self.metrics.count("output", Verdict(action, "", findings, report.output_blocked))
+                self.metrics.duration.observe(spent, {"stage": "output"})
+                guard_span.set_attributes(
+                    {
+                        "tierserve.guard.action": action,
+                        "tierserve.guard.findings": len(findings),
+                        "tierserve.guard.entities": sorted({f.entity for f in findings}),
+                    }
+                )
+
+    def _guard_batch(
+        self,
+        batch: list[TokenChunk],
+        guards: dict[int, StreamGuard],
+        finished: set[int],
+        held: dict[int, list[TokenLogprob]],
+        report: SafetyReport,
+    ) -> tuple[list[TokenChunk], Verdict | None]:
+        """One batch through each choice's stream guard. Logprobs name the tokens a redaction
+        hides, so they are held until their choice ends and returned then only if the guard
+        changed nothing in it."""
+        assert self.chain is not None
+        out = []
+        for chunk in batch:
+            guard = guards.setdefault(chunk.index, StreamGuard(self.chain))
+            text = guard.feed(chunk.text) if chunk.text else ""
+            logprobs = None
+            if chunk.logprobs is not None:
+                held.setdefault(chunk.index, []).extend(chunk.logprobs)
+            if chunk.finish_reason is not None:
+                text += guard.finish()
+                finished.add(chunk.index)
+                if chunk.index in held:
+                    logprobs = held.pop(chunk.index) if not guard.findings else None
+                    report.logprobs_withheld |= logprobs is None
+            if guard.blocked is not None:
+                finished.add(chunk.index)
+                report.logprobs_withheld |= chunk.index in held
+                out.append(
+                    dataclasses.replace(chunk, text=text, finish_reason="content_filter", logprobs=None, usage=None)
+                )
+                return out, guard.blocked
+            out.append(dataclasses.replace(chunk, text=text, logprobs=logprobs))
+        return out, None

@@ -1,0 +1,103 @@
+"""Guarding a streamed answer: redact what the guards find, even when it arrives split across
+token chunks, while holding back as little text as possible.
+
+Text is released up to the start of the shortest tail that could still grow into something a
+guard would flag (`entity_tail`): an unfinished word (an e-mail address, URL, IP address or key
+has no spaces in it) or an unfinished run of digits and separators (phone, card and social
+security numbers, IBANs have spaces and dashes in them). Everything before that tail can no
+longer change its meaning, so it is checked, redacted and sent. A finding that straddles the
+release point holds the release back to its start. The guards also see up to `CONTEXT_CHARS` of
+text already sent, for context words ("SSN:", "card number") that raise a pattern's score.
+
+So a prose answer streams about one word behind the model, and a number is sent whole, or
+redacted, once it ends.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tierserve.safety.chain import Flagged, GuardChain
+from tierserve.safety.types import Finding, Verdict
+
+CONTEXT_CHARS = 100
+MAX_HOLD_CHARS = 256
+"""A tail longer than this is released anyway: no configured entity is that long."""
+
+_WORD_TAIL = re.compile(r"\S+$")
+_NUMBER_TAIL = re.compile(r"(?:[+(]\s*)?\d[\d\s().\-/]*$")
+_IBAN_TAIL = re.compile(r"\b[A-Z]{2}\d{2}[A-Z0-9 ]*$")
+
+
+def entity_tail(text: str) -> int:
+    """Length of the shortest suffix of `text` that might still be the start of an entity."""
+    tail = 0
+    for pattern in (_WORD_TAIL, _NUMBER_TAIL, _IBAN_TAIL):
+        match = pattern.search(text)
+        if match is not None:
+            tail = max(tail, len(text) - match.start())
+    return min(tail, MAX_HOLD_CHARS)
+
+
+class StreamGuard:
+    """The output stage for one streamed choice: `feed` each text delta, send what it returns,
+    and `finish` at the end. Once a blocking guard fires, `blocked` holds the verdict and
+    nothing more is released."""
+
+    def __init__(self, chain: GuardChain):
+        self.chain = chain
+        self.context = ""
+        self.pending = ""
+        self.findings: list[Finding] = []
+        self.blocked: Verdict | None = None
+
+    def feed(self, delta: str) -> str:
+        if self.blocked is not None:
+            return ""
+        self.pending += delta
+        return self._release(len(self.pending) - entity_tail(self.pending))
+
+    def finish(self) -> str:
+        """The rest of the text, checked as a whole."""
+        if self.blocked is not None:
+            return ""
+        return self._release(len(self.pending))
+
+    def _release(self, limit: int) -> str:
+        if limit <= 0:
+            return ""
+        text = self.context + self.pending
+        offset = len(self.context)
+        boundary = offset + limit
+        flagged = [f for f in self.chain.flagged(text, "output") if f.finding.end > offset]
+        straddling = True
+        while straddling:  # never release part of a finding
+            straddling = False
+            for f in flagged:
+                if f.finding.start < boundary < f.finding.end:
+                    boundary, straddling = f.finding.start, True
+        released = [f for f in flagged if f.finding.end <= boundary]
+        if boundary <= offset:
+            return ""
+        piece = text[offset:boundary]
+        local = [
+            Flagged(
+                Finding(
+                    f.finding.guard,
+                    f.finding.entity,
+                    max(0, f.finding.start - offset),
+                    f.finding.end - offset,
+                    f.finding.score,
+                ),
+                f.action,
+            )
+            for f in released
+        ]
+        verdict = self.chain.verdict(piece, local, "output")
+        self.findings += verdict.findings
+        if verdict.blocked:
+            self.blocked = verdict
+            return ""
+        self.context = (self.context + piece)[-CONTEXT_CHARS:]
+        self.pending = text[boundary:]
+        return verdict.text

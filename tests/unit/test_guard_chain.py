@@ -1,0 +1,129 @@
+"""The guard chain's verdicts and the streaming output guard, with the real PII guard.
+
+The streaming property: however an answer is cut into chunks, what the client receives is
+exactly the redaction of the whole answer, and no piece of personal data gets out."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tierserve.safety.chain import GuardChain, merge_overlaps
+from tierserve.safety.config import PiiGuardConfig
+from tierserve.safety.streaming import StreamGuard, entity_tail
+from tierserve.safety.types import Finding
+
+EMAIL = "jane.doe@example.com"
+CARD = "4111 1111 1111 1111"
+IBAN = "DE89 3704 0044 0532 0130 00"
+IP = "192.168.14.203"
+
+
+@pytest.fixture(scope="module")
+def pii():
+    from tierserve.safety.pii import PiiGuard
+
+    return PiiGuard(PiiGuardConfig())
+
+
+def chain_of(pii, **actions) -> GuardChain:
+    return GuardChain([(pii, actions)])
+
+
+def test_redact_block_and_allow(pii):
+    text = f"Write to {EMAIL} from {IP}."
+    redacted = chain_of(pii, input="redact").check(text, "input")
+    assert redacted.action == "redact"
+    assert redacted.text == "Write to <EMAIL_ADDRESS> from <IP_ADDRESS>."
+    assert sorted(f.entity for f in redacted.findings) == ["EMAIL_ADDRESS", "IP_ADDRESS"]
+    assert all(text[f.start : f.end] in (EMAIL, IP) for f in redacted.findings)
+
+    blocked = chain_of(pii, input="block").check(text, "input")
+    assert blocked.blocked and blocked.text == text
+    assert blocked.reason and EMAIL not in blocked.reason and IP not in blocked.reason
+
+    allowed = chain_of(pii, input="allow").check(text, "input")
+    assert allowed.action == "allow" and allowed.text == text and len(allowed.findings) == 2
+
+    unchecked = chain_of(pii, input="redact").check(text, "output")
+    assert unchecked.action == "allow" and unchecked.findings == []
+
+
+def test_overlapping_findings_merge_into_the_longer_one():
+    a = Finding("pii", "URL", 0, 10, 0.5)
+    b = Finding("pii", "EMAIL_ADDRESS", 5, 25, 1.0)
+    c = Finding("pii", "IP_ADDRESS", 30, 40, 0.6)
+    assert merge_overlaps([c, b, a]) == [Finding("pii", "EMAIL_ADDRESS", 0, 25, 1.0), c]
+
+
+@pytest.mark.parametrize(
+    ("text", "tail"),
+    [
+        ("Hello world", len("world")),
+        ("Hello world ", 0),
+        ("Call 415 555", len("415 555")),
+        ("Call 415 555 ", len("415 555 ")),
+        ("Card 4111-1111-", len("4111-1111-")),
+        ("IBAN DE89 3704 ", len("DE89 3704 ")),
+        ("Write to jane.doe@exa", len("jane.doe@exa")),
+        ("", 0),
+    ],
+)
+def test_entity_tail_holds_only_what_could_still_grow(text, tail):
+    assert entity_tail(text) == tail
+
+
+def stream(chain: GuardChain, pieces: list[str]) -> tuple[list[str], StreamGuard]:
+    guard = StreamGuard(chain)
+    out = [guard.feed(p) for p in pieces]
+    out.append(guard.finish())
+    return out, guard
+
+
+def test_prose_streams_one_word_behind(pii):
+    chain = chain_of(pii, output="redact")
+    out, _ = stream(chain, ["Hello", " there", ", how", " are", " you", "?"])
+    assert out == ["", "Hello ", "there, ", "how ", "are ", "", "you?"]
+
+
+def test_an_entity_split_across_chunks_is_still_redacted(pii):
+    chain = chain_of(pii, output="redact")
+    out, guard = stream(chain, ["Mail jane", ".doe@", "example", ".com", " now, card 4111 ", "1111 1111 ", "1111."])
+    assert "".join(out) == "Mail <EMAIL_ADDRESS> now, card <CREDIT_CARD>."
+    assert sorted(f.entity for f in guard.findings) == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+
+
+def test_a_blocked_entity_stops_the_stream_before_it(pii):
+    chain = chain_of(pii, output="block")
+    out, guard = stream(chain, ["Your card is ", "4111 1111 ", "1111 1111", " and more text"])
+    assert guard.blocked is not None and CARD not in "".join(out)
+    assert "".join(out) == "Your card is "
+    assert guard.feed("anything") == "" and guard.finish() == ""
+
+
+VALUES = [EMAIL, CARD, IBAN, IP, "bob@corp.example.org"]
+WORDS = ["The", "answer", "is", "simple,", "really.", "Contact", "us", "at", "or", "with", "card", "number", "—"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(WORDS), st.sampled_from(VALUES)), min_size=1, max_size=14),
+    cuts=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=60),
+)
+def test_streamed_redaction_equals_whole_text_redaction_for_any_chunking(pii, parts, cuts):
+    text = " ".join(parts) + "."
+    chain = chain_of(pii, output="redact")
+    pieces, i = [], 0
+    for n in cuts * (len(text) // max(1, sum(cuts)) + 1):
+        if i >= len(text):
+            break
+        pieces.append(text[i : i + n])
+        i += n
+    if i < len(text):
+        pieces.append(text[i:])
+    out, _ = stream(chain, pieces)
+    streamed = "".join(out)
+    assert streamed == chain.check(text, "output").text
+    for value in VALUES:
+        assert value not in streamed
