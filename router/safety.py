@@ -1,8 +1,8 @@
 """The ingress's side of the guard chain: the request's text, retrieved chunks, the answer.
 
-- **input**: every message of a chat (or a completion's prompt) is checked before routing and
-  retrieval. A block is a 400 `content_policy_violation` whose message says why, never what
-  matched; a redaction rewrites the text the tier, the retriever and the logs see.
+- **input**: the user's and tools' turns of a chat (or a completion's prompt) are checked
+  before routing and retrieval. A block is a 400 `content_policy_violation` whose message says
+  why, never what matched; a redaction rewrites the text the tier and the retriever see.
 - **retrieved**: each retrieved chunk is checked before it reaches the prompt; a blocked chunk
   (e.g. instructions injected into a document) is dropped, a redacted one goes in redacted.
 - **output**: the answer is checked as it streams (`tierserve.safety.streaming`); a blocked
@@ -34,6 +34,9 @@ from tierserve.safety.chain import GuardChain, build_chain
 from tierserve.safety.config import SafetyConfig
 from tierserve.safety.streaming import StreamGuard
 from tierserve.safety.types import Finding, Stage, Verdict
+
+GUARDED_ROLES = ("user", "tool")
+"""Chat turns the input guards check."""
 
 
 class ContentBlocked(InvalidRequest):
@@ -109,24 +112,32 @@ class SafetyStep:
         return verdicts
 
     async def check_input(self, body: Any, report: SafetyReport, span: trace.Span) -> list[str] | None:
-        """The request's texts after the input guards (None: nothing to guard); raises
-        `ContentBlocked` if a guard blocks."""
+        """The request's texts (one per message, or the prompt) after the input guards; None:
+        nothing to guard. Raises `ContentBlocked` if a guard blocks. Of a chat, the user's and
+        tools' turns are checked: system and developer messages are the application's own
+        instructions (an injection guard would take them for one), and assistant turns are
+        the model's, guarded as output when they were written."""
         if not self.active("input"):
             return None
         messages = getattr(body, "messages", None)
         if messages is not None:
             texts, param = [m.text() for m in messages], "messages"
+            checked = [i for i, m in enumerate(messages) if m.role in GUARDED_ROLES]
         elif isinstance(body.prompt, str):
-            texts, param = [body.prompt], "prompt"
+            texts, param, checked = [body.prompt], "prompt", [0]
         else:  # token ids: no text to check
             return None
-        verdicts = await self._check(texts, "input", span)
+        if not checked:
+            return None
+        verdicts = await self._check([texts[i] for i in checked], "input", span)
         for v in verdicts:
             report.add("input", v.findings)
         blocked = next((v for v in verdicts if v.blocked), None)
         if blocked is not None:
             raise ContentBlocked(blocked.reason or "the request was refused by a guard", param)
-        return [v.text for v in verdicts]
+        for i, v in zip(checked, verdicts):
+            texts[i] = v.text
+        return texts
 
     @staticmethod
     def apply_input(request: GenerateRequest, texts: list[str] | None) -> GenerateRequest:
