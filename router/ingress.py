@@ -405,16 +405,16 @@ class Ingress:
         span: trace.Span,
         headers: Any = None,
     ) -> Opened:
-        """Guard the request's text, route it, retrieve its passages if it uses retrieval (and
+        """Route the request, guard its text, retrieve its passages if it uses retrieval (and
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
         report = SafetyReport()
         options = self.retrieval.options(body, "chat" if formatter is ChatStreamFormatter else "completions")
-        guarded = await self.safety.check_input(body, report, span)
-        question = question_of(body, guarded) if options is not None else ""
-        # Routed before retrieving, so an overloaded service sheds at once; the passages'
-        # tokens are counted at their most (top_k full chunks) for the context check.
+        # Routed first, so an overloaded service sheds at once, before guards and retrieval;
+        # the passages' tokens are counted at their most (top_k full chunks) for the context check.
         passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
         routed = await self._plan(body, span, headers, passage_tokens)
+        guarded = await self.safety.check_input(body, report, span)
+        question = question_of(body, guarded) if options is not None else ""
         rid = _request_id(formatter.id_prefix)
         request = self.safety.apply_input(body.to_generate(rid), guarded)
         retrieved = None
