@@ -22,21 +22,32 @@ from tierserve.safety.types import Finding, Verdict
 
 CONTEXT_CHARS = 100
 MAX_HOLD_CHARS = 256
-"""A tail longer than this is released anyway: no configured entity is that long."""
+"""A tail longer than this is released anyway: no entity the guards find is longer."""
 
 _WORD_TAIL = re.compile(r"\S+$")
 _NUMBER_TAIL = re.compile(r"(?:[+(]\s*)?\d[\d\s().\-/]*$")
 _IBAN_TAIL = re.compile(r"\b[A-Z]{2}\d{2}[A-Z0-9 ]*$")
 
 
-def entity_tail(text: str) -> int:
-    """Length of the shortest suffix of `text` that might still be the start of an entity."""
+def entity_tail(text: str, cap: int = MAX_HOLD_CHARS) -> int:
+    """Length of the shortest suffix of `text` that might still be the start of an entity,
+    at most `cap` (the longest entity the guards can find)."""
     tail = 0
     for pattern in (_WORD_TAIL, _NUMBER_TAIL, _IBAN_TAIL):
         match = pattern.search(text)
         if match is not None:
             tail = max(tail, len(text) - match.start())
-    return min(tail, MAX_HOLD_CHARS)
+    return min(tail, cap)
+
+
+def hold_cap(chain: GuardChain) -> int:
+    """The most text worth holding back for the chain's output guards: the longest entity they
+    can find, where every guard says (the PII guard does: 20 characters for cards and SSNs
+    alone), else `MAX_HOLD_CHARS`."""
+    limits = [getattr(guard, "max_entity_chars", None) for guard, actions in chain.guards if "output" in actions]
+    if not limits or any(limit is None for limit in limits):
+        return MAX_HOLD_CHARS
+    return min(MAX_HOLD_CHARS, max(limits))
 
 
 class StreamGuard:
@@ -46,6 +57,7 @@ class StreamGuard:
 
     def __init__(self, chain: GuardChain):
         self.chain = chain
+        self.cap = hold_cap(chain)
         self.context = ""
         self.pending = ""
         self.findings: list[Finding] = []
@@ -55,7 +67,7 @@ class StreamGuard:
         if self.blocked is not None:
             return ""
         self.pending += delta
-        return self._release(len(self.pending) - entity_tail(self.pending))
+        return self._release(len(self.pending) - entity_tail(self.pending, self.cap))
 
     def finish(self) -> str:
         """The rest of the text, checked as a whole."""

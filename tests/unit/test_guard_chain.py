@@ -74,6 +74,16 @@ def test_entity_tail_holds_only_what_could_still_grow(text, tail):
     assert entity_tail(text) == tail
 
 
+def test_the_hold_is_capped_by_the_longest_entity_the_output_guards_find():
+    from tierserve.safety.pii import PiiGuard
+    from tierserve.safety.streaming import MAX_HOLD_CHARS, hold_cap
+
+    cards = PiiGuard(PiiGuardConfig(entities=["CREDIT_CARD", "US_SSN"]))
+    assert hold_cap(GuardChain([(cards, {"output": "redact"})])) == 20
+    assert hold_cap(GuardChain([(cards, {"input": "redact"})])) == MAX_HOLD_CHARS  # no output guard
+    assert entity_tail("see " + "x" * 40, cap=20) == 20
+
+
 def stream(chain: GuardChain, pieces: list[str]) -> tuple[list[str], StreamGuard]:
     guard = StreamGuard(chain)
     out = [guard.feed(p) for p in pieces]
