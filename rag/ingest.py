@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -73,9 +73,6 @@ class IngestReport:
             f"{self.duplicates} duplicates dropped; {self.chunks_total} chunks in a {self.index_type} index; "
             f"{self.seconds:.1f}s ({self.chunks_per_s:.0f} chunks/s)"
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "chunks_per_s": round(self.chunks_per_s, 1)}
 
 
 def ingest(

@@ -265,15 +265,6 @@ class IndexSnapshot:
         with self._lock:
             return dict(self._db.execute("SELECT doc_id, hash FROM documents").fetchall())
 
-    def chunk(self, chunk_id: str) -> Hit | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT chunk_id, doc_id, idx, text, metadata FROM chunks WHERE chunk_id = ?", (chunk_id,)
-            ).fetchone()
-        if row is None:
-            return None
-        return Hit(row[0], row[1], row[2], row[3], 1.0, json.loads(row[4]))
-
 
 # ----- the store and its writer -------------------------------------------------------------------------
 

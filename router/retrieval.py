@@ -29,8 +29,6 @@ from tierserve.rag.types import Retrieval, RetrievalQuery
 
 logger = logging.getLogger("tierserve.ingress")
 
-CHARS_PER_TOKEN = 4
-
 
 @dataclass
 class Retrieved:
@@ -40,11 +38,6 @@ class Retrieved:
     result: Retrieval
     grounding: Grounding | None = None
     answer: str = ""
-
-    @property
-    def context_tokens(self) -> int:
-        """About how many tokens the passages add to the prompt (routing checks context fit)."""
-        return sum(len(hit.text) for hit in self.result.hits) // CHARS_PER_TOKEN + 40 * len(self.result.hits)
 
     def citations(self) -> list[dict[str, Any]]:
         cited = set(cited_numbers(self.answer, len(self.result.hits)))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
-from tierserve.safety.types import Finding, Stage, Verdict
+from tierserve.safety.types import Action, Finding, Stage, Verdict
 
 
 class Guard(Protocol):
@@ -25,3 +26,18 @@ class Guard(Protocol):
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """Why a text with these findings is refused, in words safe to show a client."""
         ...
+
+
+def check_by_stage(guard: Guard, actions: Mapping[Stage, Action], text: str, stage: Stage) -> Verdict:
+    """A guard's `check`: `detect`, then the stage's action from `actions`: allow (findings
+    reported), redact, or block with the guard's reason. A stage not in `actions`: allow,
+    unchecked."""
+    action = actions.get(stage)
+    if action is None:
+        return Verdict("allow", text)
+    findings = guard.detect(text, stage)
+    if not findings or action == "allow":
+        return Verdict("allow", text, findings)
+    if action == "redact":
+        return Verdict("redact", guard.redact(text, findings), findings)
+    return Verdict("block", text, findings, guard.block_reason(findings, stage))

@@ -48,6 +48,7 @@ import numpy as np
 from tierserve.rag.embedder import Embedder
 from tierserve.router.complexity import EmbeddingClassifier, cache_path, cached_classifier, dataset_bytes
 from tierserve.safety.config import InjectionGuardConfig
+from tierserve.safety.guard import check_by_stage
 from tierserve.safety.types import Finding, Stage, Verdict
 
 ENTITY = "PROMPT_INJECTION"
@@ -519,16 +520,8 @@ class InjectionGuard:
         return text
 
     def check(self, text: str, stage: Stage) -> Verdict:
-        """`detect`, then the configured action for `stage` (`allow` where the stage is not configured)."""
-        action = self.config.actions.get(stage)
-        if action is None:
-            return Verdict("allow", text)
-        findings = self.detect(text, stage)
-        if not findings or action == "allow":
-            return Verdict("allow", text, findings)
-        if action == "redact":
-            return Verdict("redact", self.redact(text, findings), findings)
-        return Verdict("block", text, findings, self.block_reason(findings, stage))
+        """`detect`, then the configured action for `stage` (see `check_by_stage`)."""
+        return check_by_stage(self, self.config.actions, text, stage)
 
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """The same stable wording at every stage; never the text."""

@@ -62,6 +62,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from tierserve.safety.config import NerConfig, PiiGuardConfig
+from tierserve.safety.guard import check_by_stage
 from tierserve.safety.types import Finding, Stage, Verdict
 
 MAX_ENTITY_CHARS = 256
@@ -418,17 +419,8 @@ class PiiGuard:
         ).text
 
     def check(self, text: str, stage: Stage) -> Verdict:
-        """Detect, then the stage's action: allow (findings reported), redact, or block with a
-        reason naming the entity types (never the text). A stage not configured: allow, unchecked."""
-        action = self.config.actions.get(stage)
-        if action is None:
-            return Verdict("allow", text)
-        findings = self.detect(text, stage)
-        if not findings or action == "allow":
-            return Verdict("allow", text, findings)
-        if action == "redact":
-            return Verdict("redact", self.redact(text, findings), findings)
-        return Verdict("block", text, findings, reason=self.block_reason(findings, stage))
+        """`detect`, then the configured action for `stage` (see `check_by_stage`)."""
+        return check_by_stage(self, self.config.actions, text, stage)
 
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """Why a text with these findings is refused: the entity types, never the text."""
