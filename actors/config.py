@@ -30,12 +30,29 @@ class DeploymentOptions(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     """GPUs Ray reserves per replica."""
     resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources per replica, e.g. {"tier_large": 1} to pin a tier to labelled nodes."""
+    """Custom Ray resources per replica, e.g. {"tier_large": 1} to pin a tier to nodes started with that
+    resource (`ray start --resources`, a worker group's `resources` in the `cluster:` section)."""
+    label_selector: dict[str, str] = Field(default_factory=dict)
+    """Ray node labels a replica needs (Ray's `label_selector`): {"pool": "large"} (equal), {"pool": "!spot"}
+    (not equal or absent), {"zone": "in(a,b)"}, {"zone": "!in(a,b)"}. GPU tiers apply it to every rank bundle."""
+    accelerator_type: str | None = None
+    """Ray's `accelerator_type` ("L4", "A100", "H100", ...): only nodes with that accelerator. GPU tiers ask it
+    of every rank bundle, as the resource `accelerator_type:<type>` that Ray gives such nodes."""
+    max_replicas_per_node: int | None = Field(None, ge=1, le=100)
+    """At most this many replicas of the deployment on one node (Serve's `max_replicas_per_node`); not for GPU
+    tiers, whose replicas are placement groups (Serve refuses both together)."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE)."""
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    """How long a stopping replica (scaled down, replaced by an update) may finish the requests
+    it has before it is killed: set it above the longest answer a tier streams."""
+    max_surge_percent: int = Field(0, ge=0, le=100)
+    """Extra replicas Serve may start while it replaces this deployment's replicas for a new
+    config (Serve's `max_surge_percent`, as a share of the replica count): above 0, old replicas
+    keep serving until their replacements run, at the cost of the extra resources meanwhile;
+    0 stops an old replica before its replacement starts."""
 
     @field_validator("autoscaling")
     @classmethod
@@ -46,19 +63,35 @@ class DeploymentOptions(BaseModel):
             AutoscalingConfig(**value)  # raises naming the bad field
         return value
 
+    @field_validator("label_selector")
+    @classmethod
+    def _ray_label_selector(cls, value: dict[str, str]) -> dict[str, str]:
+        from ray._private.label_utils import validate_label_selector  # the check Serve's own schema runs
+
+        error = validate_label_selector(value)
+        if error:
+            raise ValueError(error)
+        return value
+
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set num_replicas or autoscaling, not both")
         return self
 
-    def max_replicas(self) -> int:
-        """The most replicas this deployment runs: `num_replicas`, or autoscaling's maximum."""
+    def replica_bounds(self) -> tuple[int, int]:
+        """The fewest and the most replicas this deployment runs: `num_replicas` both times, or
+        autoscaling's minimum and maximum."""
         if self.autoscaling is not None:
             from ray.serve.config import AutoscalingConfig
 
-            return AutoscalingConfig(**self.autoscaling).max_replicas
-        return self.num_replicas or 1
+            bounds = AutoscalingConfig(**self.autoscaling)
+            return bounds.min_replicas, bounds.max_replicas
+        return self.num_replicas or 1, self.num_replicas or 1
+
+    def max_replicas(self) -> int:
+        """The most replicas this deployment runs: `num_replicas`, or autoscaling's maximum."""
+        return self.replica_bounds()[1]
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
@@ -67,6 +100,10 @@ class DeploymentOptions(BaseModel):
             actor_options["num_gpus"] = self.num_gpus
         if self.resources:
             actor_options["resources"] = dict(self.resources)
+        if self.label_selector:
+            actor_options["label_selector"] = dict(self.label_selector)
+        if self.accelerator_type:
+            actor_options["accelerator_type"] = self.accelerator_type
         if self.env:
             actor_options["runtime_env"] = {"env_vars": dict(self.env)}
         replicas: dict[str, Any] = (
@@ -74,6 +111,8 @@ class DeploymentOptions(BaseModel):
             if self.autoscaling is not None
             else {"num_replicas": self.num_replicas or 1}
         )
+        if self.max_replicas_per_node is not None:
+            replicas["max_replicas_per_node"] = self.max_replicas_per_node
         return {
             **replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -81,6 +120,7 @@ class DeploymentOptions(BaseModel):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "max_surge_percent": self.max_surge_percent,
         }
 
 
@@ -218,6 +258,11 @@ class TierConfig(BaseModel):
         if self.accelerator == "gpu" and self.deployment.num_gpus:
             raise ValueError(
                 "accelerator 'gpu' reserves one GPU per tensor-parallel rank itself; leave deployment.num_gpus at 0"
+            )
+        if self.accelerator == "gpu" and self.deployment.max_replicas_per_node is not None:
+            raise ValueError(
+                "deployment.max_replicas_per_node is not for accelerator 'gpu': a replica is a placement group, "
+                "and its GPUs bound the replicas per node"
             )
         if self.accelerator == "cpu" and self.deployment.num_cpus < self.tensor_parallel_size:
             raise ValueError(

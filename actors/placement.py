@@ -3,7 +3,9 @@
 GPU: like Ray Serve LLM, a replica reserves a placement group with one bundle per rank, each
 holding one GPU; the replica actor itself sits in the first bundle (its CPUs and custom resources
 are added to that bundle), and vLLM's Ray executor starts one worker per rank inside the
-reservation. STRICT_PACK keeps all ranks of a replica on one node, where they share NVLink.
+reservation. STRICT_PACK keeps all ranks of a replica on one node, where they share NVLink. The
+tier's accelerator type and node labels are asked of every bundle, since each rank's GPU is
+reserved by its own bundle.
 
 CPU: vLLM starts one worker process per rank and binds each rank's OpenMP threads to its own
 cores (`VLLM_CPU_OMP_THREADS_BIND`, e.g. "0|1"). vLLM's automatic binding wants one NUMA node per
@@ -30,10 +32,23 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 CLAIMS_FILE = Path(tempfile.gettempdir()) / "tierserve-cpu-claims.json"
 
 
+ACCELERATOR_DEMAND = 0.001
+"""How much of `accelerator_type:<type>` Ray asks for `accelerator_type=<type>` (a node with that
+accelerator has 1 of it), so any number of ranks fit on the node."""
+
+
+def accelerator_resource(accelerator_type: str) -> str:
+    """The Ray resource of nodes with that accelerator: 'A100' -> 'accelerator_type:A100'."""
+    return f"accelerator_type:{accelerator_type}"
+
+
 def rank_bundles(tier: TierConfig) -> list[dict[str, float]]:
     """GPU tiers: the placement-group bundles of one replica, the replica's own resources
     merged into the first (rank 0) bundle."""
-    bundles: list[dict[str, float]] = [{"GPU": 1.0} for _ in range(tier.tensor_parallel_size)]
+    rank: dict[str, float] = {"GPU": 1.0}
+    if tier.deployment.accelerator_type:
+        rank[accelerator_resource(tier.deployment.accelerator_type)] = ACCELERATOR_DEMAND
+    bundles = [dict(rank) for _ in range(tier.tensor_parallel_size)]
     first = bundles[0]
     first["CPU"] = tier.deployment.num_cpus
     for name, amount in tier.deployment.resources.items():
@@ -46,10 +61,13 @@ def placement_options(tier: TierConfig) -> dict[str, Any]:
     options = tier.deployment.serve_options()
     if tier.accelerator == "gpu":
         actor = options["ray_actor_options"]
-        actor.pop("num_gpus", None)
-        actor.pop("resources", None)  # they live in the first bundle now
-        options["placement_group_bundles"] = rank_bundles(tier)
+        for moved in ("num_gpus", "resources", "accelerator_type", "label_selector"):
+            actor.pop(moved, None)  # the bundles carry them now
+        bundles = rank_bundles(tier)
+        options["placement_group_bundles"] = bundles
         options["placement_group_strategy"] = tier.placement_strategy
+        if tier.deployment.label_selector:
+            options["placement_group_bundle_label_selector"] = [dict(tier.deployment.label_selector) for _ in bundles]
     return options
 
 

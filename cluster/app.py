@@ -1,7 +1,8 @@
 """The app builder: one validated config in, one Ray Serve application out.
 
-`build_app` is the Serve `import_path` target (`serve run configs/serve.yaml`); `tierserve serve`
-calls `build_application` on the same config, so both start the same application.
+`build_app` is the Serve `import_path` target (`serve run configs/serve.yaml`, and the serve.yaml
+`tierserve deploy render` writes); `tierserve serve` calls `build_application` on the same config,
+so all start the same application.
 """
 
 from __future__ import annotations
@@ -12,18 +13,11 @@ from ray.serve import Application
 
 from tierserve.actors.deployment import TierDeployment
 from tierserve.actors.placement import placement_options
-from tierserve.cluster.config import AppConfig, load_config
+from tierserve.cluster.config import AppConfig, ConfigError, load_config, parse_config
+from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
 from tierserve.rag.retriever import Retriever
 from tierserve.router.ingress import Ingress
 from tierserve.router.tiers import TierEntry
-
-
-def tier_deployment_name(tier: str) -> str:
-    return f"tier-{tier}"
-
-
-INGRESS_NAME = "ingress"
-RETRIEVER_NAME = "retriever"
 
 
 def build_application(config: AppConfig) -> Application:
@@ -55,5 +49,11 @@ def build_application(config: AppConfig) -> Application:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve app builder. args: `config` (path of a tierserve YAML; default the embedded one)."""
+    """Serve app builder. args: `tierserve` (the config itself as a mapping, as in the serve.yaml that
+    `tierserve deploy render` writes, so no file is needed on the cluster) or `config` (path of a
+    tierserve YAML; default the embedded one)."""
+    if "tierserve" in args:
+        if "config" in args:
+            raise ConfigError("Serve args: give `tierserve` (the config) or `config` (its path), not both")
+        return build_application(parse_config(args["tierserve"], source="Serve args `tierserve`"))
     return build_application(load_config(args.get("config")))

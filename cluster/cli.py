@@ -6,6 +6,10 @@ tierserve models distill [NAME] [--layers N] [--minutes M] [--prompts N] [--max-
                                                         train a speculative-decoding draft for NAME
 tierserve models list                                   embedded models and their cache state
 tierserve config check FILE                             validate a config file
+tierserve deploy render [--config FILE] --out DIR       write serve.yaml, cluster.yaml (ray up), rayservice.yaml
+tierserve deploy apply [--config FILE] [--address URL]  deploy (or update in place) on a running Ray cluster
+tierserve status [--url URL] [--address URL]            each tier's health, replicas, nodes, load and latency
+tierserve scale TIER N | TIER --min A --max B [--address URL]   change a tier's replicas in place
 tierserve router calibrate [--config FILE] --share TIER=FRACTION ... [--prompts FILE]
                                                         complexity thresholds for a share of traffic per tier
 tierserve rag ingest PATH ... --index NAME [--prune] [--rebuild] [--type T] [--meta K=V]
@@ -26,6 +30,7 @@ import threading
 from pathlib import Path
 
 from tierserve.cluster.config import AppConfig, ConfigError, load_config
+from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError
 
 
 def _cache(config: AppConfig | None, cache_dir: str | None) -> Path:
@@ -162,8 +167,83 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from tierserve.cluster.plan import plan_nodes
+
     config = load_config(args.file)
+    plan_nodes(config)  # every replica fits a node type of the `cluster:` section
     print(f"{args.file}: ok ({len(config.tiers)} tier(s): {', '.join(t.name for t in config.tiers)})")
+    return 0
+
+
+def cmd_deploy_render(args: argparse.Namespace) -> int:
+    """The three deploy files of one config (docs/deployment.md)."""
+    from tierserve.cluster.manifests import render
+
+    source = args.config or "the embedded config"
+    for path in render(load_config(args.config), args.out, source):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_deploy_apply(args: argparse.Namespace) -> int:
+    """Send the config's Serve config to a cluster's dashboard, as `serve deploy` does, and wait
+    until Serve runs it: a first deploy, or a rolling update of a running one."""
+    import time
+
+    from tierserve.cluster.manifests import serve_config
+    from tierserve.cluster.ops import ServeAdmin, format_status, status_rows
+
+    config = load_config(args.config)
+    admin = ServeAdmin(args.address)
+    sent = time.time()
+    admin.deploy(serve_config(config))
+    print(f"sent {config.name!r} to {args.address}", flush=True)
+    if args.wait_s <= 0:
+        return 0
+    print(f"waiting for Serve to run it (at most {args.wait_s:g}s) ...", flush=True)
+    admin.wait_running(config.name, args.wait_s, since=sent)
+    rows = status_rows(_tiers_or_none(config, args.address), admin.details(), config.name)
+    print(format_status(rows) if rows else f"{config.name!r} is running")
+    return 0
+
+
+def _tiers_or_none(config: AppConfig, address: str) -> list[dict]:
+    """The ingress's /v1/tiers through the proxy on the dashboard's host, or [] if unreachable."""
+    from urllib.parse import urlsplit
+
+    from tierserve.cluster.ops import OpsError, ingress_tiers
+
+    host = urlsplit(address).hostname or "127.0.0.1"
+    try:
+        return ingress_tiers(f"http://{host}:{config.server.port}")
+    except OpsError:
+        return []
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The ingress's view of each tier (health, replicas, load, recent latency), with the nodes
+    its replicas run on when a dashboard is given."""
+    from tierserve.cluster.ops import OpsError, ServeAdmin, format_status, ingress_tiers, status_rows
+
+    tiers = ingress_tiers(args.url)
+    details = None
+    if args.address:
+        try:
+            details = ServeAdmin(args.address).details()
+        except OpsError as exc:
+            print(f"tierserve: no replica placement: {exc}", file=sys.stderr)
+    print(format_status(status_rows(tiers, details, args.app)))
+    return 0 if all((t.get("router") or {}).get("healthy") for t in tiers) else 1
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """A lightweight Serve update of one tier's replica count (or autoscaling bounds)."""
+    from tierserve.cluster.ops import ServeAdmin, scaled_config
+
+    admin = ServeAdmin(args.address)
+    admin.deploy(scaled_config(admin.details(), args.app, args.tier, args.replicas, args.min, args.max))
+    what = f"{args.replicas} replica(s)" if args.replicas is not None else f"min {args.min}, max {args.max}"
+    print(f"tier {args.tier!r}: {what} requested; `tierserve status` shows the replicas as they start or stop")
     return 0
 
 
@@ -383,6 +463,32 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("file")
     cc.set_defaults(func=cmd_config_check)
 
+    d = sub.add_parser("deploy", help="cluster deploy files").add_subparsers(dest="deploy_command", required=True)
+    dr = d.add_parser("render", help="write serve.yaml, cluster.yaml (ray up) and rayservice.yaml (KubeRay)")
+    dr.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
+    dr.add_argument("--out", required=True, help="directory to write the three files into")
+    dr.set_defaults(func=cmd_deploy_render)
+    da = d.add_parser("apply", help="deploy the config to a running Ray cluster, or update it in place")
+    da.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
+    da.add_argument("--address", default=DEFAULT_DASHBOARD, help=f"Ray dashboard (default {DEFAULT_DASHBOARD})")
+    da.add_argument("--wait-s", type=float, default=900, help="wait this long for Serve to run it (0: do not wait)")
+    da.set_defaults(func=cmd_deploy_apply)
+
+    st = sub.add_parser("status", help="each tier's health, replicas, nodes, load and recent latency")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    st.add_argument("--address", help="Ray dashboard, to show the nodes each tier's replicas run on")
+    st.add_argument("--app", default="tierserve", help="Serve application name (the config's `name`)")
+    st.set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("scale", help="change a tier's replicas in place (a lightweight Serve update)")
+    sc.add_argument("tier")
+    sc.add_argument("replicas", type=int, nargs="?", help="replicas of a tier with a fixed count")
+    sc.add_argument("--min", type=int, help="autoscaling tiers: fewest replicas")
+    sc.add_argument("--max", type=int, help="autoscaling tiers: most replicas")
+    sc.add_argument("--address", default=DEFAULT_DASHBOARD, help=f"Ray dashboard (default {DEFAULT_DASHBOARD})")
+    sc.add_argument("--app", default="tierserve", help="Serve application name (the config's `name`)")
+    sc.set_defaults(func=cmd_scale)
+
     r = sub.add_parser("router", help="the router").add_subparsers(dest="router_command", required=True)
     rc = r.add_parser("calibrate", help="complexity thresholds that give each tier a share of traffic")
     rc.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
@@ -434,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, TimeoutError) as exc:
+    except (ConfigError, OpsError, FileNotFoundError, ValueError, TimeoutError) as exc:
         print(f"tierserve: {exc}", file=sys.stderr)
         return 2
 

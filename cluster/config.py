@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.util
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tierserve.actors.config import TierConfig
+from tierserve.cluster.nodes import ClusterConfig
 from tierserve.cluster.telemetry import TelemetryConfig
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
@@ -35,6 +36,11 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float | None = Field(None, gt=0)
     """End-to-end HTTP request timeout enforced by Serve's proxy; None waits as long as it takes."""
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+    """Which nodes run Serve's HTTP proxy in a deploy from a Serve config (`tierserve deploy
+    apply`, the rendered serve.yaml): every node (put a load balancer in front), the head only,
+    or none (Python handles only). Proxies on several nodes of one machine would share a port,
+    so nodes started on one machine need HeadOnly."""
 
 
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
@@ -81,6 +87,9 @@ class AppConfig(BaseModel):
     """Retrieval-augmented generation: the index store, the embedder and the retriever (docs/rag.md)."""
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     """The guard chain on input, retrieved chunks and output: PII and prompt injection (docs/safety.md)."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """The nodes of a cluster deploy, for `tierserve deploy render` (docs/deployment.md); `tierserve serve`
+    does not use it."""
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppConfig:

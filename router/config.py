@@ -17,7 +17,10 @@ class IngressConfig(BaseModel):
     default_tier: str | None = None
     """The tier `model: auto` goes to; the first tier when unset."""
     health_timeout_s: float = Field(5.0, gt=0)
-    """How long `GET /health` waits for each tier's answer."""
+    """How long `GET /health` (and each tier's part of `GET /v1/tiers`) waits for the tier's answer."""
+    replicas_poll_interval_s: float = Field(2.0, gt=0)
+    """How often the ingress reads each tier's replicas from Serve's controller: a tier with no
+    running replica (its node is gone, it is restarting) is skipped until one runs again."""
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=256)
     )

@@ -41,6 +41,7 @@ from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
+from tierserve.router.replicas import tier_replicas
 from tierserve.router.responses import (
     ChatStreamFormatter,
     CompletionBuilder,
@@ -208,22 +209,38 @@ class Ingress:
         )
         self.retrieval = RetrievalStep(rag or RagConfig(enabled=retriever is not None), retriever)
         self.safety = SafetyStep(safety or SafetyConfig(), Path(model_cache) / "safety" if model_cache else None)
-        self._poller: asyncio.Task | None = None
+        self._pollers: list[asyncio.Task] = []
         self._ensure_polling()
 
     def _ensure_polling(self) -> None:
-        """Start polling the tiers' load once an event loop runs (the replica's)."""
-        if self._poller is not None and not self._poller.done():
+        """Start polling the tiers' load and Serve's view of their replicas once an event loop
+        runs (the replica's)."""
+        if self._pollers and not any(task.done() for task in self._pollers):
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._poller = loop.create_task(
-            self.router.states.poll_forever(
-                lambda tier: self.handles[tier].load.remote(), self.router.config.poll_interval_s, _dead_tier
-            )
+        for task in self._pollers:
+            task.cancel()
+        loads = self.router.states.poll_forever(
+            lambda tier: self.handles[tier].load.remote(), self.router.config.poll_interval_s, _dead_tier
         )
+        self._pollers = [loop.create_task(loads), loop.create_task(self._watch_replicas())]
+
+    async def _watch_replicas(self) -> None:
+        """Feed Serve's count of each tier's replicas to the router (`tierserve.router.replicas`)."""
+        app_name = serve.get_replica_context().app_name
+        deployments = {tier: handle.deployment_name for tier, handle in self.handles.items()}
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+            except Exception:
+                logger.debug("reading Serve's status failed", exc_info=True)
+            else:
+                for tier, replicas in tier_replicas(status, app_name, deployments).items():
+                    self.router.states.replicas_seen(tier, replicas)
+            await asyncio.sleep(self.config.replicas_poll_interval_s)
 
     # ----- Python handle API -------------------------------------------------------------
 
@@ -278,29 +295,40 @@ class Ingress:
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
 
     async def tiers(self) -> list[dict[str, Any]]:
-        """Each tier's info, counters (of the replica that answers) and the router's view of it."""
+        """Each tier's info, counters (of the replica that answers), its replicas as Serve
+        reports them and the router's view of it. A tier that does not answer within
+        `health_timeout_s` (no running replica, say) is listed with `error` and no info."""
         self._ensure_polling()
         views = {v.name: v for v in self.router.states.snapshot()}
 
         async def one(name: str) -> dict[str, Any]:
             handle = self.handles[name]
-            info, stats = await asyncio.gather(handle.info.remote(), handle.stats.remote())
-            counters = dataclasses.asdict(stats)
-            counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
-            if stats.speculation_control is not None:
-                counters["speculation_control"] = [bucket.as_dict() for bucket in stats.speculation_control]
-            description = self.directory.tiers[name].description
             view = views[name]
+            replicas = self.router.states.replicas.get(name)
             router = {
                 "healthy": view.healthy,
                 "in_flight": view.in_flight,
+                "replicas": replicas.as_dict() if replicas is not None else None,
                 "min_complexity": view.min_complexity,
                 "max_queue": view.max_queue,
                 "cost": view.cost.model_dump(),
                 "load": dataclasses.asdict(view.load) if view.load is not None else None,
                 "last_error": self.router.states.last_error.get(name),
             }
-            return {**dataclasses.asdict(info), "description": description, "stats": counters, "router": router}
+            entry: dict[str, Any] = {"name": name, "description": self.directory.tiers[name].description}
+            try:
+                info, stats = await asyncio.wait_for(
+                    asyncio.gather(handle.info.remote(), handle.stats.remote()), self.config.health_timeout_s
+                )
+            except asyncio.TimeoutError:
+                return {**entry, "error": f"no answer within {self.config.health_timeout_s:g}s", "router": router}
+            except Exception as exc:
+                return {**entry, "error": str(_as_user_error(exc, name)), "router": router}
+            counters = dataclasses.asdict(stats)
+            counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
+            if stats.speculation_control is not None:
+                counters["speculation_control"] = [bucket.as_dict() for bucket in stats.speculation_control]
+            return {**dataclasses.asdict(info), **entry, "stats": counters, "router": router}
 
         return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
 

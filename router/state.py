@@ -6,6 +6,8 @@ step-cost model, which also count other ingress replicas' traffic). A tier that 
 its first token, or whose poll fails with a dead replica, is marked unhealthy at once, so the
 next requests skip it; the next successful poll marks it healthy again. A poll that merely
 times out (a busy replica answers late) changes nothing: the in-flight count still bounds it.
+Serve's own view of each tier's replicas (`tierserve.router.replicas`) comes in beside the polls:
+no running replica marks the tier unhealthy, and the running count sets the tier's capacity.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import replace
 from tierserve.actors.types import TierLoad
 from tierserve.router.config import RoutingConfig, TierRouting
 from tierserve.router.policy import TierView
+from tierserve.router.replicas import TierReplicas
 
 logger = logging.getLogger("tierserve.router")
 
@@ -31,6 +34,8 @@ class TierStates:
         self.budgets: dict[str, Counter[float]] = {name: Counter() for name in names}
         """TPOT budgets of the requests in flight per tier."""
         self.last_error: dict[str, str] = {}
+        self.replicas: dict[str, TierReplicas] = {}
+        """Each tier's replicas as Serve last reported them (empty until the first report)."""
 
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
@@ -64,6 +69,17 @@ class TierStates:
         view.load, view.healthy = load, True
         view.max_model_len = load.max_model_len or view.max_model_len
         self.last_error.pop(tier, None)
+
+    def replicas_seen(self, tier: str, replicas: TierReplicas) -> None:
+        """Serve's count of the tier's replicas: none running makes the tier unhealthy (until
+        a load poll succeeds again); otherwise the running ones are its capacity."""
+        self.replicas[tier] = replicas
+        if replicas.running == 0:
+            pending = f", {replicas.pending} pending" if replicas.pending else ""
+            detail = f": {replicas.message}" if replicas.message else ""
+            self.failed(tier, f"no running replica ({replicas.status}{pending}){detail}")
+        else:
+            self.views[tier].replicas = replicas.running
 
     async def poll_forever(
         self,

@@ -4,12 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from tierserve.cluster.app import INGRESS_NAME, RETRIEVER_NAME, build_app, build_application, tier_deployment_name
-from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, load_config
+from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, ConfigError, load_config
+from tierserve.cluster.manifests import serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +42,7 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert telemetry == config.telemetry  # every deployment gets the same telemetry settings
     assert routing == config.routing and routing.tiers["llama-70b"].min_complexity == 0.5
     assert model_cache == config.model_cache
-    assert [e.replicas for e in entries] == [8, 1]  # autoscaling maximum; num_replicas
+    assert [e.replicas for e in entries] == [8, 2]  # autoscaling maxima
     assert [e.name for e in entries] == ["llama-8b", "llama-70b"]
     assert ingress.num_replicas == 2
 
@@ -48,7 +50,7 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert small.name == tier_deployment_name("llama-8b")
     assert small._deployment_config.autoscaling_config.max_replicas == 8
     assert small.ray_actor_options["num_cpus"] == 4 and "num_gpus" not in small.ray_actor_options
-    assert small._replica_config.placement_group_bundles == [{"GPU": 1, "CPU": 4}]
+    assert small._replica_config.placement_group_bundles == [{"GPU": 1, "accelerator_type:L4": 0.001, "CPU": 4}]
     tier_config, cache, tier_telemetry = small.init_args
     assert tier_telemetry == config.telemetry
     assert tier_config.engine["max_model_len"] == 16384
@@ -62,9 +64,32 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert shared.init_args == (config.rag, config.model_cache, config.telemetry)
 
     large = bound(handles["llama-70b"])
-    assert large.num_replicas == 1
-    assert large._replica_config.placement_group_bundles == [{"GPU": 1, "CPU": 8}, {"GPU": 1}, {"GPU": 1}, {"GPU": 1}]
+    assert large._deployment_config.autoscaling_config.max_replicas == 2
+    rank = {"GPU": 1, "accelerator_type:A100": 0.001}
+    first = {**rank, "CPU": 8, "tier_large": 1}
+    assert large._replica_config.placement_group_bundles == [first, rank, rank, rank]
     assert large._replica_config.placement_group_strategy == "STRICT_PACK"
+    assert large._replica_config.placement_group_bundle_label_selector == [{"pool": "large"}] * 4
+
+
+def test_builder_takes_the_config_inline():
+    """The serve.yaml of `tierserve deploy render` carries the config itself: no file on the cluster."""
+    config = load_config(REPO / "configs" / "gpu.yaml")
+    (spec,) = ServeDeploySchema.model_validate(serve_config(config)).applications
+
+    def graph(app: Application):
+        *args, retriever, rag, safety = bound(app).init_args
+        ingress, entries, handles, *rest = args
+        tiers = {
+            name: (bound(h).init_args, bound(h)._replica_config.placement_group_bundles) for name, h in handles.items()
+        }
+        return ingress, entries, rest, tiers, bound(retriever).init_args, rag, safety
+
+    assert graph(build_app(spec.args)) == graph(build_application(config))
+    with pytest.raises(ConfigError, match="not both"):
+        build_app({**spec.args, "config": "configs/gpu.yaml"})
+    with pytest.raises(ConfigError, match=r"Serve args `tierserve`: tiers\[0\].name: String should match"):
+        build_app({"tierserve": {"tiers": [{"name": "Bad Name", "model": "/m"}]}})
 
 
 def test_cli_config_check(tmp_path):

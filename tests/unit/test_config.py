@@ -105,15 +105,27 @@ def test_yaml_path_formatting():
 
 
 def test_deployment_options_map_to_serve():
-    opts = DeploymentOptions(num_replicas=2, num_cpus=4, num_gpus=1, resources={"tier_large": 1}, env={"A": "1"})
+    opts = DeploymentOptions(
+        num_replicas=2,
+        num_cpus=4,
+        num_gpus=1,
+        resources={"tier_large": 1},
+        label_selector={"pool": "large"},
+        accelerator_type="A100",
+        max_replicas_per_node=1,
+        env={"A": "1"},
+    )
     serve_opts = opts.serve_options()
-    assert serve_opts["num_replicas"] == 2
+    assert serve_opts["num_replicas"] == 2 and serve_opts["max_replicas_per_node"] == 1
     assert serve_opts["ray_actor_options"] == {
         "num_cpus": 4,
         "num_gpus": 1,
         "resources": {"tier_large": 1},
+        "label_selector": {"pool": "large"},
+        "accelerator_type": "A100",
         "runtime_env": {"env_vars": {"A": "1"}},
     }
+    assert "max_replicas_per_node" not in DeploymentOptions().serve_options()
 
 
 def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
@@ -151,6 +163,14 @@ def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
             "set disable_above_batch_size or tokens_per_batch_size, not both",
         ),
         ("    deployment:\n      num_replicas: 2\n      autoscaling: {max_replicas: 4}\n", "not both"),
+        (  # Ray's own label selector syntax
+            '    deployment:\n      label_selector: {pool: "in(a,"}\n',
+            r":5: tiers\[0\].deployment.label_selector: Value error, Invalid label selector value `in\(a,`",
+        ),
+        (
+            "    accelerator: gpu\n    deployment:\n      max_replicas_per_node: 2\n",
+            "max_replicas_per_node is not for accelerator 'gpu'",
+        ),
         ("    deployment:\n      autoscaling: {max_replicas: 0}\n", "max_replicas"),
     ],
 )
@@ -165,3 +185,43 @@ def test_autoscaling_replaces_num_replicas():
     serve_opts = opts.serve_options()
     assert "num_replicas" not in serve_opts
     assert serve_opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+
+
+def test_autoscaling_bounds():
+    assert DeploymentOptions(num_replicas=3).replica_bounds() == (3, 3)
+    assert DeploymentOptions(autoscaling={"min_replicas": 0, "max_replicas": 4}).replica_bounds() == (0, 4)
+    assert DeploymentOptions().replica_bounds() == (1, 1)
+
+
+CLUSTER = GOOD + "cluster:\n"
+
+
+@pytest.mark.parametrize(
+    "cluster_yaml, where",
+    [
+        ("  nodes: 3\n", ":7: cluster.nodes: Extra inputs are not permitted"),
+        ("  name: Tier_Serve\n", ":7: cluster.name: String should match pattern"),
+        ("  provider: {region: us-west-2}\n", ":7: cluster.provider: Value error, provider needs a `type`"),
+        ("  head: {gpus: 1}\n", ":7: cluster.head.gpus: Extra inputs are not permitted"),
+        ("  head: {labels: {'-bad': x}}\n", ":7: cluster.head.labels: Value error, Invalid label key name"),
+        ("  head: {pod: {containers: []}}\n", "cluster.head.pod: Value error, pod.containers is tierserve's own"),
+        (
+            "  worker_groups:\n    - {name: gpu, gpus: 1, min_workers: 3, max_workers: 2}\n",
+            ":8: cluster.worker_groups[0]: Value error, min_workers (3) must not exceed max_workers (2)",
+        ),
+        (
+            "  worker_groups:\n    - {name: gpu, accelerator_type: A100}\n",
+            "cluster.worker_groups[0]: Value error, accelerator_type needs gpus",
+        ),
+        ("  worker_groups:\n    - {name: GPU}\n", ":8: cluster.worker_groups[0].name: String should match pattern"),
+        (
+            "  worker_groups:\n    - {name: gpu}\n    - {name: gpu}\n",
+            "cluster: Value error, worker group names must be unique; repeated: gpu",
+        ),
+        ("  worker_groups:\n    - {name: head}\n", "'head' names the head node"),
+    ],
+)
+def test_cluster_section_errors_name_the_yaml_path(tmp_path, cluster_yaml, where):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, CLUSTER + cluster_yaml))
+    assert where in str(err.value)

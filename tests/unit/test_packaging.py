@@ -19,6 +19,10 @@ def test_wheel_installs_and_imports(tmp_path):
         assert f"tierserve/{pkg}/__init__.py" in names
     assert {"tierserve/configs/local.yaml", "tierserve/configs/gpu.yaml", "tierserve/configs/serve.yaml"} <= set(names)
     assert {"tierserve/configs/prometheus.yml", "tierserve/configs/grafana-dashboard.json"} <= set(names)
+    deploy_files = {
+        f"tierserve/configs/deploy/{c}/{f}" for c in ("local", "gpu") for f in ("serve.yaml", "cluster.yaml")
+    }
+    assert deploy_files <= set(names)
     assert any(n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"

@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 
 import pytest
+from ray import serve
 
 from tierserve.actors.config import TierConfig
 from tierserve.actors.placement import (
@@ -41,6 +42,37 @@ def test_gpu_replica_reserves_one_gpu_bundle_per_rank_strict_pack(tp):
 def test_gpu_placement_strategy_is_configurable():
     options = placement_options(gpu_tier(2, placement_strategy="SPREAD"))
     assert options["placement_group_strategy"] == "SPREAD"
+
+
+@serve.deployment
+class _Probe:
+    """A deployment to hand the options to, so Serve's own checks run on them."""
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_gpu_accelerator_type_and_labels_are_asked_of_every_rank_bundle(tp):
+    selector = {"pool": "large", "zone": "in(a,b)"}
+    tier = gpu_tier(tp, deployment={"num_cpus": 2, "accelerator_type": "A100", "label_selector": selector})
+    options = placement_options(tier)
+    # Ray asks 0.001 of `accelerator_type:A100` for accelerator_type="A100"; each rank's GPU is its own bundle.
+    assert all(b["accelerator_type:A100"] == 0.001 and b["GPU"] == 1 for b in options["placement_group_bundles"])
+    assert options["placement_group_bundle_label_selector"] == [selector] * tp
+    actor = options["ray_actor_options"]
+    assert "label_selector" not in actor and "accelerator_type" not in actor  # the bundles hold them
+    replica = _Probe.options(name="probe", **options)._replica_config
+    assert replica.placement_group_bundle_label_selector == [selector] * tp
+
+
+def test_cpu_tier_asks_labels_accelerator_and_per_node_cap_of_its_actor():
+    deployment = {"accelerator_type": "L4", "label_selector": {"market": "!spot"}, "max_replicas_per_node": 2}
+    options = placement_options(TierConfig(name="c", model="/m", deployment=deployment))
+    assert options["ray_actor_options"] == {
+        "num_cpus": 1,
+        "accelerator_type": "L4",
+        "label_selector": {"market": "!spot"},
+    }
+    assert options["max_replicas_per_node"] == 2 and "placement_group_bundles" not in options
+    assert _Probe.options(name="probe", **options)._replica_config.max_replicas_per_node == 2
 
 
 def test_cpu_tier_has_no_placement_group_and_keeps_vllms_executor():

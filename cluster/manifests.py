@@ -1,0 +1,258 @@
+"""One tierserve config, three deploy files (`tierserve deploy render`, docs/deployment.md).
+
+- serve.yaml: a Ray Serve config (`serve deploy` / `serve run`) carrying the whole tierserve
+  config inline as the builder's args, so it needs no file on the cluster.
+- cluster.yaml: a `ray up` cluster config, with a node type for the head and each worker group
+  of cluster/plan.py.
+- rayservice.yaml: a KubeRay RayService (ray.io/v1) with the same nodes as Kubernetes pods and
+  serve.yaml as its `serveConfigV2`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierserve.actors.config import DeploymentOptions
+from tierserve.cluster.config import AppConfig, ConfigError
+from tierserve.cluster.nodes import RAY_IMAGE, RAY_VERSION, HeadNode, NodeType, WorkerGroup
+from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
+from tierserve.cluster.plan import plan_nodes
+
+IMPORT_PATH = "tierserve.cluster.app:build_app"
+CLUSTER_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+
+
+def app_args(config: AppConfig) -> dict[str, Any]:
+    """The builder's args: the config as a mapping, only the fields the config sets, without
+    the `cluster:` section, which only deploy files use. `parse_config` of it gives the config back."""
+    return {"tierserve": config.model_dump(mode="json", exclude_unset=True, exclude={"cluster"})}
+
+
+def _replicas(options: DeploymentOptions) -> dict[str, Any]:
+    if options.autoscaling is not None:
+        return {"autoscaling_config": dict(options.autoscaling)}
+    return {"num_replicas": options.num_replicas or 1}
+
+
+def deployment_entries(config: AppConfig) -> list[dict[str, Any]]:
+    """Serve's per-deployment overrides: each deployment's replica count (or autoscaling bounds),
+    the same values the builder sets. Listed from the first deploy on, so that changing one
+    count later (`tierserve scale`, or an edit here and `serve deploy`) is all that changes: a
+    deployment that first appears among the overrides gets the application's runtime_env merged
+    into its actor options, which Serve counts as a new version and restarts its replicas for."""
+    entries = [{"name": INGRESS_NAME, **_replicas(config.ingress.deployment)}]
+    if config.rag.enabled:
+        entries.append({"name": RETRIEVER_NAME, **_replicas(config.rag.deployment)})
+    entries += [{"name": tier_deployment_name(t.name), **_replicas(t.deployment)} for t in config.tiers]
+    return entries
+
+
+def serve_config(config: AppConfig) -> dict[str, Any]:
+    """Ray Serve's config file (ServeDeploySchema): the application from `build_app`, proxies where
+    `server.proxy_location` says (every node by default) listening on all interfaces, `ray.env`
+    as the application's environment, and each deployment's replicas (`deployment_entries`)."""
+    http: dict[str, Any] = {"host": "0.0.0.0", "port": config.server.port}
+    if config.server.request_timeout_s:
+        http["request_timeout_s"] = config.server.request_timeout_s
+    app: dict[str, Any] = {"name": config.name, "route_prefix": "/", "import_path": IMPORT_PATH}
+    app["args"] = app_args(config)
+    if config.ray.env:
+        app["runtime_env"] = {"env_vars": dict(config.ray.env)}
+    app["deployments"] = deployment_entries(config)
+    return {"proxy_location": config.server.proxy_location, "http_options": http, "applications": [app]}
+
+
+def cluster_name(config: AppConfig) -> str:
+    name = config.cluster.name or config.name
+    if len(name) > 47 or not re.fullmatch(CLUSTER_NAME, name):
+        raise ConfigError(
+            f"cluster.name: the application name {name!r} is no cluster name (lowercase letters, digits and '-', "
+            "starting with a letter, at most 47 characters); set cluster.name"
+        )
+    return name
+
+
+def _uses_gpus(config: AppConfig) -> bool:
+    return any(tier.accelerator == "gpu" for tier in config.tiers)
+
+
+def image(config: AppConfig) -> str:
+    return config.cluster.image or (RAY_IMAGE + ("-gpu" if _uses_gpus(config) else ""))
+
+
+def setup_commands(config: AppConfig) -> list[str]:
+    if config.cluster.setup_commands is not None:
+        return list(config.cluster.setup_commands)
+    return [f'pip install "tierserve[{"gpu" if _uses_gpus(config) else "cpu"}]"']
+
+
+def _custom_resources(node: NodeType) -> dict[str, int]:
+    """Resources beyond CPUs, GPUs and memory, which Ray counts itself; accelerator types included."""
+    return {k: v for k, v in node.ray_resources().items() if k not in ("CPU", "GPU", "memory")}
+
+
+def _start_flags(node: NodeType) -> str:
+    """`ray start` flags for a node's custom resources and labels (ray up's local provider only)."""
+    flags = ""
+    if node.resources:
+        flags += " --resources=" + shlex.quote(json.dumps(node.resources))
+    if node.labels:
+        flags += " --labels=" + shlex.quote(",".join(f"{k}={v}" for k, v in node.labels.items()))
+    return flags
+
+
+def _node_type(node: HeadNode | WorkerGroup) -> dict[str, Any]:
+    out: dict[str, Any] = {"resources": node.ray_resources()}
+    if node.ray_labels():
+        out["labels"] = node.ray_labels()
+    if isinstance(node, WorkerGroup):
+        out |= {"min_workers": node.min_workers, "max_workers": node.max_workers}
+    return {**out, "node_config": dict(node.node_config)}
+
+
+def cluster_launcher(config: AppConfig) -> dict[str, Any]:
+    """`ray up`'s cluster config: the provider as given, every node in the same container image with
+    tierserve installed by the setup commands, and a node type per node kind. Ray starts with
+    `ray.env` in its environment, so Serve's own processes see it too."""
+    head, groups = plan_nodes(config)
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in config.ray.env.items())
+    head_start = f"ulimit -n 65536; {env}ray start --head --port=6379 --dashboard-host=0.0.0.0"
+    head_start += " --autoscaling-config=~/ray_bootstrap_config.yaml"
+    worker_start = f"ulimit -n 65536; {env}ray start --address=$RAY_HEAD_IP:6379"
+    out: dict[str, Any] = {"cluster_name": cluster_name(config)}
+    local = config.cluster.provider["type"] == "local"
+    if local:
+        # ray up's local provider has one node type and passes no node type's resources or labels
+        # to `ray start`, so the start commands carry them.
+        if len(groups) > 1:
+            names = ", ".join(g.name for g in groups)
+            raise ConfigError(f"cluster.provider: type 'local' takes one kind of worker node, got {names}")
+        head_start += " --num-gpus=0" + _start_flags(head)
+        worker_start += _start_flags(groups[0]) if groups else ""
+    else:
+        out["max_workers"] = sum(group.max_workers for group in groups)
+    out["provider"] = dict(config.cluster.provider)
+    if config.cluster.auth:
+        out["auth"] = dict(config.cluster.auth)
+    out["docker"] = {
+        "image": image(config),
+        "container_name": "ray_container",
+        "pull_before_run": True,
+        "run_options": ["--ulimit nofile=65536:65536"],
+    }
+    if not local:
+        out["head_node_type"] = "head"
+        out["available_node_types"] = {"head": _node_type(head), **{g.name: _node_type(g) for g in groups}}
+    out["setup_commands"] = setup_commands(config)
+    out["head_start_ray_commands"] = ["ray stop", head_start]
+    out["worker_start_ray_commands"] = ["ray stop", worker_start]
+    return out
+
+
+def _ray_start_params(node: NodeType, gpus: int) -> dict[str, str]:
+    params = {"num-gpus": str(gpus)}
+    custom = _custom_resources(node)
+    if custom:  # the quoting KubeRay and Ray's KubeRay autoscaler both read: "{\"name\": 1}"
+        params["resources"] = '"' + json.dumps(custom).replace('"', '\\"') + '"'
+    return params
+
+
+def _pod_template(config: AppConfig, node: NodeType, container: str, ports: dict[str, int]) -> dict[str, Any]:
+    limits = {"cpu": str(node.cpus)}
+    if node.memory_gb is not None:
+        limits["memory"] = f"{node.memory_gb:g}Gi"
+    if isinstance(node, WorkerGroup) and node.gpus:
+        limits["nvidia.com/gpu"] = str(node.gpus)
+    spec: dict[str, Any] = {"name": container, "image": image(config)}
+    setup = setup_commands(config)
+    if setup:  # KubeRay runs the container's args, then `&& ray start ...`
+        spec["args"] = [" && ".join(setup)]
+    if config.ray.env:
+        spec["env"] = [{"name": k, "value": v} for k, v in config.ray.env.items()]
+    spec["ports"] = [{"containerPort": port, "name": name} for name, port in ports.items()]
+    spec["resources"] = {"limits": limits, "requests": dict(limits)}
+    return {"spec": {"containers": [spec], **node.pod}}
+
+
+def ray_service(config: AppConfig) -> dict[str, Any]:
+    """KubeRay's RayService: serve.yaml as `serveConfigV2`, the head and one worker group per node kind,
+    and the in-tree autoscaler when a worker group may change size."""
+    head, groups = plan_nodes(config)
+    serve_port = {"serve": config.server.port}
+    head_spec: dict[str, Any] = {"rayStartParams": {"dashboard-host": "0.0.0.0", **_ray_start_params(head, 0)}}
+    if head.ray_labels():  # KubeRay v1.5+: labels are a field of the group, no longer a rayStartParam
+        head_spec["labels"] = head.ray_labels()
+    head_spec["template"] = _pod_template(config, head, "ray-head", {**HEAD_PORTS, **serve_port})
+    workers = []
+    for group in groups:
+        spec: dict[str, Any] = {
+            "groupName": group.name,
+            "replicas": group.min_workers,
+            "minReplicas": group.min_workers,
+            "maxReplicas": group.max_workers,
+            "rayStartParams": _ray_start_params(group, group.gpus),
+        }
+        if group.ray_labels():
+            spec["labels"] = group.ray_labels()
+        spec["template"] = _pod_template(config, group, "ray-worker", serve_port)
+        workers.append(spec)
+    cluster = {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": any(g.min_workers != g.max_workers for g in groups),
+        "headGroupSpec": head_spec,
+        "workerGroupSpecs": workers,
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": cluster_name(config)},
+        "spec": {"serveConfigV2": to_yaml(serve_config(config)), "rayClusterConfig": cluster},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (serveConfigV2), and no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+)
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=1000)
+
+
+FILES = {
+    "serve.yaml": (
+        serve_config,
+        "Ray Serve config. On a running Ray cluster: serve deploy serve.yaml --address http://HEAD:8265",
+    ),
+    "cluster.yaml": (cluster_launcher, "Ray cluster launcher config: ray up cluster.yaml, then deploy serve.yaml"),
+    "rayservice.yaml": (ray_service, "KubeRay RayService: kubectl apply -f rayservice.yaml"),
+}
+
+
+def render(config: AppConfig, out_dir: str | Path, source: str) -> list[Path]:
+    """Write serve.yaml, cluster.yaml and rayservice.yaml for `config` (read from `source`) into
+    `out_dir`; every file is built before any is written, so a bad config writes nothing."""
+    texts = {name: to_yaml(build(config)) for name, (build, _) in FILES.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (_, what) in FILES.items():
+        header = f"# {what}\n# Written by `tierserve deploy render` from {source}: edit that file and render again.\n"
+        (out / name).write_text(header + texts[name])
+        written.append(out / name)
+    return written

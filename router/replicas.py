@@ -1,0 +1,66 @@
+"""Each tier's replicas as Ray Serve's controller reports them.
+
+A tier whose replica actor died with its node is not an error Serve's handles report: Serve
+starts a replacement, which waits for a node that has the tier's resources, and requests sent to
+the deployment meanwhile wait with it. The ingress therefore also reads Serve's status every few
+seconds: a tier with no running replica is unhealthy (`auto` goes elsewhere, a request naming it
+gets a 503 at once), and the number of running replicas is what the router's capacity counts
+(so `tierserve scale` and Serve's autoscaler are seen without a restart of the ingress).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray.serve.schema import ServeStatus
+
+PENDING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+"""Replica states that will serve once they get there (scheduled, loading, or being replaced)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierReplicas:
+    """One tier's deployment, as Serve's controller saw it last."""
+
+    running: int
+    pending: int
+    """Replicas on their way (`PENDING_STATES`): waiting for a node, loading the engine, ..."""
+    stopping: int
+    status: str
+    """Serve's deployment status: HEALTHY, UPDATING, UPSCALING, DOWNSCALING, UNHEALTHY, ..."""
+    message: str
+    """Serve's explanation, e.g. that replicas wait for resources no node has."""
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "running": self.running,
+            "pending": self.pending,
+            "stopping": self.stopping,
+            "status": self.status,
+            "message": self.message,
+        }
+
+
+def _name(value: object) -> str:
+    return str(getattr(value, "value", value))
+
+
+def tier_replicas(status: ServeStatus, app: str, deployments: dict[str, str]) -> dict[str, TierReplicas]:
+    """`deployments` maps tier -> Serve deployment name; tiers Serve does not list (yet) are left out."""
+    overview = status.applications.get(app)
+    if overview is None:
+        return {}
+    out = {}
+    for tier, deployment in deployments.items():
+        d = overview.deployments.get(deployment)
+        if d is None:
+            continue
+        states = {_name(state): count for state, count in d.replica_states.items()}
+        out[tier] = TierReplicas(
+            running=states.get("RUNNING", 0),
+            pending=sum(states.get(s, 0) for s in PENDING_STATES),
+            stopping=states.get("STOPPING", 0),
+            status=_name(d.status),
+            message=d.message,
+        )
+    return out
