@@ -36,6 +36,8 @@ class TierStates:
         self.last_error: dict[str, str] = {}
         self.replicas: dict[str, TierReplicas] = {}
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
+        self.without_replicas: set[str] = set()
+        """Tiers down because Serve reported no running replica (not because a request failed)."""
 
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
@@ -69,17 +71,26 @@ class TierStates:
         view.load, view.healthy = load, True
         view.max_model_len = load.max_model_len or view.max_model_len
         self.last_error.pop(tier, None)
+        self.without_replicas.discard(tier)
 
     def replicas_seen(self, tier: str, replicas: TierReplicas) -> None:
-        """Serve's count of the tier's replicas: none running makes the tier unhealthy (until
-        a load poll succeeds again); otherwise the running ones are its capacity."""
+        """Serve's count of the tier's replicas: none running makes the tier unhealthy until
+        Serve reports one running again (or a load poll succeeds); otherwise the running ones
+        are its capacity. A tier down for a failed request stays down until a poll succeeds."""
         self.replicas[tier] = replicas
+        view = self.views[tier]
         if replicas.running == 0:
             pending = f", {replicas.pending} pending" if replicas.pending else ""
             detail = f": {replicas.message}" if replicas.message else ""
             self.failed(tier, f"no running replica ({replicas.status}{pending}){detail}")
-        else:
-            self.views[tier].replicas = replicas.running
+            self.without_replicas.add(tier)
+            return
+        view.replicas = replicas.running
+        if tier in self.without_replicas:
+            self.without_replicas.discard(tier)
+            logger.info("tier %s has a running replica again", tier)
+            view.healthy = True
+            self.last_error.pop(tier, None)
 
     async def poll_forever(
         self,

@@ -55,8 +55,13 @@ def test_no_running_replica_makes_a_tier_unhealthy_until_a_load_poll_succeeds():
     assert states.last_error["big"] == f"no running replica (UNHEALTHY, 1 pending): {WAITING}"
     assert views["small"].replicas == 3  # capacity follows Serve's count (scaling, autoscaling)
 
-    # A replica runs again: health returns with the next answered poll, not before.
+    # Serve reports a replica running again: the tier is back at once.
     states.replicas_seen("big", TierReplicas(1, 0, 0, "HEALTHY", ""))
-    assert not states.views["big"].healthy
-    states.polled("big", TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1))
     assert states.views["big"].healthy and "big" not in states.last_error
+
+    # A tier down because a request failed stays down until a poll answers, whatever Serve counts.
+    states.failed("small", "engine dead")
+    states.replicas_seen("small", TierReplicas(3, 0, 0, "HEALTHY", ""))
+    assert not states.views["small"].healthy
+    states.polled("small", TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1))
+    assert states.views["small"].healthy
