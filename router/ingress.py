@@ -50,7 +50,7 @@ from tierserve.router.responses import (
 )
 from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router
-from tierserve.router.safety import SafetyReport, SafetyStep
+from tierserve.router.safety import ContentBlocked, SafetyReport, SafetyStep
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
 from tierserve.safety.config import SafetyConfig
@@ -441,23 +441,34 @@ class Ingress:
         # the passages' tokens are counted at their most (top_k full chunks) for the context check.
         passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
         routed = await self._plan(body, span, headers, passage_tokens)
+        # The guards that only refuse keep checking while retrieval and prefill run; the
+        # first token waits for them (`ready` below).
         guarded = await self.safety.check_input(body, report, span)
-        question = question_of(body, guarded) if options is not None else ""
-        rid = _request_id(formatter.id_prefix)
-        request = self.safety.apply_input(body.to_generate(rid), guarded)
-        retrieved = None
-        if options is not None:
-            retrieved = await self.retrieval.retrieve(options, question, span)
-            retrieved.result.hits = await self.safety.check_retrieved(retrieved.result.hits, report, span)
-            request = self.retrieval.augment(request, retrieved)
         try:
-            batches = await self.router.open(routed, lambda tier: self._tier_batches(tier, request, span))
-        except TierServeError:
-            self.metrics.finished(routed, "failed")
+            question = question_of(body, guarded.texts) if options is not None else ""
+            rid = _request_id(formatter.id_prefix)
+            request = self.safety.apply_input(body.to_generate(rid), guarded)
+            retrieved = None
+            if options is not None:
+                retrieved = await self.retrieval.retrieve(options, question, span)
+                retrieved.result.hits = await self.safety.check_retrieved(retrieved.result.hits, report, span)
+                request = self.retrieval.augment(request, retrieved)
+            try:
+                start = lambda tier: self._tier_batches(tier, request, span)  # noqa: E731
+                batches = await self.router.open(routed, start, guarded.passed)
+            except TierServeError as exc:
+                if not isinstance(exc, ContentBlocked):
+                    self.metrics.finished(routed, "failed")
+                raise
+            finally:
+                for tier, code in routed.tried:
+                    self.metrics.fallbacks.inc(1, {"tier": tier, "code": code})
+        except TierServeError as exc:
+            if not isinstance(exc, ContentBlocked):
+                await guarded.passed()  # the guards' refusal comes before any other error
             raise
         finally:
-            for tier, code in routed.tried:
-                self.metrics.fallbacks.inc(1, {"tier": tier, "code": code})
+            guarded.cancel()
         span.set_attribute("tierserve.tier", routed.tier or "")
         guarded_batches = self.safety.guard_output(self._accounted(routed, batches), report, span)
         return Opened(routed, rid, guarded_batches, retrieved, report)

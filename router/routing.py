@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,11 +232,14 @@ class Router:
         self,
         routed: Routed,
         start: Callable[[str], AsyncIterator[list[TokenChunk]]],
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[list[TokenChunk]]:
         """The first choice that sends tokens, as a stream of batches (first batch included).
 
         `start(tier)` begins the request on a tier. Choices after the first are tried only for
-        `model: auto` requests, and only while no token has been sent."""
+        `model: auto` requests, and only while no token has been sent. `ready()`, awaited once
+        the first batch is in and before the stream is handed on (the input guards still
+        checking), may raise: the tier's request is then aborted and the error raised."""
         attempts = routed.decision.choices[: self.config.max_attempts]
         budget = routed.sla.tpot_ms
         last: TierServeError | None = None
@@ -257,6 +260,13 @@ class Router:
             except BaseException:
                 self.states.finished(choice.tier, budget)
                 raise
+            if ready is not None:
+                try:
+                    await ready()
+                except BaseException:
+                    self.states.finished(choice.tier, budget)
+                    await stream.aclose()  # aborts the engine's request
+                    raise
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = time.perf_counter()
             return self._counted(choice.tier, first, stream, routed.arrived, budget)

@@ -1,8 +1,12 @@
 """The ingress's side of the guard chain: the request's text, retrieved chunks, the answer.
 
 - **input**: the user's and tools' turns of a chat (or a completion's prompt) are checked
-  before routing and retrieval. A block is a 400 `content_policy_violation` whose message says
-  why, never what matched; a redaction rewrites the text the tier and the retriever see.
+  after routing. A block is a 400 `content_policy_violation` whose message says why, never what
+  matched; a redaction rewrites the text the tier and the retriever see. Guards that redact run
+  first; guards that can only refuse (the injection guard) run meanwhile in the background
+  (`SafetyConfig.overlap_input_checks`), and the ingress awaits them once the tier has sent its
+  first token and before anything reaches the client, so their time hides behind retrieval
+  and prefill.
 - **retrieved**: each retrieved chunk is checked before it reaches the prompt; a blocked chunk
   (e.g. instructions injected into a document) is dropped, a redacted one goes in redacted.
 - **output**: the answer is checked as it streams (`tierserve.safety.streaming`); a blocked
@@ -46,6 +50,32 @@ class ContentBlocked(InvalidRequest):
 
 
 @dataclasses.dataclass
+class GuardedInput:
+    """The request's texts after the input guards that rewrite text, and those still checking."""
+
+    texts: list[str] | None = None
+    """One per message (or the prompt), redacted where a guard redacts; None: unchanged."""
+    pending: asyncio.Task | None = None
+    """The guards that can only refuse, still running: awaiting it raises `ContentBlocked` if
+    one refuses. Cancel it if the request ends first."""
+
+    async def passed(self) -> None:
+        """Wait for the pending guards; raises `ContentBlocked` if one refuses."""
+        if self.pending is not None:
+            await self.pending
+
+    def cancel(self) -> None:
+        """Stop the pending guards (the request ended without them); a refusal they already
+        reached is dropped with it."""
+        if self.pending is None:
+            return
+        if not self.pending.done():
+            self.pending.cancel()
+        elif not self.pending.cancelled():
+            self.pending.exception()  # retrieved, so asyncio does not log it as lost
+
+
+@dataclasses.dataclass
 class SafetyReport:
     """What the guards did to one request, for the response's `tierserve.safety` field."""
 
@@ -79,21 +109,28 @@ class SafetyStep:
         from tierserve.safety.metrics import SafetyMetrics
 
         self.chain: GuardChain | None = build_chain(config, cache_dir) if config.enabled else None
+        self.input_now, self.input_later = self.chain, None
+        if self.chain is not None and config.overlap_input_checks:
+            self.input_now, self.input_later = self.chain.split("input")
         self.metrics = SafetyMetrics()
 
     def active(self, stage: Stage) -> bool:
         return self.chain is not None and self.chain.active(stage)
 
-    async def _check(self, texts: list[str], stage: Stage, parent: trace.Span) -> list[Verdict]:
-        """Each text's verdict, under one `apply_guardrail {stage}` span, counted."""
-        assert self.chain is not None
+    async def _check(
+        self, texts: list[str], stage: Stage, parent: trace.Span, chain: GuardChain | None = None
+    ) -> list[Verdict]:
+        """Each text's verdict by `chain` (default: the whole chain), under one
+        `apply_guardrail {stage}` span, counted."""
+        chain = chain or self.chain
+        assert chain is not None
         with tracer().start_as_current_span(
             f"apply_guardrail {stage}",
             context=trace.set_span_in_context(parent),
             attributes={"gen_ai.operation.name": "apply_guardrail", "tierserve.guard.stage": stage},
         ) as span:
             started = time.perf_counter()
-            verdicts = await asyncio.to_thread(lambda: [self.chain.check(t, stage) for t in texts])
+            verdicts = await asyncio.to_thread(lambda: [chain.check(t, stage) for t in texts])
             self.metrics.duration.observe(time.perf_counter() - started, {"stage": stage})
             findings = [f for v in verdicts for f in v.findings]
             action = next((v.action for v in verdicts if v.blocked), None) or (
@@ -102,6 +139,7 @@ class SafetyStep:
             span.set_attributes(
                 {
                     "tierserve.guard.action": action,
+                    "tierserve.guard.guards": [g.name for g, actions in chain.guards if stage in actions],
                     "tierserve.guard.texts": len(texts),
                     "tierserve.guard.findings": len(findings),
                     "tierserve.guard.entities": sorted({f.entity for f in findings}),
@@ -111,14 +149,15 @@ class SafetyStep:
                 self.metrics.count(stage, v)
         return verdicts
 
-    async def check_input(self, body: Any, report: SafetyReport, span: trace.Span) -> list[str] | None:
-        """The request's texts (one per message, or the prompt) after the input guards; None:
-        nothing to guard. Raises `ContentBlocked` if a guard blocks. Of a chat, the user's and
-        tools' turns are checked: system and developer messages are the application's own
-        instructions (an injection guard would take them for one), and assistant turns are
-        the model's, guarded as output when they were written."""
+    async def check_input(self, body: Any, report: SafetyReport, span: trace.Span) -> GuardedInput:
+        """The request's texts (one per message, or the prompt) after the input guards that
+        rewrite text, with the refusing ones started in the background (`GuardedInput.pending`;
+        without `overlap_input_checks`, already done). Raises `ContentBlocked` if a guard that ran
+        blocks. Of a chat, the user's and tools' turns are checked: system and developer messages
+        are the application's own instructions (an injection guard would take them for one), and
+        assistant turns are the model's, guarded as output when they were written."""
         if not self.active("input"):
-            return None
+            return GuardedInput()
         messages = getattr(body, "messages", None)
         if messages is not None:
             texts, param = [m.text() for m in messages], "messages"
@@ -126,22 +165,41 @@ class SafetyStep:
         elif isinstance(body.prompt, str):
             texts, param, checked = [body.prompt], "prompt", [0]
         else:  # token ids: no text to check
-            return None
+            return GuardedInput()
         if not checked:
-            return None
-        verdicts = await self._check([texts[i] for i in checked], "input", span)
+            return GuardedInput()
+        originals = [texts[i] for i in checked]
+        out = GuardedInput(texts)
+        if self.input_later is not None and self.input_later.active("input"):
+            out.pending = asyncio.create_task(self._refuse(originals, param, report, span))
+        if self.input_now is not None and self.input_now.active("input"):
+            try:
+                verdicts = await self._check(originals, "input", span, self.input_now)
+                for i, v in zip(checked, self._verdicts(verdicts, param, report)):
+                    texts[i] = v.text
+            except BaseException:
+                out.cancel()
+                raise
+        return out
+
+    async def _refuse(self, texts: list[str], param: str, report: SafetyReport, span: trace.Span) -> None:
+        """The refusing input guards (`input_later`) on the original texts."""
+        self._verdicts(await self._check(texts, "input", span, self.input_later), param, report)
+
+    @staticmethod
+    def _verdicts(verdicts: list[Verdict], param: str, report: SafetyReport) -> list[Verdict]:
+        """Count the findings; raise `ContentBlocked` for the first block."""
         for v in verdicts:
             report.add("input", v.findings)
         blocked = next((v for v in verdicts if v.blocked), None)
         if blocked is not None:
             raise ContentBlocked(blocked.reason or "the request was refused by a guard", param)
-        for i, v in zip(checked, verdicts):
-            texts[i] = v.text
-        return texts
+        return verdicts
 
     @staticmethod
-    def apply_input(request: GenerateRequest, texts: list[str] | None) -> GenerateRequest:
+    def apply_input(request: GenerateRequest, guarded: GuardedInput) -> GenerateRequest:
         """The tier's request with the guarded texts in place of the originals."""
+        texts = guarded.texts
         if texts is None:
             return request
         if request.messages is not None:

@@ -72,6 +72,14 @@ class GuardChain:
     def check(self, text: str, stage: Stage) -> Verdict:
         return self.verdict(text, self.flagged(text, stage), stage)
 
+    def split(self, stage: Stage) -> tuple[GuardChain, GuardChain]:
+        """(the guards that rewrite text at `stage`, those that only refuse or report it): the
+        second's verdict (block or not) and the first's text make the whole chain's verdict,
+        so the second can run while the rewritten text is already in use."""
+        rewriting = [(g, a) for g, a in self.guards if a.get(stage) == "redact"]
+        checking = [(g, a) for g, a in self.guards if a.get(stage) in ("block", "allow")]
+        return GuardChain(rewriting), GuardChain(checking)
+
     def redact(self, text: str, findings: list[Finding]) -> str:
         """`text` with each finding replaced by its guard's operator, right to left."""
         out = text

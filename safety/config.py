@@ -76,3 +76,10 @@ class SafetyConfig(BaseModel):
 
     enabled: bool = False
     guards: list[GuardConfig] = Field(default_factory=lambda: [PiiGuardConfig(), InjectionGuardConfig()])
+    overlap_input_checks: bool = True
+    """Guards that can only refuse a request (action `block`, or `allow`, on input; the
+    injection guard) run while the request's passages are retrieved and its prompt prefilled: its first
+    token is released only once they pass, and a refusal aborts the tier's request and answers
+    the same 400 as before. Their time then adds to time to first token only where it exceeds
+    it. Guards that redact input run first either way: the tier must see their text. False:
+    every input guard runs before routing."""

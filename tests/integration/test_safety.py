@@ -48,6 +48,15 @@ def test_an_injection_attempt_is_refused_with_a_stable_code(client):
     error = refused.value.body
     assert error["code"] == "content_policy_violation" and error["param"] == "messages"
     assert "system prompt verbatim" not in error["message"]
+    # The injection guard checks while the tier prefills (overlap_input_checks): a streamed
+    # request still gets the plain 400 before any event, and the tier's request is aborted.
+    with httpx.stream(
+        "POST",
+        f"{client.base_url}chat/completions",
+        json={"model": "small", "messages": [{"role": "user", "content": attack}], "stream": True},
+        timeout=120,
+    ) as r:
+        assert r.status_code == 400 and json.loads(r.read())["error"]["code"] == "content_policy_violation"
     # A benign question about the same topic passes.
     body = chat(client, "What is a prompt injection attack, in one sentence?").parse()
     assert body.model_extra["tierserve"]["safety"]["input"] == {}
