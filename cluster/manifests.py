@@ -20,12 +20,19 @@ import yaml
 
 from tierserve.actors.config import DeploymentOptions
 from tierserve.cluster.config import AppConfig, ConfigError
-from tierserve.cluster.nodes import RAY_IMAGE, RAY_VERSION, HeadNode, NodeType, WorkerGroup
+from tierserve.cluster.nodes import (
+    CLUSTER_NAME,
+    CLUSTER_NAME_MAX,
+    RAY_IMAGE,
+    RAY_VERSION,
+    HeadNode,
+    NodeType,
+    WorkerGroup,
+)
 from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
 from tierserve.cluster.plan import plan_nodes
 
 IMPORT_PATH = "tierserve.cluster.app:build_app"
-CLUSTER_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 
 
@@ -71,7 +78,7 @@ def serve_config(config: AppConfig) -> dict[str, Any]:
 
 def cluster_name(config: AppConfig) -> str:
     name = config.cluster.name or config.name
-    if len(name) > 47 or not re.fullmatch(CLUSTER_NAME, name):
+    if len(name) > CLUSTER_NAME_MAX or not re.fullmatch(CLUSTER_NAME, name):
         raise ConfigError(
             f"cluster.name: the application name {name!r} is no cluster name (lowercase letters, digits and '-', "
             "starting with a letter, at most 47 characters); set cluster.name"

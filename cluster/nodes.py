@@ -22,6 +22,10 @@ RAY_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
 ACCELERATOR_LABEL = "ray.io/accelerator-type"
 """The node label Ray sets from the GPU it detects, e.g. 'A100'."""
 
+CLUSTER_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""`ray up` cluster names and RayService names: a DNS-1035 label (KubeRay allows at most 47 characters)."""
+CLUSTER_NAME_MAX = 47
+
 GROUP_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """Worker group names become Kubernetes pod names: lowercase letters, digits and '-'."""
 
@@ -124,7 +128,7 @@ class ClusterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=47)
+    name: str | None = Field(None, pattern=CLUSTER_NAME, max_length=CLUSTER_NAME_MAX)
     """`ray up` cluster name and RayService name; default the application's `name`. KubeRay wants a
     DNS-1035 label of at most 47 characters."""
     image: str | None = None

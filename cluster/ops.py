@@ -35,9 +35,12 @@ INGRESS_NAME = "ingress"
 RETRIEVER_NAME = "retriever"
 
 
+TIER_PREFIX = "tier-"
+
+
 def tier_deployment_name(tier: str) -> str:
     """The Serve deployment that runs a tier (one per tier, named after it)."""
-    return f"tier-{tier}"
+    return f"{TIER_PREFIX}{tier}"
 
 
 # ----- scaling ---------------------------------------------------------------------------------
@@ -82,7 +85,8 @@ def scaled_config(
     name = tier_deployment_name(tier)
     deployment = (app_details.get("deployments") or {}).get(name)
     if deployment is None:
-        tiers = sorted(d[len("tier-") :] for d in app_details.get("deployments") or {} if d.startswith("tier-"))
+        deployments = app_details.get("deployments") or {}
+        tiers = sorted(d.removeprefix(TIER_PREFIX) for d in deployments if d.startswith(TIER_PREFIX))
         raise OpsError(f"application {app!r} has no tier {tier!r} (tiers: {', '.join(tiers)})")
     autoscaling = (deployment.get("deployment_config") or {}).get("autoscaling_config")
     if autoscaling and replicas is not None:
