@@ -39,6 +39,9 @@ pytestmark = pytest.mark.integration
 
 APP = "tierserve-multinode"
 WORKER_LABEL = {"tierserve-node": "worker"}
+HEAD_LABEL = {"tierserve-node": "head"}
+"""Serve spreads replicas over nodes; `near` and the ingress are pinned to the head so losing the
+worker node takes down `far` alone."""
 FAR_RESOURCE = "tierserve_far"
 ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 32}
 """configs/local.yaml's `small` engine, so vLLM's compile cache is shared with the other tests."""
@@ -66,7 +69,7 @@ def tier(name: str, **deployment) -> dict:
 
 
 def app_config(port: int, near_max_tokens: int = 256) -> dict:
-    near = tier("near")
+    near = tier("near", label_selector=HEAD_LABEL)
     near["max_completion_tokens"] = near_max_tokens
     # No surge for `far`: its replacement starts once the old replica is gone (`auto` meanwhile
     # goes to `near`), which keeps a rolling update to three engines on this machine's two cores.
@@ -76,7 +79,12 @@ def app_config(port: int, near_max_tokens: int = 256) -> dict:
         "server": {"host": "127.0.0.1", "port": port, "proxy_location": "HeadOnly"},
         "ingress": {
             "default_tier": "far",  # `auto` goes to `far` while it is up
-            "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 256, "max_surge_percent": 100},
+            "deployment": {
+                "num_cpus": 0.25,
+                "max_ongoing_requests": 256,
+                "max_surge_percent": 100,
+                "label_selector": HEAD_LABEL,
+            },
         },
         "routing": {"default_sla_class": None},
         "tiers": [near, far],
@@ -121,6 +129,7 @@ class Cluster:
         self._start(
             "head",
             ["--head", "--port", str(self.gcs_port), "--num-cpus", "3", "--include-dashboard", "true"]
+            + ["--labels", "tierserve-node=head"]
             + ["--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard_port],
         )
 
