@@ -128,6 +128,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(model=self.model, **self.options)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
         self.latency.max_num_seqs = self._llm.vllm_config.scheduler_config.max_num_seqs
+        self.latency.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
         if self._adaptive is not None:
@@ -323,7 +324,9 @@ class VLLMEngine:
         completion_tokens = 0
         spec_metrics: dict[int, Any] = {}
         start, first, last = time.perf_counter(), None, 0.0
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request.request_id)
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, request.request_id, priority=request.priority
+        )
         try:
             async for output in stream:
                 last = time.perf_counter()

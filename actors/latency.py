@@ -85,6 +85,8 @@ class LatencyTracker:
 
     def __init__(self, max_num_seqs: int, prior_step_ms: float = 50.0):
         self.max_num_seqs = max_num_seqs
+        self.priority_scheduling = False
+        """Whether the engine schedules by request priority (set once it has started)."""
         self.steps = StepCostModel(prior_ms=prior_step_ms)
         self.tokens_per_step = Ewma(0.05)
         """Tokens a running sequence gets per decode step (above 1 with accepted speculation)."""
@@ -122,5 +124,6 @@ class LatencyTracker:
             ttft_ms=self.ttft_ms.value,
             tpot_ms=self.tpot_ms.value,
             step_samples=self.steps.samples,
+            priority_scheduling=self.priority_scheduling,
             at=time.time(),
         )

@@ -54,6 +54,10 @@ class GenerateRequest:
     add_generation_prompt: bool = True
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C trace context carrier, so spans in the tier join the caller's trace."""
+    priority: int = 0
+    """vLLM's request priority: on an engine with `scheduling_policy: priority`, lower values
+    take a free slot first (and keep their KV cache when a lower priority must give way);
+    ignored by a first-come-first-served engine."""
 
 
 @dataclass(slots=True)
@@ -254,6 +258,8 @@ class TierLoad:
     """Time per output token the engine recently delivered (decayed mean)."""
     step_samples: int = 0
     """Engine steps the step-cost fit has seen; 0 means it is still the prior."""
+    priority_scheduling: bool = False
+    """The engine orders its queue by request priority (vLLM `scheduling_policy: priority`)."""
     at: float = 0.0
     """When this was measured (Unix time)."""
 

@@ -11,9 +11,10 @@ issue's goal is the router holding that at twice what the fast tier alone sustai
 
 A request meets its SLO when it succeeds with time to first token and time per output token
 (both measured by the client) within its class's budget; a shed (429) or failed request does
-not. Prints a table and writes docs/routing-load.md.
+not. The series runs once per engine scheduling policy (`--policies`, default fcfs then priority,
+the shipped one). Prints a table and writes docs/routing-load.md.
 
-    .venv/bin/python bench/routing_load.py [--rates 3,5,7,9] [--duration-s 60]
+    .venv/bin/python bench/routing_load.py [--rates 3,5,7,9] [--duration-s 60] [--policies fcfs,priority]
 """
 
 from __future__ import annotations
@@ -157,11 +158,10 @@ async def drive(base: str, label: str, model: str, rate: float, duration_s: floa
     return run
 
 
-def start_app() -> tuple[str, object]:
+def start_ray_and_serve() -> tuple[str, object]:
     from ray import serve
 
     from tierserve.actors.checkpoints import prepare_embedded
-    from tierserve.cluster.app import build_application
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
 
@@ -173,8 +173,18 @@ def start_app() -> tuple[str, object]:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_application(config), name="tierserve", route_prefix="/")
     return f"http://127.0.0.1:{port}", config
+
+
+def deploy(config, policy: str) -> None:
+    """The app with every tier's engine on `policy` (vLLM `scheduling_policy`); replaces the
+    running one (its tiers restart)."""
+    from ray import serve
+
+    from tierserve.cluster.app import build_application
+
+    tiers = [t.model_copy(update={"engine": {**t.engine, "scheduling_policy": policy}}) for t in config.tiers]
+    serve.run(build_application(config.model_copy(update={"tiers": tiers})), name="tierserve", route_prefix="/")
 
 
 def table(runs: list[Run]) -> str:
@@ -203,24 +213,32 @@ def main() -> None:
     p.add_argument("--rates", default="3,5,7,9", help="offered loads, req/s, ascending")
     p.add_argument("--duration-s", type=float, default=60, help="seconds of load per rate and variant")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--policies",
+        default="fcfs,priority",
+        help="engine scheduling policies to run (each a redeploy): fcfs ignores the SLA classes' "
+        "priorities, priority (as shipped) serves the most urgent class waiting first",
+    )
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
     sys.path.insert(0, str(REPO / "bench"))
-    base, config = start_app()
+    base, config = start_ray_and_serve()
     budgets = {name: (c.ttft_ms, c.tpot_ms) for name, c in config.routing.sla_classes.items()}
     runs: list[Run] = []
 
-    async def measure() -> None:
-        print("warm-up", flush=True)
+    async def measure(policy: str) -> None:
+        print(f"engines scheduling {policy}; warm-up", flush=True)
         await drive(base, "warm-up", "auto", 1.0, 10, args.seed + 99, budgets)
         # Side by side at each rate, the same arrivals: all to the fast tier, then as `auto`.
         for rate in (float(r) for r in args.rates.split(",")):
             seconds = args.duration_s
-            runs.append(await drive(base, "small alone", "small", rate, seconds, args.seed, budgets))
-            runs.append(await drive(base, "router (auto)", "auto", rate, seconds, args.seed, budgets))
+            runs.append(await drive(base, f"small alone, {policy}", "small", rate, seconds, args.seed, budgets))
+            runs.append(await drive(base, f"router (auto), {policy}", "auto", rate, seconds, args.seed, budgets))
 
-    asyncio.run(measure())
+    for policy in args.policies.split(","):
+        deploy(config, policy)
+        asyncio.run(measure(policy))
     text = table(runs)
     print(text)
     if not args.no_write:
@@ -239,14 +257,23 @@ def write_doc(text: str, args: argparse.Namespace, config, runs: list[Run]) -> N
         for name, c in config.routing.sla_classes.items()
     )
     mix = ", ".join(f"{name} {share:.0%} with max_tokens {mt}" for name, share, mt in CLASSES)
-    alone, routed = sustained(runs, "small alone"), sustained(runs, "router (auto)")
 
     def said(rate: float | None) -> str:
         return f"{rate:g} req/s" if rate is not None else "none of the rates"
 
+    held = "; ".join(
+        f"engines {policy}: small alone {said(sustained(runs, f'small alone, {policy}'))}, "
+        f"the router {said(sustained(runs, f'router (auto), {policy}'))}"
+        for policy in args.policies.split(",")
+    )
+
+    command = (
+        f".venv/bin/python bench/routing_load.py --rates {args.rates} --duration-s {args.duration_s:g} "
+        f"--policies {args.policies}"
+    )
     doc = f"""# Router load test
 
-Command: `.venv/bin/python bench/routing_load.py --rates {args.rates} --duration-s {args.duration_s:g}`
+Command: `{command}`
 ({time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, one run).
 
 The embedded default (configs/local.yaml): tiers `small` and `quality`, the same SmolLM2-135M on
@@ -255,13 +282,16 @@ labelled prompts (configs/complexity/prompts.jsonl), greedy, `ignore_eos`. Mix: 
 SLA classes: {classes}. A request meets its SLO if it succeeds within its class's TTFT and TPOT
 budgets, measured by the client; shed and failed requests do not. At each rate the same
 arrivals go twice, back to back: all to `small` (the single-tier baseline), then as `model: auto`.
+The whole series runs once per engine scheduling policy (`{args.policies}`, the app redeployed
+between): `fcfs` serves each engine's queue in arrival order; `priority` (as shipped) gives a
+free slot to the waiting request of the most urgent SLA class (interactive 0, standard 1,
+batch 2), and the router's queue predictions count only the requests that go ahead.
 
 {text}
 
-Kept >= 95% within budget up to: small alone {said(alone)}, the router {said(routed)} (of the
-rates tried). The load generator runs on the same two cores as both engines and the Serve
-processes; runs on this machine vary by tens of percent from one run to the next, so compare the
-two rows of a rate, not rates across runs.
+Kept >= 95% within budget up to ({held}), of the rates tried. The load generator runs on the
+same two cores as both engines and the Serve processes; runs on this machine vary by tens of
+percent from one run to the next, so compare rows of one rate within this run.
 """
     path = REPO / "docs" / "routing-load.md"
     path.write_text(doc)

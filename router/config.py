@@ -35,13 +35,17 @@ class SlaClass(BaseModel):
     """Time to first token, as the client sees it at the ingress."""
     tpot_ms: float | None = Field(None, gt=0)
     """Mean time per output token after the first."""
+    priority: int = 0
+    """The requests' priority on tiers whose engine schedules by priority (`engine:
+    {scheduling_policy: priority}`): lower values take a free slot first (vLLM's convention);
+    the router's queue predictions count only the requests that would go ahead."""
 
 
 def _default_sla_classes() -> dict[str, SlaClass]:
     return {
-        "interactive": SlaClass(ttft_ms=1000, tpot_ms=100),
-        "standard": SlaClass(ttft_ms=3000, tpot_ms=250),
-        "batch": SlaClass(),
+        "interactive": SlaClass(ttft_ms=1000, tpot_ms=100, priority=0),
+        "standard": SlaClass(ttft_ms=3000, tpot_ms=250, priority=1),
+        "batch": SlaClass(priority=2),
     }
 
 

@@ -448,6 +448,7 @@ class Ingress:
             question = question_of(body, guarded.texts) if options is not None else ""
             rid = _request_id(formatter.id_prefix)
             request = self.safety.apply_input(body.to_generate(rid), guarded)
+            request.priority = routed.sla.priority
             retrieved = None
             if options is not None:
                 retrieved = await self.retrieval.retrieve(options, question, span)

@@ -47,6 +47,8 @@ class Sla:
     """The SLA class it came from ('custom' for budgets sent as headers), None for no budget."""
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    priority: int = 0
+    """The class's request priority on tiers that schedule by priority (lower goes first)."""
 
     def met_by(self, ttft_ms: float | None, tpot_ms: float | None, headroom: float = 1.0) -> bool:
         """Whether these latencies are within `headroom` times the budget; an unknown latency
@@ -86,6 +88,8 @@ class TierView:
     tightest_tpot_ms: float | None = None
     """The tightest TPOT budget among requests this ingress has running there: one more
     request must not push their tokens past it."""
+    priorities: dict[int, int] = field(default_factory=dict)
+    """Requests this ingress has in flight there, by priority."""
 
     def in_system(self) -> int:
         """Requests in the tier: as reported (all replicas), or as this ingress counts them."""
@@ -94,6 +98,17 @@ class TierView:
 
     def slots(self) -> int:
         return max(1, self.load.max_num_seqs * self.replicas) if self.load is not None else 1
+
+    def share_ahead(self, priority: int) -> float:
+        """The share of the tier's queue a request of `priority` waits behind: all of it on a
+        first-come-first-served engine; on a priority-scheduled one, the share of this
+        ingress's requests there at the same or a more urgent priority (an estimate: the
+        engine's queue is not reported by priority, and urgent requests are likelier to be
+        running than waiting, so it errs towards a longer wait)."""
+        if self.load is None or not self.load.priority_scheduling or not self.priorities:
+            return 1.0
+        total = sum(self.priorities.values())
+        return sum(n for p, n in self.priorities.items() if p <= priority) / total if total else 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +153,9 @@ class Decision:
         return self.choices[0] if self.choices else None
 
 
-def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None) -> Prediction:
-    """TTFT and TPOT of one more request on this tier, from its step-cost model."""
+def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None, priority: int = 0) -> Prediction:
+    """TTFT and TPOT of one more request on this tier, from its step-cost model; `priority`
+    counts on a priority-scheduled tier, where only more urgent waiting requests go first."""
     load = view.load
     if load is None:
         return Prediction(None, None, 0, None)
@@ -153,7 +169,9 @@ def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None) -
         output = min(output, max_tokens)
     full_tpot = load.step_ms(load.max_num_seqs) / max(load.tokens_per_step, 1e-6)
     request_ms = output * full_tpot
-    queued = max(0, n + 1 - slots)
+    # With every slot taken it waits behind the queue (or, on a priority-scheduled engine,
+    # behind the queue's requests of the same or a more urgent priority).
+    queued = 0 if n < slots else round((n - slots) * view.share_ahead(priority)) + 1
     # Slots free up at `slots` per `request_ms` when every slot is taken.
     wait = queued * request_ms / slots
     ttft = wait + step / 2 + load.step_ms(batch, prompt_tokens)
@@ -213,7 +231,7 @@ def decide(
         views = [v for v in views if v.name == features.named_tier]
         if not views:
             raise ValueError(f"unknown tier {features.named_tier!r}")
-    predictions = {v.name: predict(v, features.prompt_tokens, features.max_tokens) for v in views}
+    predictions = {v.name: predict(v, features.prompt_tokens, features.max_tokens, sla.priority) for v in views}
     expected_output = features.max_tokens
     admitted: list[tuple[TierView, Choice]] = []
     refused: dict[str, str] = {}

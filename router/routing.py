@@ -167,6 +167,7 @@ class Router:
             name,
             ttft_ms if ttft_ms is not None else (base.ttft_ms if base else None),
             tpot_ms if tpot_ms is not None else (base.tpot_ms if base else None),
+            base.priority if base else 0,
         )
 
     def sla_of(self, body: Any, headers: Mapping[str, str] | None) -> Sla:
@@ -241,15 +242,15 @@ class Router:
         the first batch is in and before the stream is handed on (the input guards still
         checking), may raise: the tier's request is then aborted and the error raised."""
         attempts = routed.decision.choices[: self.config.max_attempts]
-        budget = routed.sla.tpot_ms
+        sla = routed.sla
         last: TierServeError | None = None
         for choice in attempts:
             stream = start(choice.tier)
-            self.states.started(choice.tier, budget)
+            self.states.started(choice.tier, sla)
             try:
                 first = await self._first(stream)
             except TierServeError as exc:
-                self.states.finished(choice.tier, budget)
+                self.states.finished(choice.tier, sla)
                 if not self._retryable(exc, routed):
                     raise
                 if isinstance(exc, ServiceUnavailable):
@@ -258,18 +259,18 @@ class Router:
                 last = exc
                 continue
             except BaseException:
-                self.states.finished(choice.tier, budget)
+                self.states.finished(choice.tier, sla)
                 raise
             if ready is not None:
                 try:
                     await ready()
                 except BaseException:
-                    self.states.finished(choice.tier, budget)
+                    self.states.finished(choice.tier, sla)
                     await stream.aclose()  # aborts the engine's request
                     raise
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = time.perf_counter()
-            return self._counted(choice.tier, first, stream, routed.arrived, budget)
+            return self._counted(choice.tier, first, stream, routed.arrived, sla)
         assert last is not None
         if len(attempts) > 1:
             last.message = f"{last.message} (tried {', '.join(t for t, _ in routed.tried)})"
@@ -301,7 +302,7 @@ class Router:
         first: list[TokenChunk] | None,
         stream: AsyncIterator[list[TokenChunk]],
         arrived: float,
-        budget: float | None,
+        sla: Sla,
     ) -> AsyncIterator[list[TokenChunk]]:
         """The rest of the stream, counted in flight until it ends, within `request_timeout_s`."""
         timeout = self.config.request_timeout_s
@@ -323,5 +324,5 @@ class Router:
                     raise RequestTimeout(f"the request ran past request_timeout_s={timeout:g}s") from None
                 yield batch
         finally:
-            self.states.finished(tier, budget)
+            self.states.finished(tier, sla)
             await stream.aclose()

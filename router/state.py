@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from tierserve.actors.types import TierLoad
 from tierserve.router.config import RoutingConfig, TierRouting
-from tierserve.router.policy import TierView
+from tierserve.router.policy import Sla, TierView
 from tierserve.router.replicas import TierReplicas
 
 logger = logging.getLogger("tierserve.router")
@@ -33,6 +33,8 @@ class TierStates:
         }
         self.budgets: dict[str, Counter[float]] = {name: Counter() for name in names}
         """TPOT budgets of the requests in flight per tier."""
+        self.priorities: dict[str, Counter[int]] = {name: Counter() for name in names}
+        """Priorities of the requests in flight per tier."""
         self.last_error: dict[str, str] = {}
         self.replicas: dict[str, TierReplicas] = {}
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
@@ -41,20 +43,30 @@ class TierStates:
 
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
-        # `finished` deletes a budget when its last request ends, so every key here is in flight.
-        return [replace(v, tightest_tpot_ms=min(self.budgets[v.name], default=None)) for v in self.views.values()]
+        # `finished` deletes a key when its last request ends, so every key here is in flight.
+        return [
+            replace(
+                v,
+                tightest_tpot_ms=min(self.budgets[v.name], default=None),
+                priorities=dict(self.priorities[v.name]),
+            )
+            for v in self.views.values()
+        ]
 
-    def started(self, tier: str, tpot_budget_ms: float | None = None) -> None:
+    def started(self, tier: str, sla: Sla | None = None) -> None:
+        """A request with this budget and priority went to `tier`."""
+        sla = sla or Sla()
         self.views[tier].in_flight += 1
-        if tpot_budget_ms is not None:
-            self.budgets[tier][tpot_budget_ms] += 1
+        self.priorities[tier][sla.priority] += 1
+        if sla.tpot_ms is not None:
+            self.budgets[tier][sla.tpot_ms] += 1
 
-    def finished(self, tier: str, tpot_budget_ms: float | None = None) -> None:
+    def finished(self, tier: str, sla: Sla | None = None) -> None:
+        sla = sla or Sla()
         self.views[tier].in_flight -= 1
-        if tpot_budget_ms is not None:
-            self.budgets[tier][tpot_budget_ms] -= 1
-            if self.budgets[tier][tpot_budget_ms] <= 0:
-                del self.budgets[tier][tpot_budget_ms]
+        _discount(self.priorities[tier], sla.priority)
+        if sla.tpot_ms is not None:
+            _discount(self.budgets[tier], sla.tpot_ms)
 
     def failed(self, tier: str, why: str) -> None:
         """The tier failed a request before its first token: skip it until a poll succeeds."""
@@ -118,6 +130,12 @@ class TierStates:
         while True:
             await asyncio.gather(*(one(t) for t in self.views))
             await asyncio.sleep(interval_s)
+
+
+def _discount(counter: Counter, key: float) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _view(name: str, routing: TierRouting, replicas: int) -> TierView:

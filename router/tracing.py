@@ -96,6 +96,7 @@ def route_span(parent: trace.Span, requested: str, routed: Routed) -> None:
         attributes["tierserve.route.complexity"] = routed.features.complexity
     if routed.sla.name is not None:
         attributes["tierserve.route.sla_class"] = routed.sla.name
+    attributes["tierserve.route.priority"] = routed.sla.priority
     if decision.refused:
         attributes["tierserve.route.refused"] = [f"{t}:{why}" for t, why in decision.refused.items()]
     span = tracer().start_span("route", context=trace.set_span_in_context(parent), attributes=attributes)

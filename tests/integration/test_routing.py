@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import httpx
@@ -294,5 +295,62 @@ def test_fallback_before_the_first_token_and_never_after(app, tiny):
             return r.headers["x-tierserve-tier"] == "narrow"
 
         assert wait_for(back, timeout=300, interval=2), "the router never routed back to the recovered tier"
+    finally:
+        serve.delete(name)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_priority_scheduled_engine_gives_a_free_slot_to_the_more_urgent_class(app, policy):
+    """One slot, taken; a `batch` request queues, then an `interactive` one. When the slot frees,
+    a first-come-first-served engine starts the batch request, a priority-scheduled one (SLA
+    class priorities: interactive 0, batch 2) the interactive request."""
+    from ray import serve
+
+    from tierserve.actors.checkpoints import prepare_embedded
+
+    # SmolLM2 itself, not the tiny model: its 1000 tokens take long enough (tens of ms each on
+    # one core) to hold the slot while the two requests queue.
+    name = f"routing-{policy}"
+    one = tier("one", prepare_embedded("smollm2-135m-instruct", progress=False), max_model_len=1024, max_num_seqs=1)
+    one["engine"]["scheduling_policy"] = policy
+    base = deploy(app, name, [one], {"default_sla_class": None})
+
+    def waiting() -> int:
+        (view,) = httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"]
+        return view["router"]["load"]["waiting"]
+
+    first_token: dict[str, float] = {}
+    errors: list[str] = []
+
+    def request(sla_class: str) -> None:
+        body = {"model": "one", "prompt": "Once", "max_tokens": 8, "stream": True, "sla_class": sla_class}
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        first_token.setdefault(sla_class, time.perf_counter())
+                if r.status_code != 200:
+                    errors.append(f"{sla_class}: {r.status_code}")
+        except httpx.HTTPError as exc:
+            errors.append(f"{sla_class}: {exc!r}")
+
+    threads = {c: threading.Thread(target=request, args=(c,), daemon=True) for c in ("batch", "interactive")}
+    try:
+        busy = {"model": "one", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=busy, timeout=120) as holder:
+            lines = holder.iter_lines()  # kept: dropping the iterator would close the stream
+            next(line for line in lines if line.startswith("data: "))  # the slot is taken
+            load = httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"][0]["router"]["load"]
+            assert load["priority_scheduling"] is (policy == "priority")
+            threads["batch"].start()
+            assert wait_for(lambda: waiting() == 1, timeout=30, interval=0.1), "the batch request never queued"
+            threads["interactive"].start()
+            assert wait_for(lambda: waiting() == 2, timeout=30, interval=0.1), "the interactive one never queued"
+        # Leaving the stream aborts the holder's request: the slot is free.
+        for t in threads.values():
+            t.join(timeout=120)
+        assert not errors and set(first_token) == {"batch", "interactive"}, (errors, first_token)
+        first = min(first_token, key=first_token.get)
+        assert first == ("interactive" if policy == "priority" else "batch"), first_token
     finally:
         serve.delete(name)

@@ -125,6 +125,7 @@ def test_a_streamed_chat_is_one_trace_from_the_clients_span_to_every_token(trace
         "tierserve.route.reason": "named",
         "tierserve.route.candidates": ["traced"],
         "tierserve.route.sla_class": "standard",
+        "tierserve.route.priority": 1,
     }
     a = chat.attributes
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "tierserve"

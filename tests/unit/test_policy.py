@@ -4,6 +4,7 @@ predictions, and the decision's cost in time."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -157,6 +158,38 @@ def test_replicas_multiply_the_slots_a_tier_has():
     assert predict(TierView("t", load=load(running=2, slots=8), replicas=2), 100).queued_ahead == 0
 
 
+def test_on_a_priority_scheduled_tier_only_the_more_urgent_queue_goes_first():
+    # 8 slots taken, 40 waiting; of this ingress's 48 requests there, 12 are interactive (0).
+    busy = load(running=8, waiting=40)
+    mix = {0: 12, 1: 12, 2: 24}
+    fcfs = TierView("t", load=busy, priorities=mix)
+    assert predict(fcfs, 100, priority=0).queued_ahead == 41  # the engine ignores priority
+    by_priority = TierView("t", load=replace(busy, priority_scheduling=True), priorities=mix)
+    urgent, standard, batch = (predict(by_priority, 100, priority=p) for p in (0, 1, 2))
+    assert (urgent.queued_ahead, standard.queued_ahead, batch.queued_ahead) == (11, 21, 41)
+    assert urgent.ttft_ms < standard.ttft_ms < batch.ttft_ms
+    # Before this ingress has sent anything there it cannot split the queue: all of it counts.
+    assert predict(replace(by_priority, priorities={}), 100, priority=0).queued_ahead == 41
+
+
+def test_a_queue_full_for_batch_still_admits_an_interactive_request():
+    views = tiers(small_load=load(running=8, waiting=40, slots=8), large__healthy=False)
+    views[0].load.priority_scheduling = True
+    views[0].priorities = {0: 4, 2: 44}
+    interactive = decide(RequestFeatures(50, 32, 0.1), Sla("interactive", priority=0), views)
+    batch = decide(RequestFeatures(50, 32, 0.1), Sla("batch", priority=2), views)
+    assert [c.tier for c in interactive.choices] == ["small"]
+    assert (batch.choices, batch.refused) == ([], {"small": "full", "large": "unhealthy"})
+
+
+def test_sla_classes_carry_their_priority():
+    from tierserve.router.routing import Router
+
+    router = Router(RoutingConfig(), ["small"], "small")
+    assert [router.sla(c, None, None).priority for c in ("interactive", "standard", "batch")] == [0, 1, 2]
+    assert router.sla(None, 500.0, None) == Sla("custom", 500.0, 250.0, priority=1)  # the default class's
+
+
 def test_unknown_load_is_optimistic():
     view = TierView("t")
     assert predict(view, 100).ttft_ms is None
@@ -231,9 +264,11 @@ def test_in_flight_budgets_are_tracked_per_tier():
     from tierserve.router.state import TierStates
 
     states = TierStates(["small", "large"], RoutingConfig())
-    states.started("small", 100.0)
-    states.started("small", 50.0)
+    states.started("small", Sla("standard", tpot_ms=100.0, priority=1))
+    states.started("small", Sla("interactive", tpot_ms=50.0))
     states.started("large", None)
     assert {v.name: v.tightest_tpot_ms for v in states.snapshot()} == {"small": 50.0, "large": None}
-    states.finished("small", 50.0)
-    assert states.snapshot()[0].tightest_tpot_ms == 100.0 and states.snapshot()[0].in_flight == 1
+    assert states.snapshot()[0].priorities == {0: 1, 1: 1}
+    states.finished("small", Sla("interactive", tpot_ms=50.0))
+    small = states.snapshot()[0]
+    assert (small.tightest_tpot_ms, small.in_flight, small.priorities) == (100.0, 1, {1: 1})
