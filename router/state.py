@@ -34,7 +34,7 @@ class TierStates:
         self.budgets: dict[str, Counter[float]] = {name: Counter() for name in names}
         """TPOT budgets of the requests in flight per tier."""
         self.priorities: dict[str, Counter[int]] = {name: Counter() for name in names}
-        """Priorities of the requests in flight per tier."""
+        """Priorities of the requests in flight per tier (their sum: the tier's in-flight count)."""
         self.last_error: dict[str, str] = {}
         self.replicas: dict[str, TierReplicas] = {}
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
@@ -47,6 +47,7 @@ class TierStates:
         return [
             replace(
                 v,
+                in_flight=self.priorities[v.name].total(),
                 tightest_tpot_ms=min(self.budgets[v.name], default=None),
                 priorities=dict(self.priorities[v.name]),
             )
@@ -56,14 +57,12 @@ class TierStates:
     def started(self, tier: str, sla: Sla | None = None) -> None:
         """A request with this budget and priority went to `tier`."""
         sla = sla or Sla()
-        self.views[tier].in_flight += 1
         self.priorities[tier][sla.priority] += 1
         if sla.tpot_ms is not None:
             self.budgets[tier][sla.tpot_ms] += 1
 
     def finished(self, tier: str, sla: Sla | None = None) -> None:
         sla = sla or Sla()
-        self.views[tier].in_flight -= 1
         _discount(self.priorities[tier], sla.priority)
         if sla.tpot_ms is not None:
             _discount(self.budgets[tier], sla.tpot_ms)

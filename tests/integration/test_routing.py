@@ -315,9 +315,9 @@ def test_a_priority_scheduled_engine_gives_a_free_slot_to_the_more_urgent_class(
     one["engine"]["scheduling_policy"] = policy
     base = deploy(app, name, [one], {"default_sla_class": None})
 
-    def waiting() -> int:
+    def load() -> dict:
         (view,) = httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"]
-        return view["router"]["load"]["waiting"]
+        return view["router"]["load"]
 
     first_token: dict[str, float] = {}
     errors: list[str] = []
@@ -340,12 +340,13 @@ def test_a_priority_scheduled_engine_gives_a_free_slot_to_the_more_urgent_class(
         with httpx.stream("POST", f"{base}/v1/completions", json=busy, timeout=120) as holder:
             lines = holder.iter_lines()  # kept: dropping the iterator would close the stream
             next(line for line in lines if line.startswith("data: "))  # the slot is taken
-            load = httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"][0]["router"]["load"]
-            assert load["priority_scheduling"] is (policy == "priority")
+            assert load()["priority_scheduling"] is (policy == "priority")
             threads["batch"].start()
-            assert wait_for(lambda: waiting() == 1, timeout=30, interval=0.1), "the batch request never queued"
+            assert wait_for(lambda: load()["waiting"] == 1, timeout=30, interval=0.1), "the batch request never queued"
             threads["interactive"].start()
-            assert wait_for(lambda: waiting() == 2, timeout=30, interval=0.1), "the interactive one never queued"
+            assert wait_for(lambda: load()["waiting"] == 2, timeout=30, interval=0.1), (
+                "the interactive one never queued"
+            )
         # Leaving the stream aborts the holder's request: the slot is free.
         for t in threads.values():
             t.join(timeout=120)

@@ -50,7 +50,7 @@ async def test_the_first_token_waits_for_the_guards_and_then_streams(router):
     batches = await router.open(r, lambda name: tier.stream(), guards_pass)
     assert order == ["guards done after 1 batch(es) generated"]  # the tier ran meanwhile
     assert [b async for b in batches] == [["token-0"], ["token-1"], ["token-2"]]
-    assert r.tier == "small" and router.states.views["small"].in_flight == 0
+    assert r.tier == "small" and router.states.snapshot()[0].in_flight == 0
 
 
 async def test_a_refusal_aborts_the_tiers_request_and_is_raised(router):
@@ -62,4 +62,4 @@ async def test_a_refusal_aborts_the_tiers_request_and_is_raised(router):
     with pytest.raises(InvalidRequest, match="refused by a guard"):
         await router.open(routed(), lambda name: tier.stream(), guards_refuse)
     assert tier.closed and tier.sent == 1  # aborted after its first batch, nothing handed on
-    assert router.states.views["small"].in_flight == 0
+    assert router.states.snapshot()[0].in_flight == 0
