@@ -25,6 +25,10 @@ class DeploymentOptions(BaseModel):
     checked against Serve's own schema; replaces `num_replicas`."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica accepts at once; more wait in the caller's queue."""
+    max_queued_requests: int = Field(-1, ge=-1)
+    """Requests a caller may queue for this deployment beyond its replicas' `max_ongoing_requests`
+    (Serve's back-pressure): more are refused at once, which the ingress answers with 429 and
+    `Retry-After` (the HTTP proxy, for the ingress's own queue, with a plain 503). -1: no bound."""
     num_cpus: float = Field(1.0, ge=0)
     """Logical CPUs Ray reserves per replica."""
     num_gpus: float = Field(0.0, ge=0)
@@ -116,6 +120,7 @@ class DeploymentOptions(BaseModel):
         return {
             **replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor_options,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,

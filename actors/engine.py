@@ -66,6 +66,18 @@ def context_error(
     return None
 
 
+def request_error(exc: BaseException) -> InvalidRequest | None:
+    """The 400 for an error vLLM raises about the request, wherever it raises it (sampling
+    parameters, tokenizer, the engine's `add_request`): its `VLLMClientError`s
+    (`VLLMValidationError` names the parameter) and the plain `ValueError`s some of its checks
+    still raise; None for anything else (a bug, or a dead engine)."""
+    from vllm.exceptions import VLLMClientError
+
+    if isinstance(exc, (VLLMClientError, ValueError, OverflowError)):
+        return InvalidRequest(str(exc), getattr(exc, "parameter", None))
+    return None
+
+
 def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
     """A vLLM stat-logger factory calling `on_step(scheduler_stats, iteration_stats)` once per
     engine step (vLLM calls it from its output-handler task, on the engine's event loop)."""
@@ -223,7 +235,12 @@ class VLLMEngine:
         return self._waiting
 
     def load(self) -> TierLoad:
-        """Load and latency model for the router."""
+        """Load and latency model for the router; raises `ServiceUnavailable` while the engine
+        cannot serve, so a poll never reports a dead engine's tier as healthy."""
+        if self._llm is None:
+            raise ServiceUnavailable(f"engine for {self.model} is not running")
+        if self._llm.errored:
+            raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
         return self.latency.load(self._running, self._waiting, self.max_model_len)
 
     def stats(self) -> TierStats:
@@ -290,8 +307,11 @@ class VLLMEngine:
                 ignore_eos=options.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except ValueError as exc:  # vLLM's VLLMValidationError is a ValueError and names the field
-            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
+        except Exception as exc:
+            error = request_error(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Stream the request's output as chunks; the last chunk carries the usage.
@@ -304,7 +324,15 @@ class VLLMEngine:
 
         if self._llm is None:
             raise ServiceUnavailable(f"engine for {self.model} is not running")
-        ids = self.prompt_token_ids(request)
+        try:
+            ids = self.prompt_token_ids(request)
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # the tokenizer refused the text
+            error = request_error(exc)
+            if error is None:
+                raise
+            raise InvalidRequest(error.message, error.param or ("messages" if request.messages else "prompt")) from exc
         param = "messages" if request.messages is not None else "prompt"
         error = context_error(len(ids), request.sampling.max_tokens, self.max_model_len, param)
         if error is not None:
@@ -355,12 +383,12 @@ class VLLMEngine:
         except EngineDeadError as exc:
             outcome = "failed"
             raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc
-        except ValueError as exc:
+        except Exception as exc:
             outcome = "failed"
-            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from exc
-        except Exception:
-            outcome = "failed"
-            raise
+            error = request_error(exc)
+            if error is None:
+                raise
+            raise error from exc
         finally:  # CancelledError / GeneratorExit (the caller left) keep outcome "aborted"
             self._running -= 1
             if outcome == "finished":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tierserve.actors.config import DeploymentOptions
-from tierserve.rag.types import FilterValue
+from tierserve.rag.types import FilterValue, check_index_name
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"]
 
@@ -65,13 +65,21 @@ class IndexConfig(BaseModel):
 class RetrievalOptions(BaseModel):
     """What a request asks of retrieval (the `retrieval` request field), or a route's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     index: str | None = None
     """None: `rag.default_index`."""
     top_k: int | None = Field(None, ge=1, le=50)
     score_threshold: float | None = Field(None, ge=-1, le=1)
-    filters: dict[str, FilterValue] = Field(default_factory=dict)
+    filters: dict[Annotated[str, Field(min_length=1, max_length=128)], FilterValue] = Field(
+        default_factory=dict, max_length=16
+    )
+    """Metadata key → value (or any of a list of values) a chunk must have."""
+
+    @field_validator("index")
+    @classmethod
+    def _index_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_index_name(v)
 
 
 class BundledCorpus(BaseModel):

@@ -43,7 +43,7 @@ import numpy as np
 
 from tierserve.rag.config import IndexConfig
 from tierserve.rag.indexes import build_faiss, choose_type, filter_sql, search_params, to_gpu
-from tierserve.rag.types import Chunk, FilterValue, Hit
+from tierserve.rag.types import Chunk, FilterValue, Hit, check_index_name
 
 logger = logging.getLogger("tierserve.rag")
 
@@ -87,12 +87,6 @@ class IndexNotFound(StoreError):
 
 class IndexMismatch(StoreError):
     """An index built with one embedder asked to take or answer vectors of another."""
-
-
-def _valid_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise ValueError(f"index name {name!r} must be letters, digits, '-', '_' or '.', not starting with '.'")
-    return name
 
 
 def _fsync_dir(path: Path) -> None:
@@ -276,7 +270,7 @@ class IndexStore:
         self.root = Path(root).expanduser()
 
     def path(self, name: str) -> Path:
-        return self.root / _valid_name(name)
+        return self.root / check_index_name(name)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

@@ -7,10 +7,48 @@ is, so citations can be checked against the index.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-FilterValue = str | int | float | bool | list[str | int | float | bool]
+from pydantic import BeforeValidator, Field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""What SQLite (the chunk table a filter is matched in) can bind as an integer."""
+
+
+def _bindable(value: Any) -> Any:
+    """An integer SQLite cannot bind is refused, not silently made a float."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError("integers must fit in 64 bits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+FilterScalar = Annotated[
+    Annotated[str, Field(max_length=1024)] | bool | int | float,
+    BeforeValidator(_bindable),
+]
+"""One value a metadata filter compares with: bounded so that the store can bind it."""
+FilterValue = FilterScalar | Annotated[list[FilterScalar], Field(min_length=1, max_length=64)]
+
+MAX_INDEX_NAME_CHARS = 128
+
+
+def check_index_name(name: str) -> str:
+    """`name` if it can name an index directory, else `ValueError` saying what a name may hold."""
+    if (
+        not name
+        or len(name) > MAX_INDEX_NAME_CHARS
+        or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+        or name.startswith(".")
+    ):
+        raise ValueError(
+            f"index name {name[:MAX_INDEX_NAME_CHARS]!r} must be 1-{MAX_INDEX_NAME_CHARS} ASCII letters, digits, "
+            "'-', '_' or '.', not starting with '.'"
+        )
+    return name
 
 
 @dataclass(slots=True)

@@ -9,15 +9,45 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tierserve.actors.config import DeploymentOptions
 
 
+class RequestLimits(BaseModel):
+    """What one request may ask for. The ingress checks these before anything else runs on the
+    request (routing, guards, retrieval, tokenization), so their cost is bounded; a request over
+    one is refused with the limit's name and the field (413 for the body, else 400
+    `limit_exceeded`). Defaults fit the shipped tiers' context windows with room to spare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Bytes of an HTTP request body."""
+    max_messages: int = Field(512, ge=1)
+    """Messages in one chat request."""
+    max_prompt_chars: int = Field(200_000, ge=1)
+    """Characters of a request's text: all its messages' contents together, or the prompt."""
+    max_prompt_token_ids: int = Field(131_072, ge=1)
+    """Token ids of a completion prompt given as ids."""
+    max_stop: int = Field(16, ge=0)
+    """Stop sequences (`stop`)."""
+    max_stop_chars: int = Field(256, ge=1)
+    """Characters of one stop sequence."""
+    max_stop_token_ids: int = Field(64, ge=0)
+    """Token ids in `stop_token_ids`."""
+
+
 class IngressConfig(BaseModel):
     """The OpenAI-compatible front door."""
 
     model_config = ConfigDict(extra="forbid")
 
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    """Bounds on one request (checked first, before any work is spent on it)."""
+
     default_tier: str | None = None
     """The tier `model: auto` goes to; the first tier when unset."""
     health_timeout_s: float = Field(5.0, gt=0)
     """How long `GET /health` (and each tier's part of `GET /v1/tiers`) waits for the tier's answer."""
+    retriever_timeout_s: float = Field(10.0, gt=0)
+    """How long a call to the retriever (search, grounding, the index list) may take: a search
+    past it fails the request with 504 `retriever_timeout`, a grounding past it goes without a score."""
     replicas_poll_interval_s: float = Field(2.0, gt=0)
     """How often the ingress reads each tier's replicas from Serve's controller: a tier with no
     running replica (its node is gone, it is restarting) is skipped until one runs again."""

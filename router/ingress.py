@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,9 +38,10 @@ from tierserve.actors.errors import Overloaded, ServiceUnavailable, TierServeErr
 from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.cluster.telemetry import TelemetryConfig, inject, setup_telemetry
 from tierserve.rag.config import RagConfig
-from tierserve.router.config import IngressConfig, RoutingConfig
+from tierserve.router.config import IngressConfig, RequestLimits, RoutingConfig
+from tierserve.router.limits import body_too_large, check_limits
 from tierserve.router.metrics import IngressMetrics
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, error_responses, validation_error
 from tierserve.router.replicas import tier_replicas
 from tierserve.router.responses import (
     ChatStreamFormatter,
@@ -49,7 +50,7 @@ from tierserve.router.responses import (
     StreamFormatter,
 )
 from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
-from tierserve.router.routing import Routed, Router
+from tierserve.router.routing import Routed, Router, primed
 from tierserve.router.safety import ContentBlocked, SafetyReport, SafetyStep
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
@@ -61,6 +62,58 @@ R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
 
 app = FastAPI(title="tierserve", docs_url="/docs", redoc_url=None)
+
+
+class BodyLimit:
+    """ASGI middleware refusing a request body over `ingress.limits.max_body_bytes` with 413,
+    from its `Content-Length` before reading it, else as its chunks arrive."""
+
+    max_body_bytes = RequestLimits().max_body_bytes
+    """Set by the `Ingress` constructor (one per replica process) from its config."""
+
+    def __init__(self, asgi: Any):
+        self.asgi = asgi
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        limit = BodyLimit.max_body_bytes
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            error = body_too_large(limit)
+            return await _error_response(error)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, body_too_large(limit).message)
+            return message
+
+        await self.asgi(scope, counted, send)
+
+
+app.add_middleware(BodyLimit)
+
+_fastapi_openapi = app.openapi
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's OpenAPI document less its 422 responses: tierserve answers bad input with 400."""
+    if app.openapi_schema is None:
+        schema = _fastapi_openapi()
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _request_id(prefix: str) -> str:
@@ -96,9 +149,12 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
     return _error_response(validation_error(list(exc.errors())))
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    err = TierServeError(str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
+    err = TierServeError(str(exc.detail), None, _HTTP_CODES.get(exc.status_code))
     err.status_code = exc.status_code
     return _error_response(err, getattr(exc, "headers", None))
 
@@ -133,7 +189,10 @@ def _as_user_error(exc: BaseException, tier: str) -> BaseException:
     if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
         return ServiceUnavailable(f"tier {tier!r} is unavailable: its replica died", "model")
     if isinstance(cause, BackPressureError):
-        return Overloaded(f"tier {tier!r} is at capacity: its queue is full", "model")
+        retry = getattr(cause, "retry_after_s", None)
+        return Overloaded(f"tier {tier!r} is at capacity: its queue is full", "model", retry_after_s=retry)
+    if isinstance(cause, DeploymentUnavailableError):
+        return ServiceUnavailable(f"tier {tier!r} is unavailable: {cause}", "model")
     return cause
 
 
@@ -157,12 +216,15 @@ async def _sse(batches: AsyncIterator[list[BaseModel]]) -> AsyncIterator[str]:
 
 
 async def _ending(body: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
-    """A streamed body that ends the request's span when the stream ends (or the client leaves)."""
+    """A streamed body that ends the request's span when the stream ends (or the client leaves,
+    even before the body is read: it is `primed`), and closes the stream under it."""
     try:
+        yield b""  # taken by `primed`
         async for part in body:
             yield part
     finally:
         end_with_status(span, 200)
+        await body.aclose()
 
 
 @dataclasses.dataclass
@@ -196,6 +258,7 @@ class Ingress:
     ):
         setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
+        BodyLimit.max_body_bytes = config.limits.max_body_bytes
         self.directory = TierDirectory(tiers, config.default_tier)
         self.handles = handles
         self.created = int(time.time())
@@ -207,7 +270,9 @@ class Ingress:
             Path(model_cache) if model_cache else None,
             {t.name: t.replicas for t in tiers},
         )
-        self.retrieval = RetrievalStep(rag or RagConfig(enabled=retriever is not None), retriever)
+        self.retrieval = RetrievalStep(
+            rag or RagConfig(enabled=retriever is not None), retriever, config.retriever_timeout_s
+        )
         self.safety = SafetyStep(safety or SafetyConfig(), Path(model_cache) / "safety" if model_cache else None)
         self._pollers: list[asyncio.Task] = []
         self._ensure_polling()
@@ -336,36 +401,51 @@ class Ingress:
         """The retrieval indexes with their published version's manifest (none without RAG)."""
         if self.retrieval.retriever is None:
             return []
-        return await self.retrieval.retriever.indexes.remote()
+        return await self.retrieval.indexes()
 
     # ----- HTTP routes -------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {"model": ChatCompletion, "content": {"text/event-stream": {}}, "description": "JSON, or SSE"},
+            **error_responses(400, 404, 413, 429, 500, 503, 504),
+        },
+    )
     async def _http_chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._http_traced(request, body, ChatStreamFormatter)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses={
+            200: {"model": Completion, "content": {"text/event-stream": {}}, "description": "JSON, or SSE"},
+            **error_responses(400, 404, 413, 429, 500, 503, 504),
+        },
+    )
     async def _http_complete(self, body: CompletionRequest, request: Request) -> Response:
         return await self._http_traced(request, body, CompletionStreamFormatter)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(500))
     async def _http_models(self) -> JSONResponse:
         models = await self.list_models()
         return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]})
 
-    @app.get("/v1/tiers")
+    @app.get("/v1/tiers", responses=error_responses(500))
     async def _http_tiers(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.tiers()})
 
-    @app.get("/v1/indexes")
+    @app.get("/v1/indexes", responses=error_responses(500, 503))
     async def _http_indexes(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.indexes()})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "No tier can serve"}, **error_responses(500)})
     async def _http_health(self) -> JSONResponse:
+        """200 while at least one tier can serve (`status`: `ok`, or `degraded` with the tiers
+        that cannot named), 503 when none can: what a load balancer should probe."""
         tiers = await self.health()
-        ok = all(v == "ok" for v in tiers.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "tiers": tiers}, status_code=200 if ok else 503)
+        serving = [name for name, state in tiers.items() if state == "ok"]
+        status = "ok" if len(serving) == len(tiers) else ("degraded" if serving else "unavailable")
+        return JSONResponse({"status": status, "serving": serving, "tiers": tiers}, status_code=200 if serving else 503)
 
     # ----- shared internals --------------------------------------------------------------
 
@@ -390,7 +470,7 @@ class Ingress:
             raise
         response.headers.update(headers)
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _ending(response.body_iterator, span)
+            response.body_iterator = await primed(_ending(response.body_iterator, span))
         else:
             end_with_status(span, response.status_code)
         return response
@@ -435,12 +515,28 @@ class Ingress:
     ) -> Opened:
         """Route the request, guard its text, retrieve its passages if it uses retrieval (and
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
+        check_limits(body, self.config.limits)  # before anything is spent on the request
         report = SafetyReport()
         options = self.retrieval.options(body, "chat" if formatter is ChatStreamFormatter else "completions")
         # Routed first, so an overloaded service sheds at once, before guards and retrieval;
         # the passages' tokens are counted at their most (top_k full chunks) for the context check.
         passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
         routed = await self._plan(body, span, headers, passage_tokens)
+        try:
+            return await self._guarded_open(body, formatter, span, routed, options, report)
+        finally:
+            self.router.release(routed)  # the place `plan` held, if the request never started
+
+    async def _guarded_open(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        routed: Routed,
+        options: Any,
+        report: SafetyReport,
+    ) -> Opened:
+        """`_open` once routed: input guards, retrieval, and the tier's first tokens."""
         # The guards that only refuse keep checking while retrieval and prefill run; the
         # first token waits for them (`ready` below).
         guarded = await self.safety.check_input(body, report, span)

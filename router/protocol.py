@@ -10,14 +10,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tierserve.actors.errors import InvalidRequest
 from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
 from tierserve.rag.config import RetrievalOptions
+from tierserve.rag.types import INT64_MAX, INT64_MIN
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+INT32_MAX = 2**31 - 1
+"""Bound of the integer fields vLLM keeps in 32 bits (token ids, counts); `seed` takes 64."""
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired UTF-16 surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string from the caller: valid Unicode that encodes as UTF-8."""
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+_REQUEST_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
+"""Unknown fields are ignored (as OpenAI-compatible servers do); `1e999` and NaN are refused."""
 
 
 class StreamOptions(BaseModel):
@@ -26,15 +47,15 @@ class StreamOptions(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart, Field(discriminator="type")]] | None = None
-    name: str | None = None
+    content: Text | list[Annotated[TextPart, Field(discriminator="type")]] | None = None
+    name: Text | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if self.content is None:
@@ -47,33 +68,33 @@ class ChatMessageIn(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions, with OpenAI's names and ranges."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST_CONFIG
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
+    model: Text = Field(max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    min_tokens: Count = 0
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = Field(None, max_length=256)
     # tierserve's extensions (OpenAI clients send them with `extra_body`); the HTTP headers
     # x-sla-class, x-slo-ttft-ms and x-slo-tpot-ms set the same when the body does not.
-    sla_class: str | None = None
+    sla_class: Text | None = Field(None, max_length=64)
     """A named latency budget from the config's `routing.sla_classes`."""
-    slo_ttft_ms: float | None = Field(None, gt=0)
+    slo_ttft_ms: float | None = Field(None, gt=0, le=1e9)
     """Time-to-first-token budget in milliseconds (overrides the class's)."""
-    slo_tpot_ms: float | None = Field(None, gt=0)
+    slo_tpot_ms: float | None = Field(None, gt=0, le=1e9)
     """Time-per-output-token budget in milliseconds (overrides the class's)."""
     retrieval: bool | RetrievalOptions | None = None
     """Answer from an index's passages (docs/rag.md): `true` for the configured defaults, or
@@ -93,6 +114,17 @@ class _SamplingFields(BaseModel):
         if v is not None and any(not s for s in v):
             raise ValueError("stop sequences must be non-empty")
         return v
+
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def check_fields(self) -> None:
+        """Checks across fields that pydantic cannot name a field for; raises `InvalidRequest`."""
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens"
+            )
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
         s = SamplingOptions(max_tokens=max_tokens, n=self.n, seed=self.seed, logprobs=logprobs)
@@ -119,7 +151,7 @@ class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
@@ -157,8 +189,8 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions` with one prompt (text or token ids)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -170,7 +202,7 @@ class CompletionRequest(_SamplingFields):
             if len(v) != 1:
                 raise ValueError("batched prompts are not supported; send one request per prompt")
             v = v[0]
-        if isinstance(v, list) and not v:
+        if not v:
             raise ValueError("prompt must not be empty")
         return v
 
@@ -198,14 +230,48 @@ class CompletionRequest(_SamplingFields):
         )
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error tierserve answers, in OpenAI's schema."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that answers these error statuses."""
+    why = {
+        400: "Invalid request: the field is named in `param`",
+        404: "Unknown model or index",
+        413: "Request body over `ingress.limits.max_body_bytes`",
+        429: "Every tier that could serve it is full (with `Retry-After`)",
+        500: "Unexpected error (the message carries the request id)",
+        503: "No tier (or the retriever) can serve it now (with `Retry-After`)",
+        504: "No first token, or no retriever answer, in time",
+    }
+    return {status: {"model": ErrorResponse, "description": why[status]} for status in statuses}
+
+
 def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
-    """One 400 from pydantic's errors: the first error's message, with its field path as `param`."""
-    first = errors[0]
+    """One 400 from pydantic's errors, with its field path as `param`. Of a union's branches,
+    the error deepest in the input (then one our own validators raised) says most."""
+    first = max(
+        enumerate(errors), key=lambda ie: (len(ie[1].get("loc", ())), ie[1].get("type") == "value_error", -ie[0])
+    )[1]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # Drop pydantic's union-branch tags (e.g. 'str', 'list[...]') that follow the field path.
     param = ".".join(
-        p for p in loc if not p.startswith(("list[", "function-")) and p not in ("str", "int", "float", "bool")
+        p
+        for p in loc
+        if not p.startswith(("list[", "function-", "json-or-python["))
+        and p not in ("str", "int", "float", "bool", "[key]")
     )
+    param = param.strip(".")
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
         return InvalidRequest(

@@ -11,15 +11,17 @@ id, document, score, whether the answer cites it) and the grounding score in the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from tierserve.actors.errors import InvalidRequest, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.actors.errors import InvalidRequest, RequestTimeout, ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest
 from tierserve.cluster.telemetry import inject, tracer
 from tierserve.rag.config import RagConfig, RetrievalOptions
@@ -68,9 +70,11 @@ class Retrieved:
 class RetrievalStep:
     """Options, the retriever call and the prompt change for requests that use retrieval."""
 
-    def __init__(self, config: RagConfig, retriever: DeploymentHandle | None):
+    def __init__(self, config: RagConfig, retriever: DeploymentHandle | None, timeout_s: float = 10.0):
         self.config = config
         self.retriever = retriever
+        self.timeout_s = timeout_s
+        """Bound on every call to the retriever (`ingress.retriever_timeout_s`)."""
         from tierserve.rag.metrics import GroundingMetrics
 
         self.metrics = GroundingMetrics()
@@ -114,7 +118,13 @@ class RetrievalStep:
                 inject(),
             )
             try:
-                result = await self.retriever.retrieve.remote(query)
+                result = await asyncio.wait_for(self.retriever.retrieve.remote(query), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(
+                    f"the retriever did not answer within ingress.retriever_timeout_s={self.timeout_s:g}s",
+                    "retrieval",
+                    "retriever_timeout",
+                ) from None
             except Exception as exc:
                 error = _user_error(exc)
                 if error is None:
@@ -152,7 +162,7 @@ class RetrievalStep:
             self.metrics.ungrounded.inc(1, tags)
             return
         try:
-            retrieved.grounding = await self.retriever.ground.remote(answer, passages)
+            retrieved.grounding = await asyncio.wait_for(self.retriever.ground.remote(answer, passages), self.timeout_s)
         except Exception as exc:
             logger.warning("grounding of an answer on index %s failed: %r", retrieved.result.index, exc)
             return
@@ -161,6 +171,23 @@ class RetrievalStep:
             self.metrics.score.observe(score, tags)
             if score < 0.5:
                 self.metrics.ungrounded.inc(1, tags)
+
+    async def indexes(self) -> list[dict[str, Any]]:
+        """The retriever's indexes with their manifests (503 if it does not answer in time)."""
+        try:
+            return await asyncio.wait_for(self.retriever.indexes.remote(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(
+                f"the retriever did not answer within ingress.retriever_timeout_s={self.timeout_s:g}s",
+                None,
+                "retriever_unavailable",
+                retry_after_s=1.0,
+            ) from None
+        except Exception as exc:
+            error = _user_error(exc)
+            if error is None:
+                raise
+            raise error from None
 
 
 def question_of(body: Any, texts: list[str] | None = None) -> str:
@@ -184,8 +211,17 @@ def _user_error(exc: BaseException) -> TierServeError | None:
     cause = unwrap_error(exc)
     if isinstance(cause, TierServeError):
         return cause
-    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+    if isinstance(
+        cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, DeploymentUnavailableError)
+    ):
         return ServiceUnavailable(
-            "the retriever is unavailable: its replica died", "retrieval", "retriever_unavailable"
+            "the retriever is unavailable: its replica died", "retrieval", "retriever_unavailable", retry_after_s=1.0
+        )
+    if isinstance(cause, BackPressureError):
+        return ServiceUnavailable(
+            "the retriever is at capacity",
+            "retrieval",
+            "retriever_unavailable",
+            retry_after_s=cause.retry_after_s or 1.0,
         )
     return None

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tierserve.actors.errors import (
     ContextLengthExceeded,
@@ -42,6 +42,8 @@ SLO_TTFT_HEADER = "x-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-slo-tpot-ms"
 TIER_HEADER = "x-tierserve-tier"
 REASON_HEADER = "x-tierserve-route-reason"
+
+T = TypeVar("T")
 
 CHARS_PER_TOKEN = 4
 """For estimating prompt tokens before any tokenizer runs (English text, BPE vocabularies)."""
@@ -67,6 +69,10 @@ class Routed:
     first_token_at: float | None = None
     usage: Usage | None = None
     cost: float | None = None
+    reserved: str | None = None
+    """The tier whose place this request holds from its decision until it starts there (or
+    gives the place back, `Router.release`): counted in flight from the moment it was decided,
+    so a burst of requests decided together sees each other."""
 
     @property
     def reason(self) -> str:
@@ -112,6 +118,16 @@ class Routed:
         if self.first_token_at is None or self.usage is None or self.usage.completion_tokens < 2:
             return None
         return 1e3 * (ended - self.first_token_at) / (self.usage.completion_tokens - 1)
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`stream`, an async generator whose first `yield` is a placeholder, run up to that yield.
+
+    A generator's `finally` runs only once it has started: one handed to a caller who never
+    iterates it (a client gone before the response body is read) would never release what it
+    holds. Started, it is closed by the event loop when dropped, so its `finally` always runs."""
+    await anext(stream)
+    return stream
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -204,7 +220,18 @@ class Router:
         score = await self.complexity(text, turns) if named_tier is None else None
         features = RequestFeatures(tokens, body.requested_max_tokens(), score, named_tier)
         decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
-        return Routed(decision, sla, features, arrived)
+        routed = Routed(decision, sla, features, arrived)
+        if decision.choices:  # hold the place now: guards and retrieval still run before it starts
+            routed.reserved = decision.choices[0].tier
+            self.states.started(routed.reserved, sla)
+        return routed
+
+    def release(self, routed: Routed) -> None:
+        """Give back the place `plan` reserved, if the request never started on a tier (an error
+        or a refusal before it did). Safe to call more than once."""
+        if routed.reserved is not None:
+            self.states.finished(routed.reserved, routed.sla)
+            routed.reserved = None
 
     def cost(self, routed: Routed) -> float | None:
         """The request's cost on the tier that served it, from its usage and the tier's prices."""
@@ -246,7 +273,11 @@ class Router:
         last: TierServeError | None = None
         for choice in attempts:
             stream = start(choice.tier)
-            self.states.started(choice.tier, sla)
+            if routed.reserved == choice.tier:
+                routed.reserved = None  # the place held since the decision is now this request's
+            else:
+                self.release(routed)
+                self.states.started(choice.tier, sla)
             try:
                 first = await self._first(stream)
             except TierServeError as exc:
@@ -270,7 +301,7 @@ class Router:
                     raise
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = time.perf_counter()
-            return self._counted(choice.tier, first, stream, routed.arrived, sla)
+            return await primed(self._counted(choice.tier, first, stream, routed.arrived, sla))
         assert last is not None
         if len(attempts) > 1:
             last.message = f"{last.message} (tried {', '.join(t for t, _ in routed.tried)})"
@@ -307,6 +338,7 @@ class Router:
         """The rest of the stream, counted in flight until it ends, within `request_timeout_s`."""
         timeout = self.config.request_timeout_s
         try:
+            yield []  # taken by `primed`
             if first is None:
                 return
             yield first

@@ -1,9 +1,11 @@
 """The ingress's side of the guard chain: the request's text, retrieved chunks, the answer.
 
-- **input**: the user's and tools' turns of a chat (or a completion's prompt) are checked
-  after routing. A block is a 400 `content_policy_violation` whose message says why, never what
-  matched; a redaction rewrites the text the tier and the retriever see. Guards that redact run
-  first; guards that can only refuse (the injection guard) run meanwhile in the background
+- **input**: after routing, the guards that redact check every turn of a chat (or a
+  completion's prompt), the guards that refuse its user's and tools' turns (`REFUSAL_ROLES`); a
+  prompt of token ids, which no guard can read, is refused (`safety.token_id_prompts`). A
+  block is a 400 `content_policy_violation` whose message says why, never what matched; a
+  redaction rewrites the text the tier and the retriever see. Guards that redact run first;
+  guards that can only refuse (the injection guard) run meanwhile in the background
   (`SafetyConfig.overlap_input_checks`), and the ingress awaits them once the tier has sent its
   first token and before anything reaches the client, so their time hides behind retrieval
   and prefill.
@@ -39,8 +41,10 @@ from tierserve.safety.config import SafetyConfig
 from tierserve.safety.streaming import StreamGuard
 from tierserve.safety.types import Finding, Stage, Verdict
 
-GUARDED_ROLES = ("user", "tool")
-"""Chat turns the input guards check."""
+REFUSAL_ROLES = ("user", "tool")
+"""Chat turns the guards that refuse (the injection guard) check. System and developer turns are
+the application's own instructions, which an injection guard would take for an attack, and
+assistant turns are the model's own earlier answers; the guards that redact check every turn."""
 
 
 class ContentBlocked(InvalidRequest):
@@ -109,9 +113,12 @@ class SafetyStep:
         from tierserve.safety.metrics import SafetyMetrics
 
         self.chain: GuardChain | None = build_chain(config, cache_dir) if config.enabled else None
-        self.input_now, self.input_later = self.chain, None
-        if self.chain is not None and config.overlap_input_checks:
-            self.input_now, self.input_later = self.chain.split("input")
+        self.input_rewriting: GuardChain | None = None
+        self.input_refusing: GuardChain | None = None
+        if self.chain is not None:
+            self.input_rewriting, self.input_refusing = self.chain.split("input")
+        self.overlap = config.overlap_input_checks
+        self.token_id_prompts = config.token_id_prompts
         self.metrics = SafetyMetrics()
 
     def active(self, stage: Stage) -> bool:
@@ -153,38 +160,44 @@ class SafetyStep:
         """The request's texts (one per message, or the prompt) after the input guards that
         rewrite text, with the refusing ones started in the background (`GuardedInput.pending`;
         without `overlap_input_checks`, already done). Raises `ContentBlocked` if a guard that ran
-        blocks. Of a chat, the user's and tools' turns are checked: system and developer messages
-        are the application's own instructions (an injection guard would take them for one), and
-        assistant turns are the model's, guarded as output when they were written."""
+        blocks. The guards that redact check every turn of a chat; those that refuse, the user's
+        and tools' turns (`REFUSAL_ROLES`). A prompt of token ids, which no guard can read, is
+        refused while an input guard is on (`safety.token_id_prompts`)."""
         if not self.active("input"):
             return GuardedInput()
         messages = getattr(body, "messages", None)
         if messages is not None:
             texts, param = [m.text() for m in messages], "messages"
-            checked = [i for i, m in enumerate(messages) if m.role in GUARDED_ROLES]
+            refused_on = [i for i, m in enumerate(messages) if m.role in REFUSAL_ROLES]
         elif isinstance(body.prompt, str):
-            texts, param, checked = [body.prompt], "prompt", [0]
-        else:  # token ids: no text to check
+            texts, param, refused_on = [body.prompt], "prompt", [0]
+        elif self.token_id_prompts == "refuse":
+            raise InvalidRequest(
+                "a prompt of token ids cannot be checked by this service's input guards; send text "
+                "(the operator may allow unchecked token ids with safety.token_id_prompts: unchecked)",
+                "prompt",
+                "unguardable_input",
+            )
+        else:
             return GuardedInput()
-        if not checked:
-            return GuardedInput()
-        originals = [texts[i] for i in checked]
         out = GuardedInput(texts)
-        if self.input_later is not None and self.input_later.active("input"):
-            out.pending = asyncio.create_task(self._refuse(originals, param, report, span))
-        if self.input_now is not None and self.input_now.active("input"):
-            try:
-                verdicts = await self._check(originals, "input", span, self.input_now)
-                for i, v in zip(checked, self._verdicts(verdicts, param, report)):
+        if self.input_refusing is not None and self.input_refusing.active("input") and refused_on:
+            out.pending = asyncio.create_task(self._refuse([texts[i] for i in refused_on], param, report, span))
+        try:
+            if not self.overlap:
+                await out.passed()
+            if self.input_rewriting is not None and self.input_rewriting.active("input"):
+                verdicts = await self._check(list(texts), "input", span, self.input_rewriting)
+                for i, v in enumerate(self._verdicts(verdicts, param, report)):
                     texts[i] = v.text
-            except BaseException:
-                out.cancel()
-                raise
+        except BaseException:
+            out.cancel()
+            raise
         return out
 
     async def _refuse(self, texts: list[str], param: str, report: SafetyReport, span: trace.Span) -> None:
-        """The refusing input guards (`input_later`) on the original texts."""
-        self._verdicts(await self._check(texts, "input", span, self.input_later), param, report)
+        """The refusing input guards (`input_refusing`) on the original texts."""
+        self._verdicts(await self._check(texts, "input", span, self.input_refusing), param, report)
 
     @staticmethod
     def _verdicts(verdicts: list[Verdict], param: str, report: SafetyReport) -> list[Verdict]:

@@ -82,4 +82,8 @@ class SafetyConfig(BaseModel):
     token is released only once they pass, and a refusal aborts the tier's request and answers
     the same 400 as before. Their time then adds to time to first token only where it exceeds
     it. Guards that redact input run first either way: the tier must see their text. False:
-    every input guard runs before routing."""
+    the refusing guards finish before retrieval and the tier start."""
+    token_id_prompts: Literal["refuse", "unchecked"] = "refuse"
+    """A completion prompt sent as token ids has no text for the input guards: `refuse` answers
+    it with a 400 while any input guard is on (a guard that cannot decide refuses);
+    `unchecked` lets it through unguarded (the answer is still guarded as it streams)."""

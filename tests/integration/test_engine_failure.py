@@ -37,11 +37,22 @@ def test_engine_death_mid_stream(app, http):
     assert error["code"] == "engine_unavailable" and error["type"] == "service_unavailable_error"
     assert len(events) < 256  # cut short, not 512 tokens
 
-    # Health reports the dead tier while it is down ...
-    down = wait_for(lambda: http.get("/health", timeout=30).status_code == 503, timeout=60)
+    # Health reports the dead tier while it is down, and still 200 (degraded): the other tier serves,
+    # so a load balancer keeps the node ...
+    def health() -> dict:
+        r = http.get("/health", timeout=30)
+        return {**r.json(), "http": r.status_code}
+
+    down = wait_for(lambda: health()["status"] == "degraded", timeout=60)
     assert down, "health never reported the dead engine"
+    state = health()
+    if state["status"] == "degraded":
+        assert state["http"] == 200 and TIER not in state["serving"] and state["tiers"][TIER] != "ok"
+    # ... `auto` falls back to the tier that serves meanwhile ...
+    r = httpx.post(f"{app.http}/v1/completions", json={"model": "auto", "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    assert r.status_code == 200, r.text
     # ... and Serve's health check replaces the replica, after which the tier serves again.
-    up = wait_for(lambda: http.get("/health", timeout=30).status_code == 200, timeout=420, interval=2)
+    up = wait_for(lambda: health()["status"] == "ok", timeout=420, interval=2)
     assert up, "the tier did not recover"
 
     # The router learns of the new replica within a couple of seconds (a load poll, or Serve's

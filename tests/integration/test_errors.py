@@ -80,6 +80,58 @@ def test_token_ids_outside_vocab_are_400(client):
     assert err.value.param == "prompt"
 
 
+BAD = [
+    # (path, body fields, param the 400 names) — each answered 500 before the fix
+    ("/v1/chat/completions", {"min_tokens": 30, "max_tokens": 10}, "min_tokens"),
+    ("/v1/chat/completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"seed": 2**70}, "seed"),
+    ("/v1/chat/completions", {"top_k": 2**70}, "top_k"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 1_000_001}]}, "messages.0"),
+    ("/v1/chat/completions", {"retrieval": {"index": "../x"}}, "retrieval.index"),
+    ("/v1/chat/completions", {"retrieval": {"filters": {"n": 12345678901234567890123}}}, "retrieval.filters.n"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 20}, "min_tokens"),
+]
+
+
+@pytest.mark.parametrize("path, fields, param", BAD)
+def test_bad_values_are_400_naming_the_field(http, path, fields, param):
+    body = {"model": "auto", **({"prompt": "x"} if path == "/v1/completions" else {"messages": MSG}), **fields}
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"].startswith(param)
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (
+            b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1e999}',
+            "repetition_penalty",
+        ),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "slo_ttft_ms": 1e999}', "slo_ttft_ms"),
+        (b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ],
+)
+def test_numbers_and_text_json_cannot_carry_are_400(http, raw, param):
+    r = http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"].startswith(param)
+
+
+def test_a_body_over_the_limit_is_413(http):
+    big = b'{"model": "auto", "messages": [{"role": "user", "content": "' + b"x" * (5 << 20) + b'"}]}'
+    r = http.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield big[: 1 << 20]
+        yield big[1 << 20 :]
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+
+
 def test_logprobs_above_limit_are_400(http):
     r = http.post("/v1/completions", json={"model": "auto", "prompt": "x", "logprobs": 21})
     assert r.status_code == 400 and error_of(r)["param"] == "logprobs"

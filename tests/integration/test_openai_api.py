@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP API, driven by the official `openai` client against the real engine."""
 
+import openai
 import pytest
+
+from tierserve.actors.types import GenerateRequest, SamplingOptions
 
 from .conftest import TIER, TIERS
 
@@ -16,7 +19,7 @@ def test_models_lists_auto_and_tiers(client):
 def test_health_reports_each_tier(http):
     r = http.get("/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "tiers": {t: "ok" for t in TIERS}}
+    assert r.json() == {"status": "ok", "serving": TIERS, "tiers": {t: "ok" for t in TIERS}}
 
 
 def test_chat_greedy_is_deterministic_and_reports_usage(client):
@@ -127,11 +130,18 @@ def test_chat_logprobs_streamed(client):
     assert "".join(t.token for t in tokens) == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def test_completion_from_token_ids(client):
-    text = client.completions.create(model="auto", prompt="The sky is", max_tokens=6, temperature=0)
-    ids = client.completions.create(model="auto", prompt=[1, 504, 5620, 314], max_tokens=6, temperature=0)
-    assert ids.usage.prompt_tokens == 4 and ids.choices[0].text
-    assert text.usage.prompt_tokens >= 3
+def test_completion_from_token_ids(client, tier_handle):
+    # The embedded default's input guards cannot read token ids, so the ingress refuses them ...
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="auto", prompt=[1, 504, 5620, 314], max_tokens=6, temperature=0)
+    assert err.value.code == "unguardable_input" and err.value.param == "prompt"
+    # ... and the tier serves them (a service whose operator allows them unchecked).
+    request = GenerateRequest("ids", SamplingOptions(max_tokens=6, temperature=0), prompt_token_ids=[1, 504, 5620, 314])
+    chunks = [c for batch in tier_handle.options(stream=True).generate.remote(request) for c in batch]
+    assert chunks[-1].usage.prompt_tokens == 4 and "".join(c.text for c in chunks)
+    with pytest.raises(Exception, match="outside the model's vocabulary"):
+        request = GenerateRequest("bad", SamplingOptions(max_tokens=1), prompt_token_ids=[1, 10_000_000])
+        list(tier_handle.options(stream=True).generate.remote(request))
 
 
 def test_completion_stream(client):

@@ -63,3 +63,65 @@ async def test_a_refusal_aborts_the_tiers_request_and_is_raised(router):
         await router.open(routed(), lambda name: tier.stream(), guards_refuse)
     assert tier.closed and tier.sent == 1  # aborted after its first batch, nothing handed on
     assert router.states.snapshot()[0].in_flight == 0
+
+
+class Body:
+    """The parts of a request `Router.plan` reads."""
+
+    sla_class = slo_ttft_ms = slo_tpot_ms = None
+
+    def routing_text(self):
+        return "hello there", 1
+
+    def requested_max_tokens(self):
+        return 16
+
+
+def busy_router(slots: int, max_queue: int) -> Router:
+    from tierserve.actors.types import TierLoad
+    from tierserve.router.config import TierRouting
+
+    config = RoutingConfig(tiers={"small": TierRouting(max_queue=max_queue)}, default_sla_class=None)
+    config.complexity.mode = "heuristic"
+    router = Router(config, ["small"], "small")
+    router.states.polled("small", TierLoad(0, 0, slots, 2048, 20.0, 5.0, 40.0, 1.0, 100.0))
+    return router
+
+
+async def test_a_burst_is_admitted_against_the_places_already_decided():
+    """Requests decided together each hold a place from their decision, before they start on a
+    tier: a burst of 100 against 4 slots and a queue of 6 admits 4 + 6, not all 100."""
+    router = busy_router(slots=4, max_queue=6)
+    plans = [await router.plan(Body(), None) for _ in range(100)]
+    admitted = [p for p in plans if p.decision.choices]
+    assert len(admitted) == 10
+    assert {p.decision.reason for p in plans if not p.decision.choices} == {"overloaded"}
+    assert router.states.snapshot()[0].in_flight == 10
+    for p in admitted:
+        router.release(p)
+        router.release(p)  # twice is harmless
+    assert router.states.snapshot()[0].in_flight == 0
+
+
+async def test_a_reserved_place_is_taken_over_by_the_stream_and_freed_when_it_ends(router):
+    r = await router.plan(Body(), None)
+    assert router.states.snapshot()[0].in_flight == 1
+    batches = await router.open(r, lambda name: Tier().stream())
+    assert r.reserved is None and router.states.snapshot()[0].in_flight == 1
+    assert len([b async for b in batches]) == 3
+    assert router.states.snapshot()[0].in_flight == 0
+
+
+async def test_a_stream_never_iterated_still_frees_its_place(router):
+    """The client left before the response body was read: the stream is dropped unread."""
+    import gc
+
+    tier = Tier(batches=100)
+    r = await router.plan(Body(), None)
+    batches = await router.open(r, lambda name: tier.stream())
+    assert router.states.snapshot()[0].in_flight == 1
+    del batches
+    gc.collect()
+    for _ in range(10):  # the event loop closes dropped generators in a task of its own
+        await asyncio.sleep(0)
+    assert router.states.snapshot()[0].in_flight == 0 and tier.closed
