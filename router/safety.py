@@ -32,7 +32,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from tierserve.actors.errors import InvalidRequest
+from tierserve.actors.errors import InvalidRequest, ServiceUnavailable
 from tierserve.actors.types import GenerateRequest, TokenChunk, TokenLogprob
 from tierserve.cluster.telemetry import tracer
 from tierserve.rag.types import Hit
@@ -45,6 +45,19 @@ REFUSAL_ROLES = ("user", "tool")
 """Chat turns the guards that refuse (the injection guard) check. System and developer turns are
 the application's own instructions, which an injection guard would take for an attack, and
 assistant turns are the model's own earlier answers; the guards that redact check every turn."""
+
+
+HIT_METADATA = ("title", "source", "heading")
+"""A retrieved chunk's metadata that reaches the prompt or the response's citations."""
+
+
+OUTPUT_TIMEOUT = "the output guards did not finish in time"
+
+
+class GuardTimeout(ServiceUnavailable):
+    """The guards could not decide on the request's text in `safety.timeout_s` (503, fail closed)."""
+
+    default_code = "guard_timeout"
 
 
 class ContentBlocked(InvalidRequest):
@@ -118,6 +131,7 @@ class SafetyStep:
         if self.chain is not None:
             self.input_rewriting, self.input_refusing = self.chain.split("input")
         self.overlap = config.overlap_input_checks
+        self.timeout_s = config.timeout_s
         self.token_id_prompts = config.token_id_prompts
         self.metrics = SafetyMetrics()
 
@@ -137,7 +151,18 @@ class SafetyStep:
             attributes={"gen_ai.operation.name": "apply_guardrail", "tierserve.guard.stage": stage},
         ) as span:
             started = time.perf_counter()
-            verdicts = await asyncio.to_thread(lambda: [chain.check(t, stage) for t in texts])
+            try:
+                verdicts = await asyncio.wait_for(
+                    asyncio.to_thread(lambda: [chain.check(t, stage) for t in texts]), self.timeout_s
+                )
+            except asyncio.TimeoutError:
+                self.metrics.count(stage, Verdict("block", "", [], "timeout"))
+                span.set_attribute("tierserve.guard.action", "timeout")
+                raise GuardTimeout(
+                    f"the guards did not finish checking {stage} text within safety.timeout_s={self.timeout_s:g}s",
+                    None,
+                    retry_after_s=1.0,
+                ) from None
             self.metrics.duration.observe(time.perf_counter() - started, {"stage": stage})
             findings = [f for v in verdicts for f in v.findings]
             action = next((v.action for v in verdicts if v.blocked), None) or (
@@ -221,17 +246,39 @@ class SafetyStep:
         return dataclasses.replace(request, prompt=texts[0])
 
     async def check_retrieved(self, hits: list[Hit], report: SafetyReport, span: trace.Span) -> list[Hit]:
-        """The chunks that may enter the prompt: blocked ones dropped, redacted ones redacted."""
+        """The chunks that may enter the prompt: blocked ones dropped, redacted ones redacted.
+        A chunk's ids and its metadata that reach the prompt or the response (`HIT_METADATA`)
+        are checked with its text: a block in any drops the chunk, a redaction redacts it."""
         if not hits or not self.active("retrieved"):
             return hits
-        verdicts = await self._check([h.text for h in hits], "retrieved", span)
-        kept = []
-        for hit, v in zip(hits, verdicts):
+        texts: list[str] = []
+        owner: list[tuple[int, str]] = []
+        for i, hit in enumerate(hits):
+            fields = {"text": hit.text, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id}
+            fields |= {k: v for k in HIT_METADATA if isinstance(v := hit.metadata.get(k), str) and v}
+            for name, value in fields.items():
+                texts.append(value)
+                owner.append((i, name))
+        verdicts = await self._check(texts, "retrieved", span)
+        checked: list[dict[str, Verdict]] = [{} for _ in hits]
+        for (i, name), v in zip(owner, verdicts):
+            checked[i][name] = v
             report.add("retrieved", v.findings)
-            if v.blocked:
+        kept = []
+        for hit, parts in zip(hits, checked):
+            if any(v.blocked for v in parts.values()):
                 report.retrieved_dropped += 1
                 continue
-            kept.append(dataclasses.replace(hit, text=v.text))
+            metadata = {**hit.metadata, **{k: v.text for k, v in parts.items() if k in HIT_METADATA}}
+            kept.append(
+                dataclasses.replace(
+                    hit,
+                    text=parts["text"].text,
+                    chunk_id=parts["chunk_id"].text,
+                    doc_id=parts["doc_id"].text,
+                    metadata=metadata,
+                )
+            )
         return kept
 
     async def guard_output(
@@ -257,15 +304,22 @@ class SafetyStep:
                 async with contextlib.aclosing(batches) as source:  # a block stops the tier's stream
                     async for batch in source:
                         started = time.perf_counter()
-                        out, blocked = await asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report)
+                        try:
+                            out, blocked = await asyncio.wait_for(
+                                asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report),
+                                self.timeout_s,
+                            )
+                        except asyncio.TimeoutError:  # undecided: the answer ends here
+                            out, blocked = [], Verdict("block", "", [], OUTPUT_TIMEOUT)
                         spent += time.perf_counter() - started
-                        # The last batch carries the report: what was found so far.
-                        report.output = Counter(f.entity for g in guards.values() for f in g.findings)
+                        # The last batch carries the report: what was found so far. (Copies: a
+                        # batch past its timeout may still be running in its thread.)
+                        report.output = Counter(f.entity for g in list(guards.values()) for f in list(g.findings))
                         if blocked is not None:
                             last = batch[-1]
                             out += [
                                 TokenChunk(i, "", [], last.step, finish_reason="content_filter")
-                                for i in sorted(guards)
+                                for i in sorted(set(guards) | {c.index for c in batch})
                                 if i not in finished
                             ]
                             report.output_blocked = blocked.reason
@@ -273,7 +327,7 @@ class SafetyStep:
                             return
                         yield out
             finally:
-                findings = [f for g in guards.values() for f in g.findings]
+                findings = [f for g in list(guards.values()) for f in list(g.findings)]
                 action = "block" if report.output_blocked else ("redact" if findings else "allow")
                 self.metrics.count("output", Verdict(action, "", findings, report.output_blocked))
                 self.metrics.duration.observe(spent, {"stage": "output"})

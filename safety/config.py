@@ -83,6 +83,10 @@ class SafetyConfig(BaseModel):
     the same 400 as before. Their time then adds to time to first token only where it exceeds
     it. Guards that redact input run first either way: the tier must see their text. False:
     the refusing guards finish before retrieval and the tier start."""
+    timeout_s: float = Field(5.0, gt=0)
+    """How long one guard call may take (a stage of one request, or one streamed batch of an
+    answer). Past it the guards have not decided, so the request fails closed: a 503
+    `guard_timeout` before the answer starts, a `content_filter` ending after."""
     token_id_prompts: Literal["refuse", "unchecked"] = "refuse"
     """A completion prompt sent as token ids has no text for the input guards: `refuse` answers
     it with a 400 while any input guard is on (a guard that cannot decide refuses);
