@@ -63,7 +63,40 @@ def _cpu_expand_kernel() -> None:
     cpu_triton_utils._expand_kernel_impl = expand_per_token
 
 
+def _no_finalize(vllm_config) -> None:
+    """Nothing to finalize: the loaded function builds what it needs on its first call."""
+
+
+def _aot_compile_cache_load() -> None:
+    """vLLM 0.32 on CPU compiles the model again at every engine start (about 45 s of a tier's
+    restart here), although it saved the compiled function the first time: loading it fails
+    with "'function' object has no attribute 'finalize_loading'". vLLM calls that method to
+    initialise its backend eagerly, but on CPU the loaded artefact's function is a plain one,
+    which initialises itself lazily on its first call (the engine's warm-up). Give it a no-op
+    `finalize_loading`, so the saved function is used."""
+    import torch
+
+    original = torch.compiler.load_compiled_function
+    if getattr(original, "tierserve_fix", False):
+        return
+
+    @functools.wraps(original)
+    def load_compiled_function(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        compiled = getattr(getattr(loaded, "_artifacts", None), "compiled_fn", None)
+        if compiled is not None and not hasattr(compiled, "finalize_loading"):
+            try:
+                compiled.finalize_loading = _no_finalize
+            except AttributeError:  # an object that takes no attributes: leave vLLM's fallback
+                pass
+        return loaded
+
+    load_compiled_function.tierserve_fix = True  # type: ignore[attr-defined]
+    torch.compiler.load_compiled_function = load_compiled_function
+
+
 def apply_all() -> None:
     """Apply every fix; safe to call more than once per process."""
     _cpu_expand_kernel()
     _empty_top_k_batch()
+    _aot_compile_cache_load()

@@ -63,6 +63,9 @@ T = TypeVar("T")
 
 app = FastAPI(title="tierserve", docs_url="/docs", redoc_url=None)
 
+RETRIEVER = " retriever"
+"""The retriever among the deployments whose replicas the ingress watches (no tier has this name)."""
+
 
 class BodyLimit:
     """ASGI middleware refusing a request body over `ingress.limits.max_body_bytes` with 413,
@@ -297,14 +300,19 @@ class Ingress:
         """Feed Serve's count of each tier's replicas to the router (`tierserve.router.replicas`)."""
         app_name = serve.get_replica_context().app_name
         deployments = {tier: handle.deployment_name for tier, handle in self.handles.items()}
+        retriever = self.retrieval.retriever
+        watched = {**deployments, **({RETRIEVER: retriever.deployment_name} if retriever is not None else {})}
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
             except Exception:
                 logger.debug("reading Serve's status failed", exc_info=True)
             else:
-                for tier, replicas in tier_replicas(status, app_name, deployments).items():
-                    self.router.states.replicas_seen(tier, replicas)
+                for name, replicas in tier_replicas(status, app_name, watched).items():
+                    if name == RETRIEVER:
+                        self.retrieval.replicas_seen(replicas.running)
+                    else:
+                        self.router.states.replicas_seen(name, replicas)
             await asyncio.sleep(self.config.replicas_poll_interval_s)
 
     # ----- Python handle API -------------------------------------------------------------

@@ -75,6 +75,9 @@ class RetrievalStep:
         self.retriever = retriever
         self.timeout_s = timeout_s
         """Bound on every call to the retriever (`ingress.retriever_timeout_s`)."""
+        self.running = True
+        """Whether Serve last reported a running retriever replica: without one a search is a
+        503 at once, rather than a wait for a replacement that ends in a timeout."""
         from tierserve.rag.metrics import GroundingMetrics
 
         self.metrics = GroundingMetrics()
@@ -97,8 +100,19 @@ class RetrievalStep:
             filters=base.filters,
         )
 
+    def replicas_seen(self, running: int) -> None:
+        """Serve's count of the retriever's running replicas (`Ingress._watch_replicas`)."""
+        self.running = running > 0
+
     async def retrieve(self, options: RetrievalOptions, question: str, parent: trace.Span) -> Retrieved:
         """The passages for `question`, under a `retrieval {index}` span."""
+        if not self.running:
+            raise ServiceUnavailable(
+                "the retriever is unavailable: Serve reports no running replica (it is being replaced)",
+                "retrieval",
+                "retriever_unavailable",
+                retry_after_s=1.0,
+            )
         context = trace.set_span_in_context(parent)
         with tracer().start_as_current_span(
             f"retrieval {options.index}",

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -217,9 +217,13 @@ class Router:
         else:
             tokens = max(1, len(text) // CHARS_PER_TOKEN)
         tokens += extra_tokens
-        score = await self.complexity(text, turns) if named_tier is None else None
-        features = RequestFeatures(tokens, body.requested_max_tokens(), score, named_tier)
+        features = RequestFeatures(tokens, body.requested_max_tokens(), None, named_tier)
         decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
+        # Which tiers admit the request does not depend on its complexity, so a request no tier
+        # admits is shed before it is scored: under overload, shedding stays cheap.
+        if named_tier is None and decision.choices and self.scorer is not None:
+            features = replace(features, complexity=await self.complexity(text, turns))
+            decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
         routed = Routed(decision, sla, features, arrived)
         if decision.choices:  # hold the place now: guards and retrieval still run before it starts
             routed.reserved = decision.choices[0].tier

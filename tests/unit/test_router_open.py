@@ -96,6 +96,9 @@ async def test_a_burst_is_admitted_against_the_places_already_decided():
     admitted = [p for p in plans if p.decision.choices]
     assert len(admitted) == 10
     assert {p.decision.reason for p in plans if not p.decision.choices} == {"overloaded"}
+    # Shed before its complexity is scored; the admitted ones were scored.
+    assert all(p.features.complexity is None for p in plans if not p.decision.choices)
+    assert all(p.features.complexity is not None for p in admitted)
     assert router.states.snapshot()[0].in_flight == 10
     for p in admitted:
         router.release(p)

@@ -36,3 +36,16 @@ def test_register_patches_vllm_and_is_idempotent():
     logits = torch.tensor([[0.1, 0.9, 0.5]])
     masked = fixed(logits.clone(), torch.tensor([1]))
     assert masked[0, 1] == pytest.approx(0.9) and torch.isinf(masked[0, [0, 2]]).all()
+
+
+def test_aot_compiled_functions_load_without_vllms_eager_finalize():
+    """The saved compilation is loaded through a wrapper that gives a plain loaded function the
+    no-op `finalize_loading` vLLM calls. bench/engine_start.py measures the effect on a real
+    engine (cold and warm compile cache, same greedy tokens): docs/reliability.md."""
+    from tierserve.actors.vllm_fixes import _no_finalize
+
+    apply_all()
+    apply_all()
+    loader = torch.compiler.load_compiled_function
+    assert loader.tierserve_fix and not getattr(loader.__wrapped__, "tierserve_fix", False)
+    assert _no_finalize(object()) is None
