@@ -140,6 +140,11 @@ class RoutingConfig(BaseModel):
     """A tier counts as meeting a budget when its predicted TTFT and TPOT are within this share
     of it, and its predicted TPOT within this share of the tightest TPOT budget of the requests
     already running there (one more request must not push theirs over)."""
+    shed_over_budget: float | None = Field(3.0, ge=1)
+    """Shed (429, `Retry-After`) a request that every tier is predicted to keep waiting for its
+    first token more than this many times its TTFT budget: under overload, the requests admitted
+    can still be answered in time. None: serve such requests best effort. Requests without a
+    TTFT budget (the `batch` class) are shed only by `max_queue`."""
     poll_interval_s: float = Field(0.25, gt=0)
     """How often the router reads each tier's load and latency model."""
     first_token_timeout_s: float | None = Field(60.0, gt=0)

@@ -11,8 +11,9 @@ How a tier is chosen for `model: auto`:
 
 1. Complexity picks a **target**: tiers are ranked weakest to strongest by `min_complexity`,
    and the target is the strongest tier whose threshold the score reaches.
-2. A tier is **admitted** if it is healthy, the prompt fits its context, and its queue
-   (requests beyond its engine's slots) is shorter than its `max_queue`.
+2. A tier is **admitted** if it is healthy, the prompt fits its context, its queue (requests
+   beyond its engine's slots) is shorter than its `max_queue`, and (with `shed_over_budget`) its
+   predicted time to first token is within that many times the request's TTFT budget.
 3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
    at least as strong as the target (weakest first on equal cost), else the strongest below
    it. A tier meets the budget when its predictions are within `headroom` of the request's
@@ -144,7 +145,7 @@ class Decision:
     target: str | None = None
     """The tier complexity asked for (None for a named tier)."""
     refused: dict[str, str] = field(default_factory=dict)
-    """Tiers not admitted, with why: unhealthy, full, context."""
+    """Tiers not admitted, with why: unhealthy, full, context, over_budget."""
     retry_after_s: float | None = None
     """With no choices: when a place is likely to free up."""
 
@@ -206,14 +207,24 @@ def _refusal(view: TierView, features: RequestFeatures, prediction: Prediction) 
     return None
 
 
-def _retry_after(views: list[TierView], predictions: dict[str, Prediction]) -> float:
-    """Seconds until the first full tier is likely to have a queue place again (at least 1)."""
+def _over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
+    return factor is not None and None not in (p.ttft_ms, sla.ttft_ms) and p.ttft_ms > factor * sla.ttft_ms
+
+
+def _retry_after(
+    views: list[TierView], predictions: dict[str, Prediction], sla: Sla, factor: float | None = None
+) -> float:
+    """Seconds until the first full tier is likely to have a queue place again, or a tier over
+    the budget to be back within it (at least 1)."""
     waits = []
     for view in views:
         p = predictions[view.name]
         if view.healthy and view.load is not None and p.request_ms:
             excess = p.queued_ahead - view.max_queue
-            waits.append(excess * p.request_ms / view.slots() / 1e3)
+            if excess > 0:
+                waits.append(excess * p.request_ms / view.slots() / 1e3)
+            elif _over_budget(p, sla, factor):
+                waits.append((p.ttft_ms - factor * sla.ttft_ms) / 1e3)
     return max(1.0, math.ceil(min(waits))) if waits else 1.0
 
 
@@ -223,10 +234,14 @@ def decide(
     views: list[TierView],
     default_tier: str | None = None,
     headroom: float = 1.0,
+    shed_over_budget: float | None = None,
 ) -> Decision:
     """The ordered tiers for a request (see the module docstring). A tier meets the budget when
     its predictions are within `headroom` times the request's budgets and the predicted TPOT is
-    within `headroom` times the tightest TPOT budget of the requests already running there."""
+    within `headroom` times the tightest TPOT budget of the requests already running there.
+    With `shed_over_budget`, a tier predicted to take more than that many times the request's
+    TTFT budget to its first token is not a choice (`over_budget`): better a 429 now than an
+    answer far too late."""
     if features.named_tier is not None:
         views = [v for v in views if v.name == features.named_tier]
         if not views:
@@ -238,6 +253,8 @@ def decide(
     for view in views:
         p = predictions[view.name]
         why = _refusal(view, features, p)
+        if why is None and _over_budget(p, sla, shed_over_budget):
+            why = "over_budget"
         if why is not None:
             refused[view.name] = why
             continue
@@ -272,7 +289,7 @@ def decide(
         return Decision([choice], "context", target, refused)
     if not admitted:
         reason = "overloaded" if any(v.healthy for v in views) else "unavailable"
-        return Decision([], reason, target, refused, _retry_after(views, predictions))
+        return Decision([], reason, target, refused, _retry_after(views, predictions, sla, shed_over_budget))
 
     rank = {v.name: i for i, v in enumerate(ranked_tiers(views))}
     target_rank = rank.get(target, 0) if target is not None else 0

@@ -218,12 +218,13 @@ class Router:
             tokens = max(1, len(text) // CHARS_PER_TOKEN)
         tokens += extra_tokens
         features = RequestFeatures(tokens, body.requested_max_tokens(), None, named_tier)
-        decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
+        shed = self.config.shed_over_budget
+        decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom, shed)
         # Which tiers admit the request does not depend on its complexity, so a request no tier
         # admits is shed before it is scored: under overload, shedding stays cheap.
         if named_tier is None and decision.choices and self.scorer is not None:
             features = replace(features, complexity=await self.complexity(text, turns))
-            decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom)
+            decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom, shed)
         routed = Routed(decision, sla, features, arrived)
         if decision.choices:  # hold the place now: guards and retrieval still run before it starts
             routed.reserved = decision.choices[0].tier

@@ -272,3 +272,19 @@ def test_in_flight_budgets_are_tracked_per_tier():
     states.finished("small", Sla("interactive", tpot_ms=50.0))
     small = states.snapshot()[0]
     assert (small.tightest_tpot_ms, small.in_flight, small.priorities) == (100.0, 1, {1: 1})
+
+
+def test_a_request_every_tier_would_answer_far_too_late_is_shed():
+    """With `shed_over_budget`, a tier predicted to take more than that many times the TTFT
+    budget is no choice: shed with a Retry-After of about the excess wait, not served late."""
+    busy = load(running=8, waiting=20, base=60.0)
+    views = tiers(small_load=busy, large_load=busy)
+    interactive = Sla("interactive", ttft_ms=1000, tpot_ms=200)
+    late = decide(RequestFeatures(50, 64, 0.2), interactive, views)
+    assert late.choices and all(c.predicted_ttft_ms > 3000 for c in late.choices)  # best effort, late
+    shed = decide(RequestFeatures(50, 64, 0.2), interactive, views, shed_over_budget=3.0)
+    assert (shed.choices, shed.reason) == ([], "overloaded")
+    assert set(shed.refused.values()) == {"over_budget"} and shed.retry_after_s >= 1
+    # Work with no TTFT budget waits its turn; a tier within the factor is still a choice.
+    assert decide(RequestFeatures(50, 64, 0.2), Sla("batch"), views, shed_over_budget=3.0).choices
+    assert decide(RequestFeatures(50, 64, 0.2), interactive, tiers(), shed_over_budget=3.0).choices
