@@ -442,7 +442,7 @@ class Ingress:
     async def _http_tiers(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.tiers()})
 
-    @app.get("/v1/indexes", responses=error_responses(500, 503))
+    @app.get("/v1/indexes", responses=error_responses(500, 503, 504))
     async def _http_indexes(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.indexes()})
 

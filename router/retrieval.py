@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -30,6 +31,8 @@ from tierserve.rag.prompt import augment_messages, augment_prompt, cited_numbers
 from tierserve.rag.types import Retrieval, RetrievalQuery
 
 logger = logging.getLogger("tierserve.ingress")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -131,19 +134,7 @@ class RetrievalStep:
                 dict(options.filters),
                 inject(),
             )
-            try:
-                result = await asyncio.wait_for(self.retriever.retrieve.remote(query), self.timeout_s)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(
-                    f"the retriever did not answer within ingress.retriever_timeout_s={self.timeout_s:g}s",
-                    "retrieval",
-                    "retriever_timeout",
-                ) from None
-            except Exception as exc:
-                error = _user_error(exc)
-                if error is None:
-                    raise
-                raise error from None
+            result = await self._call(self.retriever.retrieve.remote(query))
             span.set_attributes(
                 {
                     "tierserve.retrieval.version": result.version,
@@ -187,15 +178,19 @@ class RetrievalStep:
                 self.metrics.ungrounded.inc(1, tags)
 
     async def indexes(self) -> list[dict[str, Any]]:
-        """The retriever's indexes with their manifests (503 if it does not answer in time)."""
+        """The retriever's indexes with their manifests."""
+        return await self._call(self.retriever.indexes.remote())
+
+    async def _call(self, response: Awaitable[T]) -> T:
+        """A retriever call's answer within `timeout_s` (504 `retriever_timeout` past it), its
+        failures as the user errors they mean (`_user_error`)."""
         try:
-            return await asyncio.wait_for(self.retriever.indexes.remote(), self.timeout_s)
+            return await asyncio.wait_for(response, self.timeout_s)
         except asyncio.TimeoutError:
-            raise ServiceUnavailable(
+            raise RequestTimeout(
                 f"the retriever did not answer within ingress.retriever_timeout_s={self.timeout_s:g}s",
-                None,
-                "retriever_unavailable",
-                retry_after_s=1.0,
+                "retrieval",
+                "retriever_timeout",
             ) from None
         except Exception as exc:
             error = _user_error(exc)
