@@ -21,8 +21,10 @@ class RequestLimits(BaseModel):
     """Bytes of an HTTP request body."""
     max_messages: int = Field(512, ge=1)
     """Messages in one chat request."""
-    max_prompt_chars: int = Field(200_000, ge=1)
-    """Characters of a request's text: all its messages' contents together, or the prompt."""
+    max_prompt_chars: int = Field(131_072, ge=1)
+    """Characters of a request's text: all its messages' contents together, or the prompt. The
+    default holds a 32k-token context of English; the input guards' time grows with it
+    (docs/guard-adversarial.md), so set it near the largest tier's context."""
     max_prompt_token_ids: int = Field(131_072, ge=1)
     """Token ids of a completion prompt given as ids."""
     max_stop: int = Field(16, ge=0)

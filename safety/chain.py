@@ -3,9 +3,8 @@
 All guards look at the same, original text, so their findings share coordinates. Then:
 
 - a finding from a guard whose action at this stage is `block` blocks the text;
-- otherwise findings from guards whose action is `redact` are replaced, right to left, each by
-  its own guard's operator (overlapping findings merge into the longer one, the higher score
-  breaking ties);
+- otherwise findings from guards whose action is `redact` are replaced, each by its own guard's
+  operator (overlapping findings merge into the longer one, the higher score breaking ties);
 - findings from guards whose action is `allow` are only reported.
 
 Guards run in config order; a block stops the chain early (what the later guards would have
@@ -81,14 +80,15 @@ class GuardChain:
         return GuardChain(rewriting), GuardChain(checking)
 
     def redact(self, text: str, findings: list[Finding]) -> str:
-        """`text` with each finding replaced by its guard's operator, right to left."""
-        out = text
-        for finding in reversed(merge_overlaps(findings)):
-            segment = out[finding.start : finding.end]
+        """`text` with each finding replaced by its guard's operator (joined once: splicing each
+        into the whole text would copy it once per finding)."""
+        pieces, end = [], 0
+        for finding in merge_overlaps(findings):
+            segment = text[finding.start : finding.end]
             local = Finding(finding.guard, finding.entity, 0, len(segment), finding.score)
-            replacement = self._by_name[finding.guard].redact(segment, [local])
-            out = out[: finding.start] + replacement + out[finding.end :]
-        return out
+            pieces += [text[end : finding.start], self._by_name[finding.guard].redact(segment, [local])]
+            end = finding.end
+        return "".join(pieces) + text[end:]
 
 
 def merge_overlaps(findings: list[Finding]) -> list[Finding]:

@@ -309,7 +309,9 @@ def features(text: str) -> dict[str, float]:
     return out
 
 
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+# A line break only from the start of a run of whitespace: from each position inside a long run
+# without one, `\s*\n` would scan to the run's end again (quadratic; 48 KB of spaces took 3 s).
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<!\s)\s*\n\s*")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 

@@ -4,46 +4,35 @@ Detection is a Presidio `AnalyzerEngine` over a registry of recognizers (`RECOGN
 entity type: Presidio's own pattern, checksum and context recognizers, and tierserve's for what
 Presidio lacks, such as API keys). Presidio's default engine loads the spaCy model
 `en_core_web_lg` (and downloads it when missing); here the NLP engine is Presidio's slim,
-NER-free engine on `spacy.blank("en")` with lower-cased words as lemmas. That is all the context
-enhancer needs: a context word ("ssn", "card", "phone") among the five words before a match
-raises its score. Nothing is downloaded, ever: the e-mail check reads tldextract's bundled
-public-suffix snapshot, and a configured NER model must already be installed.
+NER-free engine on `spacy.blank("en")` with lower-cased words as lemmas
+(`tierserve.safety.presidio`). That is all the context enhancer needs: a context word ("ssn",
+"card", "phone") among the five words before a match raises its score. Nothing is downloaded,
+ever: the e-mail check reads tldextract's bundled public-suffix snapshot, and a configured NER
+model must already be installed.
 
-The engine is built once per process and NER setting and shared by every guard with that
-setting. Calls into it hold one lock: Presidio's analysis itself gives the same results from many
-threads, but spaCy's pipelines are not documented as thread-safe, and bounding their memory
-(`BlankNlpEngine`, `memory_zone`) must not happen under another call; the work holds the GIL
-anyway, so the lock costs no throughput.
+Every step takes time linear in the text, crafted or not (tests/unit/test_guard_linear.py,
+docs/guard-adversarial.md): the patterns here bound their lookaheads and repeats by the longest
+match they can make, overlapping findings are resolved by bisection, and
+`tierserve.safety.presidio` bounds spaCy's tokenizer and Presidio's context enhancer.
+libphonenumber's matcher (seven regions, each a pass over the text) stays the costliest step on
+digit-dense text, at up to ~50 ms per KB.
+
+Each NER setting has one pool of analyzers, shared by every guard with that setting; each call
+borrows one of its own, so calls from different threads run side by side, with no lock held.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import regex
-import spacy
 import tldextract
-from presidio_analyzer import (
-    AnalyzerEngine,
-    EntityRecognizer,
-    Pattern,
-    PatternRecognizer,
-    RecognizerRegistry,
-    RecognizerResult,
-)
-from presidio_analyzer.nlp_engine import (
-    NerModelConfiguration,
-    NlpArtifacts,
-    NlpEngine,
-    SlimSpacyNlpEngine,
-    SpacyNlpEngine,
-    TransformersNlpEngine,
-)
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer
 from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer,
     CryptoRecognizer,
@@ -55,14 +44,13 @@ from presidio_analyzer.predefined_recognizers import (
     UrlRecognizer,
     UsSsnRecognizer,
 )
-from presidio_anonymizer import AnonymizerEngine, ConflictResolutionStrategy
+from presidio_anonymizer import ConflictResolutionStrategy
 from presidio_anonymizer.entities import OperatorConfig
 from presidio_anonymizer.entities import RecognizerResult as AnonymizerResult
-from spacy.language import Language
-from spacy.tokens import Doc
 
 from tierserve.safety.config import NerConfig, PiiGuardConfig
 from tierserve.safety.guard import check_by_stage
+from tierserve.safety.presidio import MAX_NER_ENGINES, EnginePool, new_analyzer
 from tierserve.safety.types import Finding, Stage, Verdict
 
 MAX_ENTITY_CHARS = 256
@@ -77,7 +65,6 @@ _PROCESS_SALT = secrets.token_bytes(32)
 one ingress replica (and request), differently across replicas and restarts, and cannot be
 recovered by hashing guesses offline."""
 
-_LANGUAGE = "en"
 _NER_MAX_CHARS = 128
 
 
@@ -87,7 +74,20 @@ _NER_MAX_CHARS = 128
 class OfflineEmailRecognizer(EmailRecognizer):
     """Presidio's e-mail recognizer, checking the domain against tldextract's bundled public-suffix
     snapshot. Presidio calls `tldextract.extract`, whose first call in a process without a cache
-    fetches the list from publicsuffix.org, then a GitHub mirror, with no timeout."""
+    fetches the list from publicsuffix.org, then a GitHub mirror, with no timeout.
+
+    Its pattern, with the local part bounded by RFC 5321's 64 characters: unbounded, each word
+    boundary in a run such as `a.a.a.…` began a scan to the run's end (24 KB of it ending in `@x`
+    took a minute)."""
+
+    PATTERNS = [
+        Pattern(
+            "Email (Medium)",
+            r"\b((([!#$%&'*+\-/=?^_`{|}~\w])|([!#$%&'*+\-/=?^_`{|}~\w][!#$%&'*+\-/=?^_`{|}~\.\w]{0,62}"
+            r"[!#$%&'*+\-/=?^_`{|}~\w]))[@]\w+(?:-+\w+)*(?:\.\w+(?:-+\w+)*)+)\b",
+            0.5,
+        ),
+    ]
 
     _suffixes = tldextract.TLDExtract(cache_dir=None, suffix_list_urls=(), fallback_to_snapshot=True)
 
@@ -118,24 +118,29 @@ class SecretKeyRecognizer(PatternRecognizer):
     a key-like name (`api_key = "..."`). Lookaheads require the character classes the issuer's
     alphabet guarantees (a random base62 key of 40 or more characters lacks a digit or a capital
     with negligible probability), so words such as `sk-learn-compatible-estimators` are not keys;
-    `invalidate_result` drops placeholders (`xxxxxxxx`, `0000000000000000`)."""
+    `invalidate_result` drops placeholders (`xxxxxxxx`, `0000000000000000`).
+
+    Each lookahead looks no further than the longest key its pattern matches (the key must end
+    there, so nothing further can count): unbounded, the assigned secret's scanned to the end of
+    the run after every `token=` in `token=token=…`, 47 KB of which took 4 s."""
 
     _B = r"(?<![\w-])"  # token boundaries: keys contain `-` and `_`
     _E = r"(?![\w-])"
-    _MIXED = r"(?=[\w-]*[A-Z])(?=[\w-]*[a-z])(?=[\w-]*\d)"
+    _MIXED = r"(?=[\w-]{0,229}[A-Z])(?=[\w-]{0,229}[a-z])(?=[\w-]{0,229}\d)"
     PATTERNS = [
         # OpenAI (sk-, sk-proj-, sk-svcacct-) and Anthropic (sk-ant-api03-) keys
         Pattern("OpenAI / Anthropic key", rf"{_B}sk-{_MIXED}[\w-]{{20,230}}{_E}", 0.85),
         Pattern("AWS access key id", rf"{_B}(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{{16}}{_E}", 0.85),
         Pattern("GitHub token", rf"{_B}(?:gh[pousr]_[A-Za-z0-9]{{36,240}}|github_pat_\w{{22,240}}){_E}", 0.9),
-        Pattern("Slack token", rf"{_B}xox[abposr]-(?=[\w-]*\d)[A-Za-z0-9-]{{10,240}}{_E}", 0.85),
+        Pattern("Slack token", rf"{_B}xox[abposr]-(?=[\w-]{{0,239}}\d)[A-Za-z0-9-]{{10,240}}{_E}", 0.85),
         Pattern("Google API key", rf"{_B}AIza[\w-]{{35}}{_E}", 0.85),
         Pattern("Stripe key", rf"{_B}[rs]k_(?:live|test)_[A-Za-z0-9]{{16,240}}{_E}", 0.9),
-        Pattern("Hugging Face token", rf"{_B}hf_(?=\w*[A-Z])(?=\w*[a-z])[A-Za-z0-9]{{30,40}}{_E}", 0.85),
+        Pattern("Hugging Face token", rf"{_B}hf_(?=\w{{0,39}}[A-Z])(?=\w{{0,39}}[a-z])[A-Za-z0-9]{{30,40}}{_E}", 0.85),
         Pattern(
             "assigned secret",
             r"(?<=(?i:\b(?:api|access|auth|secret|private)[_-]?(?:key|token)|\bsecret|\btoken|\bpassword|\bpasswd)"
-            r"""["']?\s{0,3}[:=]\s{0,3}["']?)(?=[\w\-+/=.]*\d)(?=[\w\-+/=.]*[A-Za-z])[\w\-+/=.]{16,200}(?![\w\-+/=.])""",
+            r"""["']?\s{0,3}[:=]\s{0,3}["']?)(?=[\w\-+/=.]{0,199}\d)(?=[\w\-+/=.]{0,199}[A-Za-z])"""
+            r"[\w\-+/=.]{16,200}+(?![\w\-+/=.])",  # possessive: a shorter match cannot end the run either
             0.6,
         ),
     ]
@@ -180,186 +185,54 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {
 }
 """Entity types `PiiGuardConfig.entities` may name without NER, and how each is found."""
 
-_NER_LABELS_TO_IGNORE = [
-    "O",
-    "CARDINAL",
-    "EVENT",
-    "LANGUAGE",
-    "LAW",
-    "MONEY",
-    "ORDINAL",
-    "PERCENT",
-    "PRODUCT",
-    "QUANTITY",
-    "WORK_OF_ART",
-]
-"""spaCy/OntoNotes labels that are not personal data (as in Presidio's conf/spacy.yaml)."""
 
+def resolve_overlaps(findings: list[Finding]) -> list[Finding]:
+    """Non-overlapping findings, by start. Of findings that overlap, the one with the higher score
+    (then the longer one) names the entity, and its span grows to cover the others, so nothing
+    either found is left unredacted.
 
-# --- NLP engines -------------------------------------------------------------------------------
-
-
-@Language.component("tierserve_lowercase_lemma")
-def _lowercase_lemma(doc: Doc) -> Doc:
-    """A blank pipeline has no lemmatizer; Presidio matches context words as substrings of
-    lemmas, so the lower-cased word serves ("cards" contains "card")."""
-    for token in doc:
-        token.lemma_ = token.lower_
-    return doc
-
-
-def _blank_english() -> Language:
-    nlp = spacy.blank(_LANGUAGE)
-    nlp.add_pipe("tierserve_lowercase_lemma")
-    return nlp
-
-
-class BlankNlpEngine(SlimSpacyNlpEngine):
-    """Presidio's slim engine (tokens and lemmas for context words, no NER) on `spacy.blank`
-    instead of a downloaded `en_core_web_sm`.
-
-    spaCy keeps every string it has seen in its vocabulary and tokenizer cache. A service seeing
-    endless new tokens (ids, keys, numbers) would grow without bound, so the pipeline is rebuilt
-    (~60 ms) past `MAX_STRINGS`. spaCy's `memory_zone` also bounds it, but drops the tokenizer
-    cache after every call: 1.5 ms more per KB."""
-
-    MAX_STRINGS = 200_000
-
-    def __init__(self, not_stop_words: set[str]) -> None:
-        """`not_stop_words`: context words spaCy counts as stop words (Presidio skips those)."""
-        super().__init__(models=[{"lang_code": _LANGUAGE, "model_name": "blank"}], auto_download=False)
-        self.not_stop_words = not_stop_words
-
-    def load(self) -> None:
-        nlp = _blank_english()
-        for word in self.not_stop_words:
-            nlp.vocab[word].is_stop = False
-        self.nlp = {_LANGUAGE: nlp}
-
-    def process_text(self, text: str, language: str) -> NlpArtifacts:
-        if len(self.nlp[language].vocab.strings) > self.MAX_STRINGS:
-            self.load()
-        return super().process_text(text, language)
-
-
-class BlankTransformersNlpEngine(TransformersNlpEngine):
-    """Presidio's transformers NER engine, tokenizing with `spacy.blank` rather than a spaCy
-    model it would download."""
-
-    def load(self) -> None:
-        from presidio_analyzer.nlp_engine.huggingface_token_pipe import FACTORY_NAME
-
-        nlp = _blank_english()
-        ner = self.ner_model_configuration
-        config = {
-            "model": self.models[0]["model_name"]["transformers"],
-            "stride": ner.stride,
-            "alignment_mode": ner.alignment_mode,
-            "aggregation_strategy": ner.aggregation_strategy,
-            "spans_key": self.entity_key,
-        }
-        nlp.add_pipe(FACTORY_NAME, config=config)
-        self.nlp = {_LANGUAGE: nlp}
-
-
-def _nlp_engine(ner: NerConfig | None, context_words: set[str]) -> NlpEngine:
-    if ner is None:
-        return BlankNlpEngine(context_words)
-    ner_config = NerModelConfiguration(labels_to_ignore=_NER_LABELS_TO_IGNORE)
-    if ner.engine == "spacy":
-        # Presidio would run `spacy download` for a missing model: refuse instead.
-        if not (spacy.util.is_package(ner.model) or Path(ner.model).is_dir()):
-            raise ValueError(
-                f"ner.model: spaCy model {ner.model!r} is not installed (no package or directory of that "
-                "name); install it into the environment or give a model directory (nothing is downloaded)"
+    Findings are taken best first; those kept so far never overlap, so, sorted by start, they
+    are sorted by end too, and the ones a new finding overlaps are found by bisection."""
+    starts: list[int] = []
+    kept: list[tuple[Finding, int]] = []  # with when each was kept: the earliest wins a tie
+    for when, f in enumerate(sorted(findings, key=lambda f: (-f.score, -(f.end - f.start), f.start))):
+        hi = bisect.bisect_left(starts, f.end)
+        lo = hi
+        while lo > 0 and kept[lo - 1][0].end > f.start:
+            lo -= 1
+        if lo < hi:
+            winner = max(kept[lo:hi], key=lambda k: (k[0].score, k[0].end - k[0].start, -k[1]))[0]
+            f = Finding(
+                winner.guard,
+                winner.entity,
+                min(f.start, kept[lo][0].start),
+                max(f.end, kept[hi - 1][0].end),
+                winner.score,
             )
-        return SpacyNlpEngine(
-            models=[{"lang_code": _LANGUAGE, "model_name": ner.model}], ner_model_configuration=ner_config
-        )
-    if not TransformersNlpEngine.is_available:
-        raise ValueError("ner.engine: 'transformers' needs the transformers package, which is not installed")
-    if not Path(ner.model).is_dir():
-        raise ValueError(
-            f"ner.model: {ner.model!r} is not a directory; give a local transformers token-classification "
-            "model directory (nothing is downloaded)"
-        )
-    return BlankTransformersNlpEngine(
-        models=[{"lang_code": _LANGUAGE, "model_name": {"spacy": "blank", "transformers": ner.model}}],
-        ner_model_configuration=ner_config,
-    )
+        starts[lo:hi] = [f.start]
+        kept[lo:hi] = [(f, when)]
+    return [f for f, _ in kept]
 
-
-# --- The shared engine -------------------------------------------------------------------------
 
 _WARMUP_TEXT = (
     "Mail jane@example.com or call +1 212-555-0123; card 4111 1111 1111 1111, IBAN GB82 WEST 1234 "
     "5698 7654 32, ssn 536-22-8726, host 10.0.0.1 / fe80::1, see https://example.com/a and www.a.org."
 )
 
-
-@dataclass(slots=True)
-class _Engine:
-    analyzer: AnalyzerEngine
-    anonymizer: AnonymizerEngine
-    lock: threading.Lock
-
-    def analyze(self, text: str, entities: list[str], score_threshold: float) -> list[RecognizerResult]:
-        nlp_engine = self.analyzer.nlp_engine
-        with self.lock:
-            if isinstance(nlp_engine, BlankNlpEngine):  # bounds its own vocabulary
-                return self.analyzer.analyze(text, _LANGUAGE, entities=entities, score_threshold=score_threshold)
-            # A NER pipeline is too slow to rebuild; its cost dwarfs the lost tokenizer cache.
-            with nlp_engine.nlp[_LANGUAGE].memory_zone():
-                return self.analyzer.analyze(text, _LANGUAGE, entities=entities, score_threshold=score_threshold)
-
-
-_engines: dict[tuple[str, str] | None, _Engine] = {}
+_engines: dict[tuple[str, str] | None, EnginePool] = {}
 _engines_lock = threading.Lock()
 
 
-def _shared_engine(ner: NerConfig | None) -> _Engine:
-    """The analyzer for this NER setting, built on first use, with every registered recognizer."""
+def _shared_engine(ner: NerConfig | None) -> EnginePool:
+    """The pool of analyzers for this NER setting, started on first use."""
     key = None if ner is None else (ner.engine, ner.model)
     with _engines_lock:
         if key not in _engines:
-            recognizers = [spec.build() for spec in RECOGNIZERS.values()]
-            # Presidio skips stop words when it collects context words, and spaCy's stop words
-            # include "call", one of the phone number's.
-            context_words = {w for r in recognizers for w in r.context or []}
-            nlp_engine = _nlp_engine(ner, context_words)
-            nlp_engine.load()
-            registry = RecognizerRegistry(recognizers, supported_languages=[_LANGUAGE])
-            if ner is not None:
-                registry.add_nlp_recognizer(nlp_engine)
-                for word in context_words:
-                    nlp_engine.nlp[_LANGUAGE].vocab[word].is_stop = False
-            analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=[_LANGUAGE])
-            # Loads what Presidio loads lazily (suffix list, phone metadata, compiled patterns).
-            analyzer.analyze(_WARMUP_TEXT, _LANGUAGE)
-            _engines[key] = _Engine(analyzer, AnonymizerEngine(), threading.Lock())
+            _engines[key] = EnginePool(
+                lambda: new_analyzer([spec.build() for spec in RECOGNIZERS.values()], ner, _WARMUP_TEXT),
+                None if ner is None else MAX_NER_ENGINES,
+            )
         return _engines[key]
-
-
-def resolve_overlaps(findings: list[Finding]) -> list[Finding]:
-    """Non-overlapping findings, by start. Of findings that overlap, the one with the higher score
-    (then the longer one) names the entity, and its span grows to cover the others, so nothing
-    either found is left unredacted."""
-    kept: list[Finding] = []
-    for f in sorted(findings, key=lambda f: (-f.score, -(f.end - f.start), f.start)):
-        overlapping = [k for k in kept if k.start < f.end and f.start < k.end]
-        if not overlapping:
-            kept.append(f)
-            continue
-        winner = max(overlapping, key=lambda k: (k.score, k.end - k.start))
-        merged = Finding(
-            winner.guard,
-            winner.entity,
-            min(f.start, *(k.start for k in overlapping)),
-            max(f.end, *(k.end for k in overlapping)),
-            winner.score,
-        )
-        kept = [k for k in kept if k not in overlapping] + [merged]
-    return sorted(kept, key=lambda f: f.start)
 
 
 _SUBJECT: dict[Stage, str] = {"input": "the input", "retrieved": "a retrieved document", "output": "the answer"}
@@ -367,9 +240,10 @@ _SUBJECT: dict[Stage, str] = {"input": "the input", "retrieved": "a retrieved do
 
 class PiiGuard:
     """Finds personal data with Presidio and replaces it (`replace`: `<EMAIL_ADDRESS>`, `mask`:
-    `*` of the same length, `hash`: a salted SHA-256 prefix). Safe to call from several threads.
+    `*` of the same length, `hash`: a salted SHA-256 prefix). Safe to call from several threads,
+    which analyse side by side.
 
-    Building one builds (or reuses) the process's Presidio engine; configuration errors (an
+    Building one builds (or reuses) the process's pool of Presidio engines for its NER setting; configuration errors (an
     unknown entity type, a NER model that is not installed) raise `ValueError` here."""
 
     def __init__(self, config: PiiGuardConfig, *, salt: bytes | None = None):
@@ -377,7 +251,7 @@ class PiiGuard:
         self.config = config
         self.name = config.name
         self._engine = _shared_engine(config.ner)
-        supported = set(self._engine.analyzer.get_supported_entities(_LANGUAGE))
+        supported = self._engine.supported_entities
         for entity in config.entities:
             if entity not in supported:
                 hint = "" if config.ner else " (entities such as PERSON need `ner:`)"
