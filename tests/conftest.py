@@ -3,9 +3,17 @@
 
 
 def pytest_collection_modifyitems(config, items):
-    # Tests that break the shared app on purpose (killing its engine) run after all others.
-    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+    # Tests that load the shared app far beyond capacity (which skews the tiers' fitted latency
+    # models that routing tests read) run after the others; those that break it on purpose
+    # (killing its engine) run last.
+    def rank(item) -> int:
+        if item.get_closest_marker("destructive") is not None:
+            return 2
+        return 1 if item.get_closest_marker("disturbing") is not None else 0
+
+    items.sort(key=rank)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "disturbing: loads the shared app far beyond capacity; runs after the others")
     config.addinivalue_line("markers", "destructive: breaks the shared app on purpose; runs last")

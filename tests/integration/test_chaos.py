@@ -19,7 +19,7 @@ from tierserve.cluster.ops import RETRIEVER_NAME
 
 from .conftest import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.disturbing]
 
 LONG = {"max_tokens": 256, "ignore_eos": True, "stream": True}
 

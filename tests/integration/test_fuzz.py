@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 
 from .conftest import TIER
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.disturbing]
 
 EXAMPLES = int(os.environ.get("TIERSERVE_FUZZ_EXAMPLES", "60"))
 """Generated requests per route and mode (bench/fuzz.py sets more)."""
