@@ -313,7 +313,8 @@ def test_a_priority_scheduled_engine_gives_a_free_slot_to_the_more_urgent_class(
     name = f"routing-{policy}"
     one = tier("one", prepare_embedded("smollm2-135m-instruct", progress=False), max_model_len=1024, max_num_seqs=1)
     one["engine"]["scheduling_policy"] = policy
-    base = deploy(app, name, [one], {"default_sla_class": None})
+    # No shedding by predicted lateness: the interactive request must queue behind the long one.
+    base = deploy(app, name, [one], {"default_sla_class": None, "shed_over_budget": None})
 
     def load() -> dict:
         (view,) = httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"]
