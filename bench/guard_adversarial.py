@@ -21,32 +21,25 @@ Prints a markdown table; --write also writes it to docs/guard-adversarial.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
-from test_guard_linear import FAMILIES  # noqa: E402  (the crafted inputs, defined once with their test)
+from test_guard_linear import FAMILIES, cpu_seconds  # noqa: E402  (the crafted inputs, defined once with their test)
 
 SIZES_KB = (6, 12, 24, 48)
 WORD_CHARS = 1_000_000
 """The one-word row: as long as spaCy takes a text."""
 
 
-def cpu_ms(check: Callable[[str], object], text: str, repeats: int = 2) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.thread_time()
-        check(text)
-        best = min(best, time.thread_time() - start)
-    return best * 1e3
+def cpu_ms(check: Callable[[str], object], text: str) -> float:
+    return cpu_seconds(check, text, repeats=2) * 1e3
 
 
 def main() -> int:
