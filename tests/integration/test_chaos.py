@@ -154,3 +154,48 @@ def test_a_killed_retriever_is_a_clean_503_and_comes_back(app, http):
     assert wait_for(retrieval_back, timeout=300, interval=1), "retrieval did not come back"
     print(f"\nretriever back {time.monotonic() - killed:.1f} s after SIGKILL; statuses meanwhile {sorted(seen)}")
     assert seen & {503, 504}
+
+
+@pytest.mark.destructive
+def test_a_killed_ingress_hangs_no_client_and_comes_back(app, http):
+    """The ingress replica is killed under streaming traffic: every client gets an answer or a
+    closed connection in bounded time (no hang), and the service answers again once Serve has
+    replaced the replica. What the clients saw is printed for docs/reliability.md."""
+    from tierserve.cluster.ops import INGRESS_NAME
+
+    seen: list[str] = []
+
+    async def client(i: int) -> None:
+        try:
+            async with httpx.AsyncClient(base_url=app.http, timeout=60) as c:
+                async with c.stream("POST", "/v1/chat/completions", json=chat(i, **LONG)) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+                    seen.append(str(r.status_code))
+        except httpx.HTTPError as exc:
+            seen.append(type(exc).__name__)
+
+    async def traffic() -> float:
+        tasks = [asyncio.create_task(client(i)) for i in range(12)]
+        await asyncio.sleep(3)  # streams under way
+        replica_process(app.name, INGRESS_NAME).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)  # no client hangs
+        return killed
+
+    killed = asyncio.run(traffic())
+    assert len(seen) == 12
+
+    def answers() -> bool:
+        try:
+            r = http.post("/v1/completions", json={"model": "auto", "prompt": "Hello", "max_tokens": 2}, timeout=30)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    assert wait_for(answers, timeout=300, interval=1), "the ingress did not come back"
+    back = time.monotonic() - killed
+    # The tiers' engines are not left generating for the streams the dead ingress was reading.
+    idle = wait_for(lambda: not any(engines_running(http).values()), timeout=120, interval=1)
+    assert idle, f"engines still run requests of the dead ingress: {engines_running(http)}"
+    print(f"\ningress killed: clients saw {sorted(seen)}; answering again {back:.1f} s after")
