@@ -128,8 +128,11 @@ class SafetyStep:
         self.chain: GuardChain | None = build_chain(config, cache_dir) if config.enabled else None
         self.input_rewriting: GuardChain | None = None
         self.input_refusing: GuardChain | None = None
+        self.retrieved_rewriting: GuardChain | None = None
+        self.retrieved_refusing: GuardChain | None = None
         if self.chain is not None:
             self.input_rewriting, self.input_refusing = self.chain.split("input")
+            self.retrieved_rewriting, self.retrieved_refusing = self.chain.split("retrieved")
         self.overlap = config.overlap_input_checks
         self.timeout_s = config.timeout_s
         self.token_id_prompts = config.token_id_prompts
@@ -248,35 +251,38 @@ class SafetyStep:
     async def check_retrieved(self, hits: list[Hit], report: SafetyReport, span: trace.Span) -> list[Hit]:
         """The chunks that may enter the prompt: blocked ones dropped, redacted ones redacted.
         A chunk's ids and its metadata that reach the prompt or the response (`HIT_METADATA`)
-        are checked with its text: a block in any drops the chunk, a redaction redacts it."""
+        are checked with its text: a block in any drops the chunk, a redaction redacts it. The
+        guards that redact read each field; those that refuse read a chunk's fields joined into
+        one text, so a chunk costs them one check (the injection classifier's is dear)."""
         if not hits or not self.active("retrieved"):
             return hits
-        texts: list[str] = []
-        owner: list[tuple[int, str]] = []
-        for i, hit in enumerate(hits):
-            fields = {"text": hit.text, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id}
-            fields |= {k: v for k in HIT_METADATA if isinstance(v := hit.metadata.get(k), str) and v}
-            for name, value in fields.items():
-                texts.append(value)
-                owner.append((i, name))
-        verdicts = await self._check(texts, "retrieved", span)
-        checked: list[dict[str, Verdict]] = [{} for _ in hits]
-        for (i, name), v in zip(owner, verdicts):
-            checked[i][name] = v
-            report.add("retrieved", v.findings)
+        fields = [
+            {"text": hit.text, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id}
+            | {k: v for k in HIT_METADATA if isinstance(v := hit.metadata.get(k), str) and v}
+            for hit in hits
+        ]
+        blocked = [False] * len(hits)
+        if self.retrieved_refusing is not None and self.retrieved_refusing.active("retrieved"):
+            joined = ["\n".join(f.values()) for f in fields]
+            for i, v in enumerate(await self._check(joined, "retrieved", span, self.retrieved_refusing)):
+                report.add("retrieved", v.findings)
+                blocked[i] = v.blocked
+        checked: list[dict[str, str]] = [dict(f) for f in fields]
+        if self.retrieved_rewriting is not None and self.retrieved_rewriting.active("retrieved"):
+            owner = [(i, name) for i, f in enumerate(fields) for name in f]
+            texts = [fields[i][name] for i, name in owner]
+            for (i, name), v in zip(owner, await self._check(texts, "retrieved", span, self.retrieved_rewriting)):
+                report.add("retrieved", v.findings)
+                checked[i][name] = v.text
         kept = []
-        for hit, parts in zip(hits, checked):
-            if any(v.blocked for v in parts.values()):
+        for hit, parts, dropped in zip(hits, checked, blocked):
+            if dropped:
                 report.retrieved_dropped += 1
                 continue
-            metadata = {**hit.metadata, **{k: v.text for k, v in parts.items() if k in HIT_METADATA}}
+            metadata = {**hit.metadata, **{k: v for k, v in parts.items() if k in HIT_METADATA}}
             kept.append(
                 dataclasses.replace(
-                    hit,
-                    text=parts["text"].text,
-                    chunk_id=parts["chunk_id"].text,
-                    doc_id=parts["doc_id"].text,
-                    metadata=metadata,
+                    hit, text=parts["text"], chunk_id=parts["chunk_id"], doc_id=parts["doc_id"], metadata=metadata
                 )
             )
         return kept
