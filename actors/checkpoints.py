@@ -9,8 +9,14 @@ dequantises the GGUF once into the model cache:
 * atomic: it is written under a temporary name and renamed into place as the last step, so a
   crash never leaves a half-written checkpoint where a reader would pick it up; a file lock keeps
   two processes from converting at once;
-* checked: a manifest records the SHA-256 of the source and of every file written, and
-  `verify_checkpoint` recomputes them.
+* checked: before it is published, the converted checkpoint must generate what the GGUF
+  model generates (greedy tokens and top-k logprobs on a few fixed prompts, see
+  `tierserve.actors.fidelity`); a manifest records the SHA-256 of the source and of every file
+  written, and `verify_checkpoint` recomputes them.
+
+The dequantised weights are stored in float32, so the checkpoint holds exactly what the GGUF
+holds: rounding them to bfloat16 changed a greedy answer (docs/fidelity.md). A tier still
+chooses the dtype it computes in (`engine.dtype`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ class EmbeddedModel:
     module: str
     """The import name of the package, located without importing it."""
     gguf_file: str
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
+    """What the dequantised weights are stored as (part of the checkpoint's directory name)."""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -104,8 +111,8 @@ def sha256_file(path: Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_dir(cache_dir: Path, name: str, source_sha256: str) -> Path:
-    return cache_dir / "models" / f"{name}-{source_sha256[:12]}"
+def checkpoint_dir(cache_dir: Path, spec: EmbeddedModel, source_sha256: str) -> Path:
+    return cache_dir / "models" / f"{spec.name}-{source_sha256[:12]}-{spec.dtype}"
 
 
 def draft_checkpoint_dir(target_dir: Path) -> Path:
@@ -142,7 +149,7 @@ def prepare_embedded(name: str, cache_dir: Path | None = None, progress: bool = 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     source = gguf_path(spec)
     source_sha = sha256_file(source, progress=progress)
-    final = checkpoint_dir(cache_dir, name, source_sha)
+    final = checkpoint_dir(cache_dir, spec, source_sha)
     if not is_prepared(final):
 
         def write(tmp: Path) -> None:
@@ -153,15 +160,19 @@ def prepare_embedded(name: str, cache_dir: Path | None = None, progress: bool = 
     return final
 
 
+CONVERSION_CHECK_PROMPTS = 4
+CONVERSION_CHECK_TOKENS = 16
+
+
 def _convert_gguf(spec: EmbeddedModel, source: Path, out: Path, progress: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=3, desc=f"prepare {spec.name}", disable=not progress, unit="step")
+    steps = tqdm(total=4, desc=f"prepare {spec.name}", disable=not progress, unit="step")
     with steps:
         steps.set_postfix_str("dequantise GGUF")
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         steps.update()
 
         # A model loaded from GGUF refuses save_pretrained and its config says "gguf quantised";
@@ -178,8 +189,28 @@ def _convert_gguf(spec: EmbeddedModel, source: Path, out: Path, progress: bool) 
 
         fresh.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        steps.set_postfix_str("check against the GGUF")
+        steps.update()
+
+        check_conversion(loaded, out)
         steps.set_postfix_str("done")
         steps.update()
+
+
+def check_conversion(source_model: object, out: Path) -> None:
+    """The written checkpoint, loaded back in float32, must generate what the source model
+    generates (the fidelity check, on a few prompts); raises `RuntimeError` otherwise, so a bad
+    conversion is never published."""
+    from tierserve.actors import fidelity
+
+    converted, tokenizer = fidelity.load_reference(str(out))
+    prompts = fidelity.PROMPTS[:CONVERSION_CHECK_PROMPTS]
+    ids = fidelity.prompt_token_ids(tokenizer, prompts)
+    expected = fidelity.transformers_greedy(source_model, ids, CONVERSION_CHECK_TOKENS)
+    got = fidelity.transformers_greedy(converted, ids, CONVERSION_CHECK_TOKENS)
+    report = fidelity.check(f"converted {out.name}", prompts, expected, got, tokenizer)
+    if not report.passed:
+        raise RuntimeError(f"the converted checkpoint does not generate what its source does: {report.failures()}")
 
 
 def _source_info(spec: EmbeddedModel, source_sha: str) -> dict[str, object]:

@@ -127,6 +127,7 @@ class VLLMEngine:
         self.max_model_len = 0
         self._running = 0
         self._waiting = 0
+        self._kv_cache_usage = 0.0
         self._started = 0
         self._finished = 0
         self._aborted = 0
@@ -167,6 +168,7 @@ class VLLMEngine:
         running = scheduler_stats.num_running_reqs if scheduler_stats is not None else 0
         if scheduler_stats is not None:
             self._waiting = scheduler_stats.num_waiting_reqs
+            self._kv_cache_usage = scheduler_stats.kv_cache_usage
         generated = iteration_stats.num_generation_tokens if iteration_stats is not None else 0
         at = iteration_stats.iteration_timestamp if iteration_stats is not None else time.time()
         duration = self._steps.record(
@@ -247,6 +249,7 @@ class VLLMEngine:
         spec = self._steps.speculation
         return TierStats(
             running=self._running,
+            kv_cache_usage=self._kv_cache_usage,
             started=self._started,
             finished=self._finished,
             aborted=self._aborted,

@@ -229,6 +229,9 @@ class TierStats:
     speculation: SpeculationStats | None = None
     speculation_control: list[SpeculationBucket] | None = None
     """Adaptive speculation per batch-size bucket; None when the tier does not adapt."""
+    kv_cache_usage: float = 0.0
+    """Share of the engine's KV-cache blocks in use after its last step (blocks that only
+    hold reusable prefix-cache entries count as free)."""
 
 
 @dataclass(slots=True)

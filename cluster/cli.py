@@ -5,6 +5,8 @@ tierserve models prepare [NAME ...] [--verify]          build embedded checkpoin
 tierserve models distill [NAME] [--layers N] [--minutes M] [--prompts N] [--max-new-tokens N] [--force]
                                                         train a speculative-decoding draft for NAME
 tierserve models list                                   embedded models and their cache state
+tierserve models check [TIER ...] [--config FILE] [--dtype D ...] [--json FILE]
+                                                        each tier's engine against its checkpoint in transformers
 tierserve config check FILE                             validate a config file
 tierserve deploy render [--config FILE] --out DIR       write serve.yaml, cluster.yaml (ray up), rayservice.yaml
 tierserve deploy apply [--config FILE] [--address URL]  deploy (or update in place) on a running Ray cluster
@@ -158,12 +160,55 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     cache = _cache(None, args.cache_dir)
     for name, spec in sorted(EMBEDDED_MODELS.items()):
         try:
-            path = checkpoint_dir(cache, name, sha256_file(gguf_path(spec)))
+            path = checkpoint_dir(cache, spec, sha256_file(gguf_path(spec)))
             state = f"prepared at {path}" if is_prepared(path) else "not prepared"
         except FileNotFoundError as exc:
             state = str(exc)
         print(f"embedded:{name}  {state}")
     return 0
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from tierserve.actors.checkpoints import resolve_model
+    from tierserve.actors.fidelity import TOP_K, check_tier, reference
+
+    config = load_config(args.config)
+    names = [t.name for t in config.tiers]
+    unknown = sorted(set(args.tiers) - set(names))
+    if unknown:
+        print(f"tierserve: no tier {', '.join(unknown)} in the config (tiers: {', '.join(names)})", file=sys.stderr)
+        return 2
+    cache = _cache(config, args.cache_dir)
+    references = {}
+    reports = []
+    for tier in config.tiers:
+        if args.tiers and tier.name not in args.tiers:
+            continue
+        path = resolve_model(tier.model, cache)
+        if path not in references:
+            print(f"reference: {path} in transformers, float32", flush=True)
+            references[path] = reference(path)
+        for dtype in args.dtype or [None]:
+            report = asyncio.run(check_tier(tier, references[path], dtype, cache))
+            reports.append(report)
+            verdict = "PASS" if report.passed else "FAIL"
+            print(
+                f"{verdict} {report.label}: greedy agreement {report.agreement:.3f}, "
+                f"{report.identical}/{len(report.results)} identical, "
+                f"max top-{TOP_K} logprob diff {report.max_logprob_diff:.3f}",
+                flush=True,
+            )
+            for line in report.failures():
+                print(f"  {line}")
+            for r in report.results:
+                if r.reason and r.reference_text != r.candidate_text:
+                    print(f"    reference: {r.reference_text!r}\n    served:    {r.candidate_text!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in reports], indent=2) + "\n")
+    return 0 if all(r.passed for r in reports) else 1
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -457,6 +502,13 @@ def parser() -> argparse.ArgumentParser:
     ml = m.add_parser("list", help="embedded models and whether they are prepared")
     ml.add_argument("--cache-dir")
     ml.set_defaults(func=cmd_models_list)
+    mc = m.add_parser("check", help="check each tier's engine against its checkpoint in transformers (float32)")
+    mc.add_argument("tiers", nargs="*", help="tier names (default: all)")
+    mc.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
+    mc.add_argument("--dtype", action="append", help="check with this dtype instead of the tier's (repeatable)")
+    mc.add_argument("--cache-dir")
+    mc.add_argument("--json", help="also write the full reports to this file")
+    mc.set_defaults(func=cmd_models_check)
 
     c = sub.add_parser("config", help="config files").add_subparsers(dest="config_command", required=True)
     cc = c.add_parser("check", help="validate a config file")

@@ -17,7 +17,7 @@ import pytest
 
 from tierserve.cluster.ops import RETRIEVER_NAME
 
-from .conftest import wait_for
+from .conftest import TIER, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.disturbing]
 
@@ -35,6 +35,14 @@ def router_in_flight(http: httpx.Client) -> dict[str, int]:
 
 def engines_running(http: httpx.Client) -> dict[str, int]:
     return {t["name"]: t["stats"]["running"] for t in http.get("/v1/tiers", timeout=60).json()["data"] if "stats" in t}
+
+
+def kv_cache_usage(http: httpx.Client) -> dict[str, float]:
+    return {
+        t["name"]: t["stats"]["kv_cache_usage"]
+        for t in http.get("/v1/tiers", timeout=60).json()["data"]
+        if "stats" in t
+    }
 
 
 def aborted(http: httpx.Client) -> int:
@@ -84,9 +92,11 @@ def test_a_storm_of_clients_leaving_releases_every_place_and_engine_request(app,
     idle = wait_for(lambda: not any(engines_running(http).values()), timeout=60, interval=0.5)
     assert idle, f"engines still run requests nobody reads: {engines_running(http)}"
     assert aborted(http) > before
-    # And the service answers as before.
-    r = http.post("/v1/completions", json={"model": "auto", "prompt": "Hello", "max_tokens": 4})
+    # And the service answers as before; once it has, no KV-cache block is held (an engine
+    # reports its KV use after each step, so the aborted requests' blocks show up freed here).
+    r = http.post("/v1/completions", json={"model": TIER, "prompt": "Hello", "max_tokens": 4})
     assert r.status_code == 200, r.text
+    assert kv_cache_usage(http)[TIER] == 0.0
 
 
 def test_a_burst_beyond_capacity_is_shed_cleanly(app, http):

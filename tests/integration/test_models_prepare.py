@@ -60,3 +60,21 @@ def test_killed_conversion_never_leaves_a_usable_checkpoint(tmp_path):
 
 def _entries(folder: Path) -> list[Path]:
     return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_conversion_that_changes_what_the_model_generates_is_never_published(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tierserve.actors import fidelity
+    from tierserve.actors.checkpoints import check_conversion
+
+    source = prepare_embedded("smollm2-135m-instruct", progress=False)
+    model, tokenizer = fidelity.load_reference(str(source))
+    check_conversion(model, source)  # the published checkpoint generates what it was made from
+    # A conversion that got one tensor wrong (the final norm halved: every logit scaled).
+    broken = AutoModelForCausalLM.from_pretrained(source)
+    broken.model.norm.weight.data *= 0.5
+    broken.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="does not generate what its source does"):
+        check_conversion(model, tmp_path)

@@ -1,0 +1,289 @@
+"""Soak: mixed traffic through the real service for a long while; resources must stay flat.
+
+Starts the embedded default (configs/local.yaml: `small` and `quality`, guards and retrieval
+on) and keeps `--concurrency` clients busy for `--minutes` with a seeded mix of what callers
+send: streamed `auto` chats of both SLA classes, whole completions on each tier, chats with
+retrieval, chats carrying personal data, streams the client drops after two tokens, malformed
+requests and the read-only endpoints. Every `--sample-s` it records each Serve process's
+resident memory and open file descriptors (a tier's engine-core process counted with its
+replica), each engine's KV-cache use and the router's in-flight count. At the end it drains,
+then checks the KV caches and in-flight counts are back to zero.
+
+    .venv/bin/python bench/soak.py [--minutes 30] [--concurrency 4] [--sample-s 60] [--seed 0] [--no-write]
+
+Prints a table and writes it to docs/reliability.md (section `soak`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overload import free_port  # noqa: E402
+from report import replace_section  # noqa: E402
+
+APP = "soak"
+TOPICS = ["rivers", "bridges", "tea", "trains", "volcanoes", "libraries", "bees", "clocks"]
+PII = "My e-mail is jane.doe@example.com and my card is 4111 1111 1111 1111; "
+HI = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+MALFORMED: list[tuple[str, object]] = [
+    ("/v1/chat/completions", b"{not json"),
+    ("/v1/chat/completions", {**HI, "min_tokens": 9, "max_tokens": 2}),
+    ("/v1/chat/completions", {**HI, "messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/v1/completions", {"model": "small", "prompt": ""}),
+    ("/v1/chat/completions", {**HI, "stop": ["x"] * 40}),
+    ("/v1/chat/completions", {**HI, "temperature": 1e999}),
+    ("/v1/chat/completions", {**HI, "model": "no-such-tier"}),
+    ("/v1/chat/completions", {**HI, "retrieval": {"index": "../x"}}),
+]
+KINDS = ["stream", "stream", "stream", "complete", "complete", "rag", "rag", "pii", "drop", "malformed", "read"]
+
+
+def chat(rng: random.Random, prefix: str = "") -> dict:
+    topic = rng.choice(TOPICS)
+    return {
+        "model": "auto",
+        "messages": [{"role": "user", "content": f"{prefix}Write two sentences about {topic}."}],
+        "max_tokens": 32,
+        "sla_class": rng.choice(["interactive", "standard"]),
+    }
+
+
+def error_code(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "(no OpenAI error body)"
+
+
+def outcome(r: httpx.Response) -> str:
+    """The status, and the error's code for anything but a 200 (`400 invalid_request`)."""
+    return "200" if r.status_code == 200 else f"{r.status_code} {error_code(r.content)}"
+
+
+async def one(client: httpx.AsyncClient, rng: random.Random, counts: collections.Counter) -> None:
+    kind = rng.choice(KINDS)
+    try:
+        if kind in ("stream", "drop", "pii"):
+            body = {**chat(rng, PII if kind == "pii" else ""), "stream": True}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    counts[f"{r.status_code} {error_code(await r.aread())}"] += 1
+                    return
+                seen = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        seen += 1
+                        if "error" in json.loads(line[6:]):
+                            counts[f"{kind} stream error"] += 1
+                    if kind == "drop" and seen >= 2:
+                        break  # leaving the block closes the connection mid-stream
+                status = "200"
+        elif kind == "complete":
+            tier, topic = rng.choice(["small", "quality"]), rng.choice(TOPICS)
+            body = {"model": tier, "prompt": f"A note on {topic}:", "max_tokens": 24}
+            status = outcome(await client.post("/v1/completions", json=body))
+        elif kind == "rag":
+            question = [{"role": "user", "content": "How does tierserve pick a tier?"}]
+            body = {**chat(rng), "messages": question, "retrieval": True}
+            status = outcome(await client.post("/v1/chat/completions", json=body))
+        elif kind == "malformed":
+            path, body = rng.choice(MALFORMED)
+            if isinstance(body, bytes):
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
+            else:
+                r = await client.post(
+                    path,
+                    content=json.dumps(body).encode("utf-8", "surrogatepass"),
+                    headers={"content-type": "application/json"},
+                )
+            status = outcome(r)
+        else:
+            status = outcome(await client.get(rng.choice(["/v1/models", "/v1/tiers", "/health", "/v1/indexes"])))
+    except httpx.HTTPError as exc:
+        counts[f"client {type(exc).__name__}"] += 1
+        return
+    counts[status] += 1
+
+
+async def clients(base: str, n: int, seconds: float, seed: int, counts: collections.Counter) -> None:
+    async def loop(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+            while time.monotonic() < end:
+                await one(client, rng, counts)
+
+    end = time.monotonic() + seconds
+    await asyncio.gather(*(loop(i) for i in range(n)))
+
+
+def processes() -> dict[str, list[psutil.Process]]:
+    """Serve's processes by role; a replica's children (a tier's engine core) count with it."""
+    out: dict[str, list[psutil.Process]] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if f"ServeReplica:{APP}:" in line:
+            role = line.split(f"ServeReplica:{APP}:", 1)[1].split()[0]
+        elif "ProxyActor" in line:
+            role = "http-proxy"
+        elif "ServeController" in line:
+            role = "controller"
+        else:
+            continue
+        try:
+            out[role] = [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def measure(procs: dict[str, list[psutil.Process]]) -> dict[str, tuple[float, int]]:
+    out = {}
+    for role, group in procs.items():
+        rss, fds = 0, 0
+        for p in group:
+            try:
+                rss += p.memory_info().rss
+                fds += p.num_fds()
+            except psutil.NoSuchProcess:
+                pass
+        out[role] = (rss / 2**20, fds)
+    return out
+
+
+def tier_view(http: httpx.Client) -> dict[str, tuple[float, int]]:
+    """Each tier's KV-cache use (percent) and the router's in-flight count."""
+    tiers = http.get("/v1/tiers", timeout=60).json()["data"]
+    return {
+        t["name"]: (100 * t.get("stats", {}).get("kv_cache_usage", float("nan")), t["router"]["in_flight"])
+        for t in tiers
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--sample-s", type=float, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.cluster.app import build_app
+    from tierserve.cluster.cli import start_ray
+    from tierserve.cluster.config import load_config
+
+    config_path = REPO / "configs" / "local.yaml"
+    prepare_embedded("smollm2-135m-instruct", progress=False)
+    config = load_config(config_path)
+    start_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})}), log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(config_path)}), name=APP, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    counts: collections.Counter = collections.Counter()
+    samples: list[dict] = []
+    try:
+        with httpx.Client(base_url=base) as http:
+            for tier in ("small", "quality"):  # warm both tiers before the first sample
+                http.post("/v1/completions", json={"model": tier, "prompt": "Hello", "max_tokens": 8}, timeout=300)
+            procs = processes()
+            started = time.monotonic()
+
+            async def run() -> None:
+                traffic = asyncio.create_task(clients(base, args.concurrency, 60 * args.minutes, args.seed, counts))
+                while not traffic.done():
+                    sample = {"minute": (time.monotonic() - started) / 60, "requests": sum(counts.values())}
+                    sample["procs"] = measure(procs)
+                    sample["tiers"] = await asyncio.to_thread(tier_view, http)
+                    samples.append(sample)
+                    print(json.dumps(sample), flush=True)
+                    await asyncio.wait({traffic}, timeout=args.sample_s)
+                await traffic
+
+            asyncio.run(run())
+            deadline = time.monotonic() + 60
+            view = tier_view(http)
+            while any(n for _, n in view.values()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                view = tier_view(http)
+            final = {
+                "minute": (time.monotonic() - started) / 60,
+                "requests": sum(counts.values()),
+                "procs": measure(procs),
+                "tiers": view,
+                "drained": True,
+            }
+            samples.append(final)
+            print(json.dumps(final), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    text = report(samples, counts)
+    print(text)
+    if not args.no_write:
+        cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
+        head = (
+            f"`.venv/bin/python bench/soak.py --minutes {args.minutes:g} --concurrency {args.concurrency} "
+            f"--sample-s {args.sample_s:g} --seed {args.seed}` ({time.strftime('%Y-%m-%d')}, {cpu}; "
+            f"{args.concurrency} clients sending the mix without pause):\n\n"
+        )
+        replace_section(REPO / "docs" / "reliability.md", "soak", head + text)
+    return 0
+
+
+def report(samples: list[dict], counts: collections.Counter) -> str:
+    roles = sorted({r for s in samples for r in s["procs"]})
+    tiers = sorted({t for s in samples for t in s["tiers"]})
+    lines = [
+        "| minute | requests | "
+        + " | ".join(f"{r} RSS MB / fds" for r in roles)
+        + " | "
+        + " | ".join(f"{t} KV % / in flight" for t in tiers)
+        + " |",
+        "|---" * (2 + len(roles) + len(tiers)) + "|",
+    ]
+    step = max(1, (len(samples) - 1) // 10)
+    shown = [s for i, s in enumerate(samples[:-1]) if i % step == 0] + [samples[-1]]
+    for s in shown:
+        minute = f"{s['minute']:.1f}" + (" (drained)" if s.get("drained") else "")
+        procs = " | ".join(f"{s['procs'][r][0]:.0f} / {s['procs'][r][1]}" if r in s["procs"] else "-" for r in roles)
+        kv = " | ".join(f"{s['tiers'][t][0]:.1f} / {s['tiers'][t][1]}" if t in s["tiers"] else "-" for t in tiers)
+        lines.append(f"| {minute} | {s['requests']} | {procs} | {kv} |")
+    # Growth after the first few minutes (imports, caches and the step model settle first).
+    base = next((s for s in samples if s["minute"] >= 5), samples[0])
+    last = samples[-1]
+    growth = []
+    for r in roles:
+        if r in base["procs"] and r in last["procs"]:
+            (rss0, fds0), (rss1, fds1) = base["procs"][r], last["procs"][r]
+            growth.append(f"{r} {rss1 - rss0:+.0f} MB ({100 * (rss1 / rss0 - 1):+.1f}%), fds {fds1 - fds0:+d}")
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    server_errors = sum(v for k, v in counts.items() if k[:1] == "5" and not k.startswith("503"))
+    return (
+        "\n".join(lines)
+        + f"\n\nFrom minute {base['minute']:.1f} to the end: {'; '.join(growth)}."
+        + f"\n\nOutcomes: {statuses}. Server errors other than 503: {server_errors}."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
