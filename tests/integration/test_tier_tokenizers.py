@@ -1,0 +1,93 @@
+"""Tiers that tokenize differently: a service whose tiers are different architectures with
+different tokenizers (a tiny Qwen2 with a 320-entry byte-level BPE of its own, `narrow`, and a
+tiny Llama with the embedded model's 49,152-entry tokenizer, `wide`).
+
+The router estimates a prompt's length from its characters, before any tier has tokenized it;
+each tier then counts with its own tokenizer. These tests hold the service to what a caller
+sees: usage counted by the tier that served, a prompt too long for one tier's tokenizer
+served by the next, and a clear 400 when the caller named that tier.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import REPO
+from .test_tier_shapes import deploy, tier
+from .tiny_models import build_tiny_llama, build_tiny_qwen2
+
+pytestmark = pytest.mark.integration
+
+APP = "tokenizers"
+NARROW_CONTEXT = 256
+CHARS_PER_TOKEN = 4
+"""The router's estimate (`tierserve.router.routing.CHARS_PER_TOKEN`)."""
+
+
+@pytest.fixture(scope="module")
+def service(app, tmp_path_factory):
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from tierserve.actors.checkpoints import prepare_embedded
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    corpus = [p.read_text() for p in sorted((REPO / "configs" / "rag" / "corpus").glob("*.md"))]
+    narrow = build_tiny_qwen2(root / "narrow", corpus, vocab=320, hidden=128, layers=2, seed=0)
+    embedded = prepare_embedded("smollm2-135m-instruct", progress=False)
+    wide = build_tiny_llama(root / "wide", embedded, hidden=128, layers=2, heads=4, kv_heads=2, seed=1)
+    narrow_tier = tier("narrow", narrow)
+    narrow_tier["engine"]["max_model_len"] = NARROW_CONTEXT
+    client, base = deploy(app, APP, [narrow_tier, tier("wide", wide)])
+    tokenizers = {"narrow": AutoTokenizer.from_pretrained(narrow), "wide": AutoTokenizer.from_pretrained(wide)}
+    yield client, base, tokenizers
+    serve.delete(APP)
+
+
+def chat_tokens(tokenizer, content: str) -> int:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_each_tier_counts_the_prompt_with_its_own_tokenizer(service):
+    client, _, tokenizers = service
+    content = "How does tierserve choose a tier for a request?"
+    counts = {}
+    for name, tokenizer in tokenizers.items():
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0
+        )
+        assert reply.model_extra["tierserve"]["tier"] == name
+        counts[name] = reply.usage.prompt_tokens
+        assert counts[name] == chat_tokens(tokenizer, content)
+    assert counts["narrow"] != counts["wide"]
+    # The small vocabulary cuts the text itself finer (the templates differ too: SmolLM2's adds
+    # a system turn, ChatML does not).
+    bare = {name: len(t.encode(content, add_special_tokens=False)) for name, t in tokenizers.items()}
+    assert bare["narrow"] >= 2 * bare["wide"]
+
+
+def test_a_prompt_too_long_for_one_tokenizer_goes_to_the_tier_that_takes_it(service):
+    client, base, tokenizers = service
+    # Text the router's estimate fits into `narrow` but narrow's tokenizer does not.
+    paragraph = (REPO / "configs" / "rag" / "corpus" / "model-tiers.md").read_text()
+    content = paragraph[: CHARS_PER_TOKEN * (NARROW_CONTEXT - 64)]
+    assert len(content) // CHARS_PER_TOKEN + 8 < NARROW_CONTEXT < chat_tokens(tokenizers["narrow"], content)
+    assert chat_tokens(tokenizers["wide"], content) + 8 < 512
+
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    routing = r.json()["tierserve"]
+    assert routing["tier"] == "wide"
+    assert routing["fallback_from"] == [{"tier": "narrow", "error": "context_length_exceeded"}]
+    assert r.headers["x-tierserve-fallback-from"] == "narrow"
+
+    # Named, the tier that cannot take it says so: a 400 naming the field, not a 500.
+    r = httpx.post(f"{base}/v1/chat/completions", json={**body, "model": "narrow"}, timeout=300)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error
