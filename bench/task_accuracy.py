@@ -128,7 +128,10 @@ def main() -> int:
             mine = [(i, a) for i, a in zip(items, answers) if i["task"] == task]
             row[task] = (sum(correct(i, a) for i, a in mine), len(mine))
         rows.append(row)
-        examples[run] = [{**i, "got": a, "correct": correct(i, a)} for i, a in list(zip(items, answers))[:3]]
+        firsts = {t: next(k for k, i in enumerate(items) if i["task"] == t) for t in tasks}
+        examples[run] = [
+            {**items[k], "got": answers[k], "correct": correct(items[k], answers[k])} for k in firsts.values()
+        ]
         print(json.dumps(row), flush=True)
 
     lines = [
