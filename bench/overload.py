@@ -89,6 +89,26 @@ async def one(client: httpx.AsyncClient, i: int, tokens: int) -> Outcome:
         return Outcome(sla, -1, 1e3 * (time.perf_counter() - started), error=type(exc).__name__)
 
 
+def serve_embedded(app_name: str) -> str:
+    """Start Ray and the embedded default (configs/local.yaml) as `app_name` on a free local
+    port; return its base URL. The caller shuts Serve and Ray down."""
+    from ray import serve
+
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.cluster.app import build_app
+    from tierserve.cluster.cli import start_ray
+    from tierserve.cluster.config import load_config
+
+    config_path = REPO / "configs" / "local.yaml"
+    prepare_embedded("smollm2-135m-instruct", progress=False)
+    config = load_config(config_path)
+    start_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})}), log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(config_path)}), name=app_name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
 def ingress_rss_mb(app_name: str) -> float:
     """Resident memory of the ingress replica (Ray titles it `ServeReplica:APP:ingress`)."""
     from tierserve.cluster.ops import INGRESS_NAME
@@ -172,19 +192,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from tierserve.actors.checkpoints import prepare_embedded
-    from tierserve.cluster.app import build_app
-    from tierserve.cluster.cli import start_ray
-    from tierserve.cluster.config import load_config
-
-    config_path = REPO / "configs" / "local.yaml"
-    prepare_embedded("smollm2-135m-instruct", progress=False)
-    config = load_config(config_path)
-    start_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})}), log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config_path)}), name="overload", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
+    base = serve_embedded("overload")
     rows = []
     try:
         with httpx.Client(base_url=base) as http:

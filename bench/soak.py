@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overload import free_port  # noqa: E402
+from overload import serve_embedded  # noqa: E402
 from report import replace_section  # noqa: E402
 
 APP = "soak"
@@ -185,19 +185,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from tierserve.actors.checkpoints import prepare_embedded
-    from tierserve.cluster.app import build_app
-    from tierserve.cluster.cli import start_ray
-    from tierserve.cluster.config import load_config
-
-    config_path = REPO / "configs" / "local.yaml"
-    prepare_embedded("smollm2-135m-instruct", progress=False)
-    config = load_config(config_path)
-    start_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})}), log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config_path)}), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
+    base = serve_embedded(APP)
     counts: collections.Counter = collections.Counter()
     samples: list[dict] = []
     try:
