@@ -6,9 +6,14 @@ the checkpoint in transformers float32 on the fixed prompt set (greedy agreement
 answers, first divergences, largest top-k logprob difference), then times decoding: one stream
 and `--batch` streams at once, `--tokens` tokens each (ignore_eos), per token and per request.
 
-    .venv/bin/python bench/fidelity.py [--dtype float32 --dtype bfloat16 ...] [--batch 8] [--tokens 64] [--no-write]
+    .venv/bin/python bench/fidelity.py [--dtype D ...] [--batch 8] [--tokens 64] [--no-write]
+                                       [--no-storage | --storage-only]
 
-Prints a table and writes it to docs/fidelity.md (section `fidelity`).
+Then, for the checkpoint's storage: the GGUF model (dequantised, float32) against the same
+weights rounded to each storage dtype and computed in float32 (transformers, in memory), with
+the same check (`--no-storage` skips it).
+
+Prints the tables and writes them to docs/fidelity.md (sections `fidelity`, `storage`).
 """
 
 from __future__ import annotations
@@ -102,11 +107,50 @@ def table(rows: list[dict], batch: int) -> str:
     return "\n".join(lines)
 
 
+def storage(dtypes: list[str]) -> str:
+    """The GGUF model against its weights rounded to each dtype (computed in float32)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tierserve.actors import fidelity
+    from tierserve.actors.checkpoints import EMBEDDED_MODELS, gguf_path
+
+    source_path = gguf_path(EMBEDDED_MODELS["smollm2-135m-instruct"])
+    source = AutoModelForCausalLM.from_pretrained(source_path.parent, gguf_file=source_path.name, dtype=torch.float32)
+    source.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source_path.parent, gguf_file=source_path.name)
+    ids = fidelity.prompt_token_ids(tokenizer)
+    expected = fidelity.transformers_greedy(source, ids)
+    lines = [
+        "| weights stored as | check | identical answers | max top-5 logprob diff | answers that differ |",
+        "|---|---|---|---|---|",
+    ]
+    for dtype in dtypes:
+        rounded = copy.deepcopy(source).to(getattr(torch, dtype)).to(torch.float32)
+        report = fidelity.check(
+            dtype, fidelity.PROMPTS, expected, fidelity.transformers_greedy(rounded, ids), tokenizer
+        )
+        differ = "; ".join(
+            f"{r.prompt!r}: {r.reference_text!r} -> {r.candidate_text!r}".replace("\n", " ").replace("|", "\\|")
+            for r in report.results
+            if r.reference_text != r.candidate_text
+        )
+        lines.append(
+            f"| {dtype} | {'pass' if report.passed else 'FAIL'} | {report.identical}/{len(report.results)} | "
+            f"{report.max_logprob_diff:.3f} | {differ or '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", action="append", help=f"dtypes to try (default: {', '.join(DTYPES)})")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--no-storage", action="store_true", help="skip the storage-dtype table")
+    parser.add_argument("--storage-only", action="store_true", help="only the storage-dtype table")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -114,6 +158,8 @@ def main() -> int:
     from tierserve.actors.checkpoints import resolve_model
     from tierserve.cluster.config import load_config
 
+    if args.storage_only:
+        return write_storage(args.no_write)
     config = load_config(REPO / "configs" / "local.yaml")
     tier = next(t for t in config.tiers if t.name == "small")
     ref = fidelity.reference(resolve_model(tier.model))
@@ -132,6 +178,19 @@ def main() -> int:
             f"{fidelity.MAX_TOKENS} tokens greedy):\n\n"
         )
         replace_section(REPO / "docs" / "fidelity.md", "fidelity", head + text)
+    return 0 if args.no_storage else write_storage(args.no_write)
+
+
+def write_storage(no_write: bool) -> int:
+    text = storage(["float32", "bfloat16"])
+    print(text)
+    if not no_write:
+        head = (
+            f"`.venv/bin/python bench/fidelity.py --storage-only` ({time.strftime('%Y-%m-%d')}; the GGUF model, "
+            "dequantised in float32, against its weights rounded to each dtype, both computed in float32 in "
+            "transformers):\n\n"
+        )
+        replace_section(REPO / "docs" / "fidelity.md", "storage", head + text)
     return 0
 
 
