@@ -31,6 +31,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -164,15 +165,25 @@ CONVERSION_CHECK_PROMPTS = 4
 CONVERSION_CHECK_TOKENS = 16
 
 
-def _convert_gguf(spec: EmbeddedModel, source: Path, out: Path, progress: bool) -> None:
+def load_gguf(source: Path) -> tuple[Any, Any]:
+    """The GGUF model dequantised in float32 (transformers), and its tokenizer: what a
+    conversion must reproduce."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+
+
+def _convert_gguf(spec: EmbeddedModel, source: Path, out: Path, progress: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
 
     steps = tqdm(total=4, desc=f"prepare {spec.name}", disable=not progress, unit="step")
     with steps:
         steps.set_postfix_str("dequantise GGUF")
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        loaded, tokenizer = load_gguf(source)
         steps.update()
 
         # A model loaded from GGUF refuses save_pretrained and its config says "gguf quantised";

@@ -251,15 +251,21 @@ def chunks_greedy(chunks: Sequence[Any]) -> Greedy:
     return Greedy(tokens, top)
 
 
+def greedy_request(request_id: str, ids: list[int], max_tokens: int = MAX_TOKENS, top_k: int = TOP_K) -> Any:
+    """The `GenerateRequest` a candidate answers: greedy, from prompt token ids, with top-k logprobs."""
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
+
+    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, logprobs=top_k)
+    return GenerateRequest(request_id, sampling, prompt_token_ids=list(ids))
+
+
 async def engine_greedy(
     engine: Any, prompts_ids: Sequence[list[int]], max_tokens: int = MAX_TOKENS, top_k: int = TOP_K
 ) -> list[Greedy]:
     """Greedy generations of a started `VLLMEngine` (all prompts at once, as a tier batches)."""
-    from tierserve.actors.types import GenerateRequest, SamplingOptions
 
     async def one(i: int, ids: list[int]) -> Greedy:
-        sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, logprobs=top_k)
-        request = GenerateRequest(f"fidelity-{i}", sampling, prompt_token_ids=list(ids))
+        request = greedy_request(f"fidelity-{i}", ids, max_tokens, top_k)
         return chunks_greedy([chunk async for chunk in engine.generate(request)])
 
     return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts_ids))))

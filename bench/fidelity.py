@@ -112,15 +112,11 @@ def storage(dtypes: list[str]) -> str:
     import copy
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tierserve.actors import fidelity
-    from tierserve.actors.checkpoints import EMBEDDED_MODELS, gguf_path
+    from tierserve.actors.checkpoints import EMBEDDED_MODELS, gguf_path, load_gguf
 
-    source_path = gguf_path(EMBEDDED_MODELS["smollm2-135m-instruct"])
-    source = AutoModelForCausalLM.from_pretrained(source_path.parent, gguf_file=source_path.name, dtype=torch.float32)
-    source.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source_path.parent, gguf_file=source_path.name)
+    source, tokenizer = load_gguf(gguf_path(EMBEDDED_MODELS["smollm2-135m-instruct"]))
     ids = fidelity.prompt_token_ids(tokenizer)
     expected = fidelity.transformers_greedy(source, ids)
     lines = [

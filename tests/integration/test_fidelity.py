@@ -23,13 +23,11 @@ def reference():
 def served(app, tier: str, prompts_ids: list[list[int]]) -> list[fidelity.Greedy]:
     from ray import serve
 
-    from tierserve.actors.types import GenerateRequest, SamplingOptions
     from tierserve.cluster.app import tier_deployment_name
 
     handle = serve.get_deployment_handle(tier_deployment_name(tier), app_name=app.name).options(stream=True)
-    sampling = SamplingOptions(max_tokens=fidelity.MAX_TOKENS, temperature=0.0, logprobs=fidelity.TOP_K)
     streams = [
-        handle.generate.remote(GenerateRequest(f"fidelity-{tier}-{i}", sampling, prompt_token_ids=ids))
+        handle.generate.remote(fidelity.greedy_request(f"fidelity-{tier}-{i}", ids))
         for i, ids in enumerate(prompts_ids)
     ]
     return [fidelity.chunks_greedy([chunk for batch in stream for chunk in batch]) for stream in streams]

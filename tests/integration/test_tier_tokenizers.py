@@ -13,6 +13,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tierserve.actors import fidelity
+from tierserve.router.routing import CHARS_PER_TOKEN  # the router's estimate of a prompt's tokens
+
 from .conftest import REPO
 from .test_tier_shapes import deploy, tier
 from .tiny_models import build_tiny_llama, build_tiny_qwen2
@@ -21,8 +24,6 @@ pytestmark = pytest.mark.integration
 
 APP = "tokenizers"
 NARROW_CONTEXT = 256
-CHARS_PER_TOKEN = 4
-"""The router's estimate (`tierserve.router.routing.CHARS_PER_TOKEN`)."""
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,8 @@ def service(app, tmp_path_factory):
 
 
 def chat_tokens(tokenizer, content: str) -> int:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    return len(tokenizer.encode(text, add_special_tokens=False))
+    """The prompt tokens of `content` as the only user turn, counted as a tier counts them."""
+    return len(fidelity.prompt_token_ids(tokenizer, [content])[0])
 
 
 def test_each_tier_counts_the_prompt_with_its_own_tokenizer(service):
