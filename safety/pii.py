@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import regex
 import tldextract
-from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer
+from phonenumbers import Leniency, PhoneNumberMatcher
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
 from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer,
     CryptoRecognizer,
@@ -113,6 +114,43 @@ PHONE_CONTEXT = [*PhoneRecognizer.CONTEXT, "tel", "fax", "contact", "reach", "di
 """Presidio's phone context words and a few more ways a number gets introduced."""
 
 
+class PhoneNumberRecognizer(PhoneRecognizer):
+    """Presidio's phone recognizer, scored by how much of libphonenumber's evidence a match has.
+
+    Presidio keeps every number libphonenumber finds valid for a region (`Leniency.VALID`) at
+    0.4, under the default threshold, so a number with no context word before it is missed. A
+    valid number written the way its region writes numbers scores `GROUPED_SCORE`, over the
+    threshold on its own: its digit groups are exactly the region's (`EXACT_GROUPING`:
+    "(212) 555-0199", "+44 20 7946 0958"; not "2125 550 199", nor an SSN's "059-56-4323", which is
+    a valid German number grouped otherwise), and it is written with separators or a country
+    code (a bare run of ten digits is as often an order or account number). The other digit runs
+    a text holds (quantities, dates, cards and IBANs that fail their checksums) are seldom valid
+    and so grouped (docs/safety-benchmark.md); they stay at 0.4 and need a context word, as
+    before. The grouping check re-reads only the matched characters."""
+
+    GROUPED_SCORE = 0.6
+
+    def __init__(self) -> None:
+        super().__init__(context=PHONE_CONTEXT, supported_regions=PHONE_REGIONS, leniency=Leniency.VALID)
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts=None) -> list[RecognizerResult]:
+        results = []
+        for region in self.supported_regions:
+            for match in PhoneNumberMatcher(text, region, leniency=self.leniency):
+                result = self._get_recognizer_result(match, text, region, nlp_artifacts)
+                if self._grouped(match.raw_string, region):
+                    result.score = self.GROUPED_SCORE
+                    result.analysis_explanation.set_improved_score(self.GROUPED_SCORE)
+                results.append(result)
+        return EntityRecognizer.remove_duplicates(results)
+
+    @staticmethod
+    def _grouped(raw: str, region: str) -> bool:
+        if raw.isdigit():
+            return False
+        return any(True for _ in PhoneNumberMatcher(raw, region, leniency=Leniency.EXACT_GROUPING))
+
+
 class SecretKeyRecognizer(PatternRecognizer):
     """API keys and access tokens with a recognisable prefix, and long random values assigned to
     a key-like name (`api_key = "..."`). Lookaheads require the character classes the issuer's
@@ -171,9 +209,8 @@ class RecognizerSpec:
 
 RECOGNIZERS: dict[str, RecognizerSpec] = {
     "EMAIL_ADDRESS": RecognizerSpec(OfflineEmailRecognizer, 254),  # RFC 5321's path limit
-    # libphonenumber's matcher in Presidio's default regions (~15 digits, punctuation, extension);
-    # 0.4 alone, so a context word is needed at the default threshold
-    "PHONE_NUMBER": RecognizerSpec(lambda: PhoneRecognizer(context=PHONE_CONTEXT, supported_regions=PHONE_REGIONS), 64),
+    # libphonenumber's matcher in Presidio's default regions (~15 digits, punctuation, extension)
+    "PHONE_NUMBER": RecognizerSpec(PhoneNumberRecognizer, 64),
     "CREDIT_CARD": RecognizerSpec(CreditCardRecognizer, 20),  # up to 19 digits in 4 groups, Luhn
     "IBAN_CODE": RecognizerSpec(IbanRecognizer, 42),  # 34 characters in groups of 4, mod-97 checksum
     "US_SSN": RecognizerSpec(UsSsnRecognizer, 11),

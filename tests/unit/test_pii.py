@@ -99,13 +99,38 @@ def test_a_dotted_quad_version_number_in_prose_is_an_ip_address(guard):
 
 
 def test_context_words_raise_scores(guard):
-    """Presidio scores a bare national phone number 0.4, below the default threshold; a context
-    word among the five words before it lifts it above."""
-    assert spans(guard, "+44 20 7946 0958") == []
-    assert spans(guard, "telephone +44 20 7946 0958") == [("PHONE_NUMBER", 10, 26)]
+    """A valid phone number grouped otherwise than its region writes it scores 0.4, below the
+    default threshold; a context word among the five words before it lifts it above."""
+    assert spans(guard, "2079 460 958") == []
+    assert spans(guard, "telephone 2079 460 958") == [("PHONE_NUMBER", 10, 22)]
     [bare] = guard.detect("536-22-8726", "input")
     [near] = guard.detect("SSN: 536-22-8726", "input")
     assert near.score > bare.score >= 0.5
+
+
+@pytest.mark.parametrize(
+    "number", ["(212) 555-0199", "+44 20 7946 0958", "+33 1 23 45 67 89", "020 7946 0958", "212.555.0199"]
+)
+def test_a_number_grouped_as_its_region_writes_it_needs_no_context_word(guard, number):
+    """libphonenumber's exact grouping is the evidence that stands in for a context word."""
+    text = f"Ring the desk on {number} after nine."
+    start = text.index(number)
+    assert spans(guard, text) == [("PHONE_NUMBER", start, start + len(number))]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 2125550199 shipped",  # ten bare digits: as often an order number
+        "2125 550 199 units",  # valid, but not grouped as the US writes it
+        "SSN-like 059-56-4323 ref",  # a valid German number, grouped otherwise
+        "The warehouse holds 377 782 units in aisle 5.",
+        "(923) 789-6514",  # no such US area code: libphonenumber finds it invalid
+    ],
+)
+def test_digit_runs_that_are_not_phone_numbers_need_a_context_word(text):
+    phones = PiiGuard(PiiGuardConfig(entities=["PHONE_NUMBER"]))
+    assert phones.detect(text, "input") == []
 
 
 def test_score_threshold():
