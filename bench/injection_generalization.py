@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ FOLDS = [
     ("pyrit_templates", ("writingbench",)),
 ]
 FPRS = (0.01, 0.05)
+GERMAN = re.compile(r"\b(der|die|das|und|ist|nicht|ich|sie|du|vergiss|alle|mir|wie|was|ein|eine)\b", re.IGNORECASE)
+"""German function words: a text with two or more is counted as German."""
 
 
 def tpr_at_fpr(attack: np.ndarray, benign: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -187,6 +190,7 @@ def main() -> int:
         lines.append("".join(cells))
     table = "\n".join(lines)
     by = {r["attacks"]: r for r in results}
+    german = sum(len(GERMAN.findall(q.text)) >= 2 for q in sets["deepset"])
     elapsed = time.perf_counter() - started
     print(table)
     print(f"{elapsed:.0f} s (embedding {embedded_s:.0f} s)")
@@ -215,11 +219,16 @@ last columns are the embedded default's threshold, {shipped_threshold}.
 The goal is TPR >= 0.90 at FPR <= 0.05 on an unseen source. It is met on one fold of
 {len(results)}: at FPR 5% the shipped classifier catches {by["inthewild"]["shipped@0.05"]:.2f} of the
 in-the-wild jailbreaks (long role-play set-ups, close to what the project's own set covers), but
-{by["deepset"]["shipped@0.05"]:.2f} of the deepset-style injections (short, often a bare "forget the
-above and ...", some in German), {by["spikee"]["shipped@0.05"]:.2f} of spikee's and
+{by["deepset"]["shipped@0.05"]:.2f} of the deepset-style injections, {by["spikee"]["shipped@0.05"]:.2f} of spikee's and
 {by["pyrit_templates"]["shipped@0.05"]:.2f} of PyRIT's templates; {mean("shipped@0.05"):.2f} on average.
 At the embedded default's threshold it flags {mean("shipped_fpr"):.1%} of ordinary prompts and catches
 {mean("shipped_tpr"):.2f} of attacks.
+
+The deepset-style set is short texts, often a bare "forget the above and ..." appended to a
+question; {german} of its {len(sets["deepset"])} texts are German (two or more German function words), which
+the English MiniLM embedder and the English patterns do not read; and it counts role-play requests
+("I want you to act as an English translator", "Be a DJ") as injections, which the project's own
+set, and most deployments, treat as ordinary requests.
 
 Training on the other public collections does not close the gap ({mean("mixed@0.05"):.2f} on average
 at FPR 5%): each segment takes its whole text's label, and a jailbreak template's segments include

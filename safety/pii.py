@@ -307,6 +307,11 @@ class PiiGuard:
         lengths = [RECOGNIZERS[e].max_chars if e in RECOGNIZERS else _NER_MAX_CHARS for e in self._entities]
         return min(max(lengths, default=0), MAX_ENTITY_CHARS)
 
+    @property
+    def finds_names(self) -> bool:
+        """Whether it looks for names and places, which span several words (a NER model's)."""
+        return self.config.ner is not None and any(e not in RECOGNIZERS for e in self._entities)
+
     def detect(self, text: str, stage: Stage) -> list[Finding]:
         """Findings scoring at least `score_threshold`, non-overlapping, by start. The same at
         every stage (`stage` is for the protocol)."""

@@ -4,7 +4,9 @@ token chunks, while holding back as little text as possible.
 Text is released up to the start of the shortest tail that could still grow into something a
 guard would flag (`entity_tail`): an unfinished word (an e-mail address, URL, IP address or key
 has no spaces in it) or an unfinished run of digits and separators (phone, card and social
-security numbers, IBANs have spaces and dashes in them). Everything before that tail can no
+security numbers, IBANs have spaces and dashes in them), and, where a guard finds names and
+places (a PII guard with a NER model), a run of capitalised words: "Maria" is held until the
+next word shows whether "Keller" follows. Everything before that tail can no
 longer change its meaning, so it is checked, redacted and sent. A finding that straddles the
 release point holds the release back to its start. The guards also see up to `CONTEXT_CHARS` of
 text already sent, for context words ("SSN:", "card number") that raise a pattern's score.
@@ -25,18 +27,25 @@ MAX_HOLD_CHARS = 256
 """A tail longer than this is released anyway: no entity the guards find is longer."""
 
 _WORD_TAIL = re.compile(r"\S+$")
+_NAME_PARTICLES = "van|von|der|den|de|del|della|da|di|du|dos|le|la|bin|ibn|al|el|ben"
+_NAME_TAIL = re.compile(rf"(?<![\w'’.-])(?:[A-Z][\w'’.-]*(?:\s+|$)(?:(?:{_NAME_PARTICLES})(?:\s+|$))*)+$")
+"""A run of capitalised words (with the particles of names such as "Ludwig van Beethoven"; a
+word's dots kept, for "Dr." and initials) at the end of the text, and the space after it: a name
+the next token may continue."""
 _NUMBER_TAIL = re.compile(r"(?:[+(]\s*)?\d[\d\s().\-/]*$")
 _IBAN_TAIL = re.compile(r"\b[A-Z]{2}\d{2}[A-Z0-9 ]*$")
 
 
-def entity_tail(text: str, cap: int = MAX_HOLD_CHARS) -> int:
+def entity_tail(text: str, cap: int = MAX_HOLD_CHARS, names: bool = False) -> int:
     """Length of the shortest suffix of `text` that might still be the start of an entity,
-    at most `cap` (the longest entity the guards can find)."""
+    at most `cap` (the longest entity the guards can find). `names`: a guard finds names and
+    places, so a trailing run of capitalised words is held whole ("Maria" waits for "Keller")."""
     tail = 0
-    for pattern in (_WORD_TAIL, _NUMBER_TAIL, _IBAN_TAIL):
-        match = pattern.search(text)
+    window = text[-cap:]  # no tail is longer, and it bounds the work per call
+    for pattern in (_WORD_TAIL, _NUMBER_TAIL, _IBAN_TAIL, *((_NAME_TAIL,) if names else ())):
+        match = pattern.search(window)
         if match is not None:
-            tail = max(tail, len(text) - match.start())
+            tail = max(tail, len(window) - match.start())
     return min(tail, cap)
 
 
@@ -50,6 +59,11 @@ def hold_cap(chain: GuardChain) -> int:
     return min(MAX_HOLD_CHARS, max(limits))
 
 
+def holds_names(chain: GuardChain) -> bool:
+    """Whether one of the chain's output guards finds names (a PII guard with a NER model)."""
+    return any(getattr(guard, "finds_names", False) for guard, actions in chain.guards if "output" in actions)
+
+
 class StreamGuard:
     """The output stage for one streamed choice: `feed` each text delta, send what it returns,
     and `finish` at the end. Once a blocking guard fires, `blocked` holds the verdict and
@@ -58,6 +72,7 @@ class StreamGuard:
     def __init__(self, chain: GuardChain):
         self.chain = chain
         self.cap = hold_cap(chain)
+        self.names = holds_names(chain)
         self.context = ""
         self.pending = ""
         self.findings: list[Finding] = []
@@ -67,7 +82,7 @@ class StreamGuard:
         if self.blocked is not None:
             return ""
         self.pending += delta
-        return self._release(len(self.pending) - entity_tail(self.pending, self.cap))
+        return self._release(len(self.pending) - entity_tail(self.pending, self.cap, self.names))
 
     def finish(self) -> str:
         """The rest of the text, checked as a whole."""

