@@ -139,22 +139,42 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model, **self.options)
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
-        self.latency.max_num_seqs = self._llm.vllm_config.scheduler_config.max_num_seqs
-        self.latency.priority_scheduling = self._llm.vllm_config.scheduler_config.policy == "priority"
-        self._tokenizer = self._llm.get_tokenizer()
-        self.max_model_len = self._llm.model_config.max_model_len
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
+        self.latency.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        self.latency.priority_scheduling = llm.vllm_config.scheduler_config.policy == "priority"
+        self._tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.model_config.max_model_len
         if self._adaptive is not None:
             self._control = AdaptiveSpeculation(
-                self._adaptive, self.speculation.num_speculative_tokens, self._schedule()
+                self._adaptive, self.speculation.num_speculative_tokens, self._schedule(llm)
             )
+        self._llm = llm  # last: requests and polls see a complete engine or none
         logger.info("engine ready: %s (max_model_len=%d)", self.model, self.max_model_len)
 
-    def _schedule(self) -> list[int]:
+    @property
+    def dead(self) -> bool:
+        """Whether the engine was started and its core process has died since."""
+        return self._llm is not None and self._llm.errored
+
+    async def restart(self) -> None:
+        """Replace a dead engine with a new one in this process: what a replica restart would do,
+        without the new process and its imports. Slow (an engine start, which runs in a worker
+        thread; the new engine starts its output handler on this loop at its first request);
+        meanwhile requests and load polls get `ServiceUnavailable`."""
+        dead, self._llm = self._llm, None
+        if dead is not None:
+            try:
+                dead.shutdown()  # on the loop: it cancels the dead engine's output handler task
+            except Exception:  # its processes are gone already; what is left is collected
+                logger.warning("shutting down the dead engine failed", exc_info=True)
+        self._waiting, self._kv_cache_usage = 0, 0.0
+        await asyncio.to_thread(self.start)
+
+    def _schedule(self, llm: Any) -> list[int]:
         """The dense batch-size → k lookup the engine's scheduler starts with (vLLM's own expansion)."""
         from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-        config = self._llm.vllm_config
+        config = llm.vllm_config
         spec = config.speculative_config
         return build_dynamic_sd_schedule_lookup(
             spec.num_speculative_tokens_per_batch_size,

@@ -353,11 +353,12 @@ class Ingress:
         ]
 
     async def health(self) -> dict[str, str]:
-        """Each tier's health: 'ok' or the reason it failed its check."""
+        """Each tier's health: 'ok' or why it cannot serve now (a replica that restarts its
+        engine passes Serve's health check but is not ready)."""
 
         async def check(name: str) -> str:
             try:
-                await asyncio.wait_for(self.handles[name].check_health.remote(), self.config.health_timeout_s)
+                await asyncio.wait_for(self.handles[name].ready.remote(), self.config.health_timeout_s)
                 return "ok"
             except asyncio.TimeoutError:
                 return f"no answer within {self.config.health_timeout_s:g}s"

@@ -1,5 +1,5 @@
-"""A dead engine: the stream in flight ends with an SSE error event, health says so, Serve
-replaces the replica, and the tier serves again. Breaks the shared app, so it runs last."""
+"""A dead engine: the stream in flight ends with an SSE error event, health says so, the replica
+restarts its engine in place, and the tier serves again. Breaks the shared app, so it runs last."""
 
 import json
 import signal
@@ -14,14 +14,19 @@ from .conftest import TIER, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 
 
+def replica_of(tier: str) -> psutil.Process:
+    (replica,) = [p for p in psutil.process_iter(["cmdline"]) if f"tier-{tier}" in " ".join(p.info["cmdline"] or [])]
+    return replica
+
+
 def engine_core_of(tier: str) -> psutil.Process:
     """The engine-core process ('VLLM::EngineCore') under the tier's Serve replica."""
-    (replica,) = [p for p in psutil.process_iter(["cmdline"]) if f"tier-{tier}" in " ".join(p.info["cmdline"] or [])]
-    (core,) = [c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+    (core,) = [c for c in replica_of(tier).children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
     return core
 
 
 def test_engine_death_mid_stream(app, http):
+    replica = replica_of(TIER)
     core = engine_core_of(TIER)
     body = {"model": "auto", "prompt": "Tell me a long story.", "max_tokens": 512, "ignore_eos": True, "stream": True}
     events = []
@@ -53,9 +58,12 @@ def test_engine_death_mid_stream(app, http):
     # ... `auto` falls back to the tier that serves meanwhile ...
     r = httpx.post(f"{app.http}/v1/completions", json={"model": "auto", "prompt": "Hi", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200, r.text
-    # ... and Serve's health check replaces the replica, after which the tier serves again.
+    # ... and the replica restarts its engine in place (a new engine core under the same replica
+    # process), after which the tier serves again.
     up = wait_for(lambda: health()["status"] == "ok", timeout=420, interval=2)
     assert up, "the tier did not recover"
+    assert replica_of(TIER).pid == replica.pid, "Serve replaced the replica instead"
+    assert engine_core_of(TIER).pid != core.pid
 
     # The router learns of the new replica within a couple of seconds (a load poll, or Serve's
     # replica count); until then a request naming the tier gets a 503 with Retry-After.
@@ -69,6 +77,7 @@ def test_engine_death_mid_stream(app, http):
     r = wait_for(hello, timeout=30, interval=0.5)
     assert r is not None and r.json()["usage"]["completion_tokens"] >= 1
     print(
-        f"\nengine killed: health degraded, `auto` served meanwhile; tier {TIER} serving again after "
+        f"\nengine killed: health degraded, `auto` served meanwhile; engine restarted in its replica; tier {TIER} "
+        f"serving again after "
         f"{time.monotonic() - killed:.0f} s"
     )
