@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ from ray import serve
 
 from tierserve.actors.checkpoints import resolve_model
 from tierserve.actors.config import TierConfig
-from tierserve.actors.engine import VLLMEngine
-from tierserve.actors.errors import ServiceUnavailable
+from tierserve.actors.engine import EngineRestarts, VLLMEngine
 from tierserve.actors.metrics import TierMetrics, sample_forever
 from tierserve.actors.placement import (
     BIND_ENV,
@@ -36,12 +34,6 @@ from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStat
 from tierserve.cluster.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
 logger = logging.getLogger(__name__)
-
-ENGINE_RESTARTS = 3
-"""Engine deaths a replica recovers from by restarting its engine in place; after that many, its
-health check fails and Serve replaces the whole replica."""
-ENGINE_RESTART_TIMEOUT_S = 600.0
-"""An in-place restart that takes longer fails the health check (Serve then replaces the replica)."""
 
 
 def engine_options(config: TierConfig, speculation: ResolvedSpeculation | None) -> dict[str, Any]:
@@ -78,9 +70,7 @@ class TierDeployment:
         self.engine.start()
         self.metrics = TierMetrics(config.name)
         self._sampler: asyncio.Task | None = None
-        self._restart: asyncio.Task | None = None
-        self._restart_began = 0.0
-        self._restarts = 0
+        self.restarts = EngineRestarts(config.name)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
         """Stream the request's chunks in batches: the first at once, the rest as they pile up,
@@ -128,28 +118,9 @@ class TierDeployment:
 
     async def check_health(self) -> None:
         """Called by Serve every `health_check_period_s`; raising marks the replica unhealthy.
-
-        A dead engine is restarted inside this replica (its start in a worker thread), up to
-        `ENGINE_RESTARTS` times: a new replica would spend its first ~25 s on a process and
-        imports before the same engine start (docs/reliability.md). While the engine restarts the
-        replica reports healthy to Serve, but its requests and load polls refuse with
-        `ServiceUnavailable`, so the router keeps traffic on the other tiers meanwhile. A restart
-        that fails, or outlasts `ENGINE_RESTART_TIMEOUT_S`, fails the check, and so does a death
-        past the limit: then Serve replaces the replica."""
-        if self._restart is not None:
-            if not self._restart.done():
-                if time.monotonic() - self._restart_began <= ENGINE_RESTART_TIMEOUT_S:
-                    return
-                raise ServiceUnavailable(f"engine restart for tier {self.config.name} is taking too long")
-            restart, self._restart = self._restart, None
-            if restart.exception() is not None:
-                raise ServiceUnavailable(f"engine restart for tier {self.config.name} failed: {restart.exception()}")
-            logger.info("tier %s: engine restarted in %.1f s", self.config.name, time.monotonic() - self._restart_began)
-        if self.engine.dead and self._restarts < ENGINE_RESTARTS:
-            self._restarts += 1
-            logger.warning("tier %s: engine died; restarting it in this replica", self.config.name)
-            self._restart_began = time.monotonic()
-            self._restart = asyncio.get_running_loop().create_task(self.engine.restart())
+        A dead engine is restarted inside the replica (`EngineRestarts`), which passes this check
+        meanwhile; its requests, load polls and `ready()` refuse until the new engine serves."""
+        if self.restarts.under_way(self.engine):
             return
         await self.engine.check_health()
 

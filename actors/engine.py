@@ -96,6 +96,59 @@ def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
     return StepLogger
 
 
+ENGINE_RESTARTS = 3
+"""Engine deaths a replica recovers from by restarting its engine in place; past that many, its
+health check fails and Serve replaces the whole replica."""
+ENGINE_RESTART_TIMEOUT_S = 600.0
+"""An in-place restart that takes longer fails the health check (Serve then replaces the replica)."""
+
+
+class EngineRestarts:
+    """When a tier's replica restarts its dead engine in place, and when it gives up.
+
+    Serve's health check (every 2 s on the shipped tiers) asks `under_way`. A dead engine is
+    restarted in the replica, up to `limit` times: a new replica would first start a process and
+    import everything, about 10 s more (docs/reliability.md). While a restart runs the replica
+    passes the check; a restart that fails or outlasts `timeout_s`, and a death past the limit,
+    fail it (`ServiceUnavailable`), and Serve replaces the replica."""
+
+    def __init__(
+        self,
+        tier: str,
+        limit: int = ENGINE_RESTARTS,
+        timeout_s: float = ENGINE_RESTART_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.tier = tier
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.count = 0
+        """Restarts begun."""
+        self._task: asyncio.Task | None = None
+        self._began = 0.0
+
+    def under_way(self, engine: VLLMEngine) -> bool:
+        """True while a restart of `engine` runs (begun now if it just died and the limit allows);
+        False when there is none, and the engine's own health decides. Call on the event loop."""
+        if self._task is not None:
+            if not self._task.done():
+                if self.clock() - self._began <= self.timeout_s:
+                    return True
+                raise ServiceUnavailable(f"engine restart for tier {self.tier} is taking too long")
+            task, self._task = self._task, None
+            if task.exception() is not None:
+                raise ServiceUnavailable(f"engine restart for tier {self.tier} failed: {task.exception()}")
+            logger.info("tier %s: engine restarted in %.1f s", self.tier, self.clock() - self._began)
+        if engine.dead and self.count < self.limit:
+            self.count += 1
+            logger.warning("tier %s: engine died; restarting it in place (%d of %d)", self.tier, self.count, self.limit)
+            self._began = self.clock()
+            self._task = asyncio.get_running_loop().create_task(engine.restart())
+            return True
+        return False
+
+
 class VLLMEngine:
     """One vLLM `AsyncLLM` plus the request bookkeeping a tier reports."""
 
