@@ -125,12 +125,9 @@ def main() -> int:
     rows = quality(with_ner, sentences)
     costs = cost({"patterns only (embedded default)": without, f"patterns + {MODEL}": with_ner}, args.repeats)
     tokenizer = AutoTokenizer.from_pretrained(prepare_embedded("smollm2-135m-instruct", progress=False))
-    import safety as safety_bench
-
-    safety_bench.ANSWERS = ANSWERS
     streams = {
-        "patterns only": ttft(GuardChain([(without, {"output": "redact"})]), tokenizer, args.tpot_ms),
-        "with NER": ttft(GuardChain([(with_ner, {"output": "redact"})]), tokenizer, args.tpot_ms),
+        "patterns only": ttft(GuardChain([(without, {"output": "redact"})]), tokenizer, args.tpot_ms, ANSWERS),
+        "with NER": ttft(GuardChain([(with_ner, {"output": "redact"})]), tokenizer, args.tpot_ms, ANSWERS),
     }
 
     quality_table = "\n".join(

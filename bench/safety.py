@@ -157,11 +157,11 @@ ANSWERS = [
 ]
 
 
-def ttft(chain, tokenizer, tpot_ms: float) -> list[dict]:
+def ttft(chain, tokenizer, tpot_ms: float, answers: list[str] = ANSWERS) -> list[dict]:
     from tierserve.safety.streaming import StreamGuard
 
     rows = []
-    for answer in ANSWERS:
+    for answer in answers:
         ids = tokenizer.encode(answer, add_special_tokens=False)
         deltas, previous = [], ""
         for i in range(1, len(ids) + 1):

@@ -101,8 +101,9 @@ def test_a_storm_of_clients_leaving_releases_every_place_and_engine_request(app,
 
 def test_a_burst_beyond_capacity_is_shed_cleanly(app, http):
     """240 streamed `auto` chats at once against the embedded default (its tiers hold 96 with
-    their queues): the excess is refused at once with 429 or 503, `Retry-After` and an OpenAI
-    error body; the admitted ones stream to the end; nothing stays counted."""
+    their queues): the excess is refused with 429 or 503, `Retry-After` and an OpenAI error body
+    (shed by the router, or, on a busy machine, by the guards' time budget, which fails closed);
+    the admitted ones stream to the end; nothing stays counted."""
 
     async def burst() -> list[tuple[int, str | None, int]]:
         limits = httpx.Limits(max_connections=256)
@@ -114,7 +115,9 @@ def test_a_burst_beyond_capacity_is_shed_cleanly(app, http):
                 async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                     text = (await r.aread()).decode()
                     if r.status_code != 200:
-                        assert json.loads(text)["error"]["code"] in ("overloaded", "no_tier_available"), text
+                        # shed by the router, or refused by the guards' time budget (fail closed)
+                        codes = ("overloaded", "no_tier_available", "guard_timeout")
+                        assert json.loads(text)["error"]["code"] in codes, text
                         return r.status_code, r.headers.get("retry-after"), 0
                     assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text[-300:]
                     return 200, None, text.count('"content"')

@@ -40,7 +40,7 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     ingress_config, entries, handles, telemetry, routing, model_cache, retriever, rag, safety = ingress.init_args
     assert safety == config.safety
     assert telemetry == config.telemetry  # every deployment gets the same telemetry settings
-    assert routing == config.routing and routing.tiers["llama-70b"].min_complexity == 0.5
+    assert routing == config.routing and routing.tiers["llama-70b"].min_complexity == 0.58
     assert model_cache == config.model_cache
     assert [e.replicas for e in entries] == [8, 2]  # autoscaling maxima
     assert [e.name for e in entries] == ["llama-8b", "llama-70b"]
