@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from public_sets import DEFAULT_CACHE, PublicPrompt, fetch, injection_sources, routing_sources  # noqa: E402
+from public_sets import add_arguments, fetch, injection_sources, routing_sources, sample  # noqa: E402
 
 FOLDS = [
     ("inthewild", ("alpaca_eval",)),
@@ -58,10 +57,7 @@ def tpr_at_fpr(attack: np.ndarray, benign: np.ndarray, fpr: float) -> tuple[floa
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-source", type=int, default=150)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-write", action="store_true")
+    add_arguments(p)
     args = p.parse_args()
 
     from tierserve.cluster.config import load_config
@@ -90,10 +86,7 @@ def main() -> int:
     sets = injection_sources(archives)
     sets["alpaca_eval"] = routing_sources(archives)["alpaca_eval"]
 
-    def sample(prompts: list[PublicPrompt]) -> list[PublicPrompt]:
-        return prompts if len(prompts) <= args.per_source else random.Random(args.seed).sample(prompts, args.per_source)
-
-    texts = {name: sample(prompts) for name, prompts in sets.items()}
+    texts = {name: sample(prompts, args.per_source, args.seed) for name, prompts in sets.items()}
 
     # Every text's segments as the guard sees them: (embedding, features) of the embedded ones,
     # and the best heuristic score among those it leaves out.

@@ -118,6 +118,20 @@ class Archive:
         return sorted(n for n in self.names if rx.fullmatch(n))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark on these sets takes: where they are cached, how many prompts
+    of each source it samples, with which seed, and whether it writes its doc."""
+    parser.add_argument("--per-source", type=int, default=150, help="prompts sampled from each source")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+
+
+def sample(prompts: list[PublicPrompt], n: int, seed: int) -> list[PublicPrompt]:
+    """`n` of `prompts` drawn with `seed` (all of them if there are no more)."""
+    return list(prompts) if len(prompts) <= n else random.Random(seed).sample(prompts, n)
+
+
 def fetch(cache_dir: Path = DEFAULT_CACHE) -> dict[str, Archive]:
     """The pinned packages, downloaded (without dependencies) on first use."""
     cache_dir.mkdir(parents=True, exist_ok=True)

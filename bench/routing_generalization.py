@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from public_sets import DEFAULT_CACHE, PublicPrompt, fetch, routing_sources  # noqa: E402
+from public_sets import add_arguments, fetch, routing_sources, sample  # noqa: E402
 
 FOLDS = [
     ("humaneval", "naturalqs"),
@@ -52,12 +51,6 @@ FOLDS = [
 SHARES = (0.2, 0.3, 0.5)
 
 
-def sample(prompts: list[PublicPrompt], n: int, seed: int) -> list[PublicPrompt]:
-    if len(prompts) <= n:
-        return list(prompts)
-    return random.Random(seed).sample(prompts, n)
-
-
 def recall_at_share(scores: np.ndarray, hard: np.ndarray, share: float) -> float:
     """Share of hard prompts among the top `share` of scores."""
     k = max(1, round(share * len(scores)))
@@ -67,12 +60,9 @@ def recall_at_share(scores: np.ndarray, hard: np.ndarray, share: float) -> float
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-source", type=int, default=150, help="prompts sampled from each public source")
+    add_arguments(p)
     p.add_argument("--share", type=float, default=0.3, help="most traffic the quality tier may get")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-dataset", type=Path, help="write a training file with the public prompts added")
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
     from sklearn.metrics import roc_auc_score
