@@ -44,14 +44,15 @@ def tier(name: str, model, **fields) -> dict:
     }
 
 
-def deploy(app, name: str, tiers: list[dict]) -> tuple[OpenAI, str]:
-    """Run an application with `tiers` at /<name>; return an OpenAI client and its base URL."""
+def deploy(app, name: str, tiers: list[dict], **sections) -> tuple[OpenAI, str]:
+    """Run an application with `tiers` (and any other config `sections`, such as `rag`) at
+    /<name>; return an OpenAI client and its base URL."""
     from ray import serve
 
     from tierserve.cluster.app import build_application
     from tierserve.cluster.config import parse_config
 
-    config = parse_config({"name": name, "tiers": tiers, "ingress": {"deployment": {"num_cpus": 0}}})
+    config = parse_config({"name": name, "tiers": tiers, "ingress": {"deployment": {"num_cpus": 0}}, **sections})
     serve.run(build_application(config), name=name, route_prefix=f"/{name}")
     base = f"{app.http}/{name}"
     return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300), base
