@@ -152,6 +152,12 @@ def main() -> int:
             b = np.array([score(i) for i in benign_items])
             for fpr in FPRS:
                 row[f"{scorer}@{fpr}"] = tpr_at_fpr(a, b, fpr)[0]
+            if scorer == "shipped":  # caught at FPR 5%, German texts and the rest apart
+                threshold = tpr_at_fpr(a, b, 0.05)[1]
+                is_german = np.array([len(GERMAN.findall(q.text)) >= 2 for q in texts[attack_source]])
+                for name, subset in (("german", is_german), ("other", ~is_german)):
+                    row[f"{name}_n"] = int(subset.sum())
+                    row[f"{name}_caught"] = int((a[subset] >= threshold).sum())
             if scorer != "heuristic":
                 row[f"{scorer}_tpr"] = float((a >= shipped_threshold).mean())
                 row[f"{scorer}_fpr"] = float((b >= shipped_threshold).mean())
@@ -184,6 +190,7 @@ def main() -> int:
     table = "\n".join(lines)
     by = {r["attacks"]: r for r in results}
     german = sum(len(GERMAN.findall(q.text)) >= 2 for q in sets["deepset"])
+    ds = by["deepset"]
     elapsed = time.perf_counter() - started
     print(table)
     print(f"{elapsed:.0f} s (embedding {embedded_s:.0f} s)")
@@ -219,7 +226,9 @@ At the embedded default's threshold it flags {mean("shipped_fpr"):.1%} of ordina
 
 The deepset-style set is short texts, often a bare "forget the above and ..." appended to a
 question; {german} of its {len(sets["deepset"])} texts are German (two or more German function words), which
-the English MiniLM embedder and the English patterns do not read; and it counts role-play requests
+the English MiniLM embedder and the English patterns do not read (at FPR 5% the shipped classifier
+catches {ds["german_caught"]} of the {ds["german_n"]} German texts in the sample, and {ds["other_caught"]} of the
+other {ds["other_n"]}); and it counts role-play requests
 ("I want you to act as an English translator", "Be a DJ") as injections, which the project's own
 set, and most deployments, treat as ordinary requests.
 
