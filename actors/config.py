@@ -253,6 +253,12 @@ class TierConfig(BaseModel):
     """Speculative decoding; None decodes one token per step."""
     token_spans: TokenSpans | None = None
     """This tier's own `telemetry.token_spans` (a span per token: all, none, or one in N)."""
+    engine_restarts: int = Field(3, ge=0, le=100)
+    """Deaths of its engine a replica recovers from by starting a new engine in place, without a
+    new process (docs/reliability.md); past them, or with 0, its health check fails and Serve
+    replaces the replica."""
+    engine_restart_timeout_s: float = Field(600.0, gt=0)
+    """An in-place engine restart that takes longer fails the replica's health check."""
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")

@@ -70,7 +70,7 @@ class TierDeployment:
         self.engine.start()
         self.metrics = TierMetrics(config.name)
         self._sampler: asyncio.Task | None = None
-        self.restarts = EngineRestarts(config.name)
+        self.restarts = EngineRestarts(config.name, config.engine_restarts, config.engine_restart_timeout_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[TokenChunk]]:
         """Stream the request's chunks in batches: the first at once, the rest as they pile up,

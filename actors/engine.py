@@ -96,29 +96,17 @@ def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
     return StepLogger
 
 
-ENGINE_RESTARTS = 3
-"""Engine deaths a replica recovers from by restarting its engine in place; past that many, its
-health check fails and Serve replaces the whole replica."""
-ENGINE_RESTART_TIMEOUT_S = 600.0
-"""An in-place restart that takes longer fails the health check (Serve then replaces the replica)."""
-
-
 class EngineRestarts:
     """When a tier's replica restarts its dead engine in place, and when it gives up.
 
     Serve's health check (every 2 s on the shipped tiers) asks `under_way`. A dead engine is
-    restarted in the replica, up to `limit` times: a new replica would first start a process and
-    import everything, about 10 s more (docs/reliability.md). While a restart runs the replica
-    passes the check; a restart that fails or outlasts `timeout_s`, and a death past the limit,
-    fail it (`ServiceUnavailable`), and Serve replaces the replica."""
+    restarted in the replica, up to `limit` times (the tier's `engine_restarts`): a new replica
+    would first start a process and import everything, about 10 s more (docs/reliability.md).
+    While a restart runs the replica passes the check; a restart that fails or outlasts
+    `timeout_s` (`engine_restart_timeout_s`), and a death past the limit, fail it
+    (`ServiceUnavailable`), and Serve replaces the replica."""
 
-    def __init__(
-        self,
-        tier: str,
-        limit: int = ENGINE_RESTARTS,
-        timeout_s: float = ENGINE_RESTART_TIMEOUT_S,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, tier: str, limit: int, timeout_s: float, clock: Callable[[], float] = time.monotonic):
         self.tier = tier
         self.limit = limit
         self.timeout_s = timeout_s

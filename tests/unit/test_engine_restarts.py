@@ -41,11 +41,11 @@ async def settle() -> None:
 
 
 async def test_a_live_engine_is_left_to_its_own_health_check():
-    assert EngineRestarts("small").under_way(Engine()) is False
+    assert EngineRestarts("small", limit=3, timeout_s=600).under_way(Engine()) is False
 
 
 async def test_a_dead_engine_restarts_once_and_the_replica_stays_healthy_meanwhile():
-    engine, restarts = Engine(), EngineRestarts("small")
+    engine, restarts = Engine(), EngineRestarts("small", limit=3, timeout_s=600)
     engine.dead = True
     assert restarts.under_way(engine) and restarts.under_way(engine)
     await settle()
@@ -57,7 +57,7 @@ async def test_a_dead_engine_restarts_once_and_the_replica_stays_healthy_meanwhi
 
 
 async def test_past_the_limit_the_replica_is_left_to_serve():
-    engine, restarts = Engine(), EngineRestarts("small", limit=2)
+    engine, restarts = Engine(), EngineRestarts("small", limit=2, timeout_s=600)
     engine.release.set()
     for _ in range(2):
         engine.dead = True
@@ -69,7 +69,7 @@ async def test_past_the_limit_the_replica_is_left_to_serve():
 
 
 async def test_a_failed_restart_fails_the_check():
-    engine, restarts = Engine(fail=True), EngineRestarts("small")
+    engine, restarts = Engine(fail=True), EngineRestarts("small", limit=3, timeout_s=600)
     engine.dead = True
     assert restarts.under_way(engine)
     engine.release.set()
@@ -80,7 +80,7 @@ async def test_a_failed_restart_fails_the_check():
 
 async def test_a_restart_that_takes_too_long_fails_the_check():
     clock = Clock()
-    engine, restarts = Engine(), EngineRestarts("small", timeout_s=60, clock=clock)
+    engine, restarts = Engine(), EngineRestarts("small", limit=3, timeout_s=60, clock=clock)
     engine.dead = True
     assert restarts.under_way(engine)
     clock.now = 59
@@ -90,3 +90,10 @@ async def test_a_restart_that_takes_too_long_fails_the_check():
         restarts.under_way(engine)
     engine.release.set()
     await settle()
+
+
+async def test_no_restarts_leaves_every_death_to_serve():
+    engine = Engine()
+    engine.dead = True
+    assert EngineRestarts("small", limit=0, timeout_s=600).under_way(engine) is False
+    assert engine.restarts == 0
