@@ -149,9 +149,12 @@ def test_a_killed_retriever_is_a_clean_503_and_comes_back(app, http):
     replica_process(app.name, RETRIEVER_NAME).send_signal(signal.SIGKILL)
     killed = time.monotonic()
     seen = set()
+    waits = []
 
     def retrieval_back() -> bool:
+        started = time.monotonic()
         r = http.post("/v1/chat/completions", json={**question, "retrieval": True}, timeout=120)
+        waits.append(time.monotonic() - started)
         seen.add(r.status_code)
         if r.status_code != 200:
             error = r.json()["error"]
@@ -166,7 +169,9 @@ def test_a_killed_retriever_is_a_clean_503_and_comes_back(app, http):
 
     assert wait_for(retrieval_back, timeout=300, interval=1), "retrieval did not come back"
     print(f"\nretriever back {time.monotonic() - killed:.1f} s after SIGKILL; statuses meanwhile {sorted(seen)}")
-    assert seen & {503, 504}
+    # The outage showed as clean errors, or, when Serve brought a new replica up within the
+    # handle's wait, the first request was held across it and then answered.
+    assert seen & {503, 504} or waits[0] >= 5, (seen, waits[:3])
 
 
 @pytest.mark.destructive
