@@ -287,11 +287,15 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve (not started, or its core process died)."""
+        self._require_serving()
+        await self._llm.check_health()
+
+    def _require_serving(self) -> None:
+        """Raise `ServiceUnavailable` unless an engine runs (none while it (re)starts) and lives."""
         if self._llm is None:
             raise ServiceUnavailable(f"engine for {self.model} is not running")
-        if self._llm.errored:
+        if self.dead:
             raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
-        await self._llm.check_health()
 
     def waiting(self) -> int:
         """Requests queued in the engine's scheduler for a slot, as of the last step."""
@@ -300,10 +304,7 @@ class VLLMEngine:
     def load(self) -> TierLoad:
         """Load and latency model for the router; raises `ServiceUnavailable` while the engine
         cannot serve, so a poll never reports a dead engine's tier as healthy."""
-        if self._llm is None:
-            raise ServiceUnavailable(f"engine for {self.model} is not running")
-        if self._llm.errored:
-            raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
+        self._require_serving()
         return self.latency.load(self._running, self._waiting, self.max_model_len)
 
     def stats(self) -> TierStats:

@@ -69,7 +69,7 @@ def main() -> int:
         EMBED_TOKENS,
         FEATURES,
         FEATURES_VERSION,
-        MAX_EMBEDDED,
+        embedded_segments,
         features,
         fit_classifier,
         fold,
@@ -94,7 +94,7 @@ def main() -> int:
         def __init__(self, text: str) -> None:
             spans = segments(text)
             rows = [features(text[s:e]) for s, e in spans]
-            chosen = sorted(range(len(spans)), key=lambda i: -rows[i]["heuristic"])[:MAX_EMBEDDED]
+            chosen = embedded_segments(rows)
             self.vectors = embedder.encode([fold(text[spans[i][0] : spans[i][1]]) for i in chosen])
             self.rows = [rows[i] for i in chosen]
             self.rest = max((rows[i]["heuristic"] for i in range(len(spans)) if i not in chosen), default=0.0)

@@ -94,9 +94,8 @@ def main() -> int:
     def embed(texts: list[str]) -> tuple[np.ndarray, list[dict[str, float]]]:
         return embedder.encode([_window(t, max_chars) for t in texts]), [cheap_features(t) for t in texts]
 
-    own_x, own_f = embed([q.text for q in own])
-    # cheap_features with the real turn counts for the project's own multi-turn prompts
-    own_f = [cheap_features(q.text, q.turns) for q in own]
+    own_x = embedder.encode([_window(q.text, max_chars) for q in own])
+    own_f = [cheap_features(q.text, q.turns) for q in own]  # with the turns of its multi-turn prompts
     own_y = [q.hard for q in own]
     rows = {name: embed([q.text for q in prompts]) for name, prompts in public.items()}
     labels = {name: np.array([bool(q.label) for q in prompts]) for name, prompts in public.items()}

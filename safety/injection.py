@@ -446,6 +446,12 @@ class SegmentScore:
     classifier: float | None
 
 
+def embedded_segments(rows: list[dict[str, float]]) -> list[int]:
+    """Which of a text's segments (their `features` rows) the classifier embeds: at most
+    `MAX_EMBEDDED`, those the patterns rank highest."""
+    return sorted(range(len(rows)), key=lambda i: -rows[i]["heuristic"])[:MAX_EMBEDDED]
+
+
 class InjectionGuard:
     """The `Guard` for prompt injection: one `PROMPT_INJECTION` finding per run of adjacent
     segments scoring at or above the threshold."""
@@ -482,7 +488,7 @@ class InjectionGuard:
         rows = [features(text[s:e]) for s, e in spans]
         classified: dict[int, float] = {}
         if self.classifier is not None and spans:
-            chosen = sorted(range(len(spans)), key=lambda i: -rows[i]["heuristic"])[:MAX_EMBEDDED]
+            chosen = embedded_segments(rows)
             vectors = self.embedder.encode([fold(text[spans[i][0] : spans[i][1]]) for i in chosen])
             probabilities = self.classifier.predict(vectors, [rows[i] for i in chosen])
             classified = {i: float(p) for i, p in zip(chosen, probabilities)}
