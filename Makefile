@@ -40,7 +40,7 @@ bench-tracing: install
 	$(BIN)/python bench/tracing.py $(ARGS)
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 # Trace UI: Arize Phoenix in its own virtualenv (its dependencies clash with vLLM's pins), receiving
 # OTLP on 127.0.0.1:6006 (HTTP: /v1/traces) and gRPC on 4317. Its data stays under .venv-phoenix/.

@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tierserve.actors.config import EMBEDDED_PREFIX
+from tierserve.core.config import default_cache_dir
 
 MANIFEST = "tierserve-manifest.json"
 
@@ -67,11 +68,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         )
     ]
 }
-
-
-def default_cache_dir() -> Path:
-    """`$TIERSERVE_CACHE`, else `~/.cache/tierserve`."""
-    return Path(os.environ.get("TIERSERVE_CACHE") or Path.home() / ".cache" / "tierserve")
 
 
 def resolve_model(model: str, cache_dir: Path | None = None, progress: bool = True) -> str:

@@ -31,7 +31,7 @@ from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculatio
 from tierserve.actors.streaming import batch_stream, coalesce
 from tierserve.actors.tracing import traced_generation
 from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStats, TokenChunk
-from tierserve.cluster.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
+from tierserve.core.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from tierserve.actors.adaptive import AdaptiveSpeculation
 from tierserve.actors.config import AdaptiveSpeculationConfig
-from tierserve.actors.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 from tierserve.actors.latency import LatencyTracker
 from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, request_speculation
 from tierserve.actors.types import (
@@ -30,6 +29,7 @@ from tierserve.actors.types import (
     TopLogprob,
     Usage,
 )
+from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 
 if TYPE_CHECKING:
     from vllm import SamplingParams

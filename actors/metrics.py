@@ -18,11 +18,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tierserve.actors.errors import TierServeError
 from tierserve.actors.types import TierStats, TokenChunk
+from tierserve.core.errors import TierServeError
+from tierserve.core.telemetry import LATENCY_BUCKETS
 
-LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
-"""Seconds, doubling from 5 ms: token gaps of a fast GPU to whole answers on a CPU."""
 SAMPLE_PERIOD_S = 1.0
 
 

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tierserve.actors.types import GenerateRequest, TokenChunk, Usage
-from tierserve.cluster.telemetry import extract, tracer
+from tierserve.core.telemetry import extract, tracer
 
 PROVIDER = "tierserve"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierserve.core.types import ChatMessage
+
 
 @dataclass(slots=True)
 class SamplingOptions:
@@ -33,12 +35,6 @@ class SamplingOptions:
     """Return the sampled token's logprob plus this many top alternatives; None returns none."""
     min_tokens: int = 0
     ignore_eos: bool = False
-
-
-@dataclass(slots=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 @dataclass(slots=True)

@@ -37,7 +37,8 @@ async def start_once() -> dict:
     """One engine start and three greedy answers, timed (run in a process of its own)."""
     from tierserve.actors.checkpoints import prepare_embedded
     from tierserve.actors.engine import VLLMEngine
-    from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
+    from tierserve.core.types import ChatMessage
 
     path = prepare_embedded("smollm2-135m-instruct", progress=False)
     engine = VLLMEngine(str(path), {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 4})

@@ -61,8 +61,8 @@ def main() -> int:
     args = p.parse_args()
 
     from tierserve.cluster.config import load_config
-    from tierserve.rag.embedder import Embedder
-    from tierserve.router.complexity import EmbeddingClassifier
+    from tierserve.core.classifier import EmbeddingClassifier
+    from tierserve.core.embedder import Embedder
     from tierserve.safety.injection import (
         CLASSIFIER_C,
         EMBED_DTYPE,

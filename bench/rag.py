@@ -263,8 +263,8 @@ def main() -> int:
     import faiss
     import torch
 
+    from tierserve.core.embedder import Embedder
     from tierserve.rag.chunking import Chunker
-    from tierserve.rag.embedder import Embedder
 
     chunker = Chunker()
     bulk = Embedder()  # all cores, as `tierserve rag ingest`

@@ -68,18 +68,12 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
 
     from tierserve.cluster.config import load_config
-    from tierserve.rag.embedder import Embedder
-    from tierserve.router.complexity import (
-        FEATURES,
-        FEATURES_VERSION,
-        ComplexityClassifier,
-        _window,
-        calibrate_thresholds,
-        cheap_features,
-        heuristic_score,
-        load_prompts,
-    )
+    from tierserve.core.classifier import embed_window
+    from tierserve.core.embedder import Embedder
+    from tierserve.router.calibration import calibrate_thresholds
+    from tierserve.router.complexity import ComplexityClassifier, load_prompts
     from tierserve.router.config import ComplexityConfig
+    from tierserve.router.features import FEATURES, FEATURES_VERSION, cheap_features, heuristic_score
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
@@ -92,9 +86,9 @@ def main() -> int:
     own = load_prompts(split="train")
 
     def embed(texts: list[str]) -> tuple[np.ndarray, list[dict[str, float]]]:
-        return embedder.encode([_window(t, max_chars) for t in texts]), [cheap_features(t) for t in texts]
+        return embedder.encode([embed_window(t, max_chars) for t in texts]), [cheap_features(t) for t in texts]
 
-    own_x = embedder.encode([_window(q.text, max_chars) for q in own])
+    own_x = embedder.encode([embed_window(q.text, max_chars) for q in own])
     own_f = [cheap_features(q.text, q.turns) for q in own]  # with the turns of its multi-turn prompts
     own_y = [q.hard for q in own]
     rows = {name: embed([q.text for q in prompts]) for name, prompts in public.items()}

@@ -83,8 +83,9 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from tierserve.rag.embedder import Embedder
-    from tierserve.router.complexity import ComplexityClassifier, ComplexityScorer, load_prompts, routing_curve
+    from tierserve.core.embedder import Embedder
+    from tierserve.router.calibration import routing_curve
+    from tierserve.router.complexity import ComplexityClassifier, ComplexityScorer, load_prompts
     from tierserve.router.config import ComplexityConfig
 
     load = os.getloadavg()[0]

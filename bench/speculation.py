@@ -142,7 +142,8 @@ def weight_bytes(checkpoint: str) -> int:
 
 
 async def run_load(engine, prompts: list[str], concurrency: int, requests: int, max_tokens: int) -> tuple[int, float]:
-    from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
+    from tierserve.core.types import ChatMessage
 
     queue = [prompts[i % len(prompts)] for i in range(requests)]
     tokens = 0

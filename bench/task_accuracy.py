@@ -90,7 +90,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 async def answer_all(tier, dtype: str, items: list[dict], max_tokens: int) -> list[str]:
     from tierserve.actors.fidelity import tier_engine
-    from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
+    from tierserve.core.types import ChatMessage
 
     async with tier_engine(tier, dtype) as engine:
 

@@ -45,7 +45,8 @@ async def chunks(n: int):
 
 async def drive(tracer, every: int, tokens: int) -> None:
     from tierserve.actors.tracing import traced_generation
-    from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
+    from tierserve.core.types import ChatMessage
 
     for r in range(tokens // TOKENS_PER_REQUEST):
         request = GenerateRequest(
@@ -84,7 +85,7 @@ def main() -> None:
 
     from opentelemetry import trace
 
-    from tierserve.cluster.telemetry import TelemetryConfig, build_provider
+    from tierserve.core.telemetry import TelemetryConfig, build_provider
 
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", DISCARD_RECEIVER, str(port)])

@@ -43,10 +43,11 @@ def main() -> None:
 
     from ray import serve
 
-    from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+    from tierserve.actors.types import GenerateRequest, SamplingOptions
     from tierserve.cluster.app import build_application, tier_deployment_name
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
+    from tierserve.core.types import ChatMessage
 
     config = load_config(REPO / "configs" / "local.yaml")
     port = free_port()

@@ -36,7 +36,7 @@ from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError
 
 
 def _cache(config: AppConfig | None, cache_dir: str | None) -> Path:
-    from tierserve.actors.checkpoints import default_cache_dir
+    from tierserve.core.config import default_cache_dir
 
     chosen = cache_dir or (config.model_cache if config else None)
     return Path(chosen) if chosen else default_cache_dir()
@@ -318,7 +318,8 @@ def _prompt_sample(path: str | None) -> list[tuple[str, int]]:
 def cmd_router_calibrate(args: argparse.Namespace) -> int:
     """RouteLLM-style calibration: the `min_complexity` per tier that sends each tier its share
     of a traffic sample, with the config's own scorer."""
-    from tierserve.router.complexity import calibrate_thresholds, scorer_for
+    from tierserve.router.calibration import calibrate_thresholds
+    from tierserve.router.complexity import scorer_for
     from tierserve.router.config import TierRouting
     from tierserve.router.policy import TierView, ranked_tiers
 
@@ -375,8 +376,8 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 def cmd_rag_ingest(args: argparse.Namespace) -> int:
     """Chunk, embed and publish documents into an index; the running service picks the new
     version up within `rag.reload_interval_s`."""
+    from tierserve.core.embedder import Embedder
     from tierserve.rag.chunking import Chunker
-    from tierserve.rag.embedder import Embedder
     from tierserve.rag.ingest import ingest
     from tierserve.rag.loaders import load_documents
     from tierserve.rag.store import IndexStore
@@ -454,7 +455,7 @@ def cmd_rag_list(args: argparse.Namespace) -> int:
 
 def cmd_rag_query(args: argparse.Namespace) -> int:
     """Search an index from the command line, as the retriever would."""
-    from tierserve.rag.embedder import Embedder
+    from tierserve.core.embedder import Embedder
     from tierserve.rag.store import IndexStore
 
     config, store_dir = _rag_setup(args)

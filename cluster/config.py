@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tierserve.actors.config import TierConfig
 from tierserve.cluster.nodes import ClusterConfig
-from tierserve.cluster.telemetry import TelemetryConfig
+from tierserve.core.telemetry import TelemetryConfig
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
 from tierserve.safety.config import SafetyConfig

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from tierserve.actors.config import DeploymentOptions
 from tierserve.cluster.config import AppConfig, ConfigError
 from tierserve.cluster.nodes import (
     CLUSTER_NAME,
@@ -31,6 +30,7 @@ from tierserve.cluster.nodes import (
 )
 from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
 from tierserve.cluster.plan import plan_nodes
+from tierserve.core.config import DeploymentOptions
 
 IMPORT_PATH = "tierserve.cluster.app:build_app"
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tierserve.actors.config import DeploymentOptions, TierConfig
+from tierserve.actors.config import TierConfig
 from tierserve.actors.placement import ACCELERATOR_DEMAND, accelerator_resource, rank_bundles
 from tierserve.cluster.config import AppConfig, ConfigError
 from tierserve.cluster.nodes import HeadNode, NodeType, WorkerGroup
+from tierserve.core.config import DeploymentOptions
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Retrieval-augmented generation: embedder, FAISS index store, ingestion, retriever deployment."""
+"""Retrieval-augmented generation: chunking, FAISS index store, ingestion, retriever deployment."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tierserve.core.embedder import resolve_embedder_path
 from tierserve.rag.config import ChunkingConfig
-from tierserve.rag.embedder import resolve_embedder_path
 from tierserve.rag.types import Chunk, Document
 
 if TYPE_CHECKING:

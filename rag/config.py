@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tierserve.actors.config import DeploymentOptions
+from tierserve.core.config import DeploymentOptions
 from tierserve.rag.types import FilterValue, check_index_name
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"]

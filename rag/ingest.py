@@ -26,8 +26,8 @@ from tierserve.rag.store import IndexStore
 from tierserve.rag.types import Chunk, Document
 
 if TYPE_CHECKING:
+    from tierserve.core.embedder import Embedder
     from tierserve.rag.chunking import Chunker
-    from tierserve.rag.embedder import Embedder
 
 
 def document_hash(doc: Document, chunking: ChunkingConfig) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tierserve.actors.metrics import LATENCY_BUCKETS
+from tierserve.core.telemetry import LATENCY_BUCKETS
 
 SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 

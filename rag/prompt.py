@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from tierserve.actors.types import ChatMessage
+from tierserve.core.types import ChatMessage
 from tierserve.rag.types import Hit
 
 INSTRUCTION = (

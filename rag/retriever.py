@@ -18,8 +18,8 @@ from typing import Any
 from opentelemetry import trace
 from ray import serve
 
-from tierserve.actors.errors import TierServeError
-from tierserve.cluster.telemetry import TelemetryConfig, extract, setup_telemetry, tracer
+from tierserve.core.errors import TierServeError
+from tierserve.core.telemetry import TelemetryConfig, extract, setup_telemetry, tracer
 from tierserve.rag.config import RagConfig
 from tierserve.rag.grounding import Grounding, grounding, sentences
 from tierserve.rag.metrics import RetrieverMetrics
@@ -47,7 +47,7 @@ def default_store(config: RagConfig, model_cache: str | Path | None) -> Path:
     """`rag.store`, else `<model cache>/indexes`."""
     if config.store:
         return Path(config.store).expanduser()
-    from tierserve.actors.checkpoints import default_cache_dir
+    from tierserve.core.config import default_cache_dir
 
     return (Path(model_cache) if model_cache else default_cache_dir()) / "indexes"
 
@@ -75,7 +75,7 @@ class _Loaded:
 @serve.deployment
 class Retriever:
     def __init__(self, config: RagConfig, model_cache: str | None = None, telemetry: TelemetryConfig | None = None):
-        from tierserve.rag.embedder import Embedder
+        from tierserve.core.embedder import Embedder
 
         setup_telemetry(telemetry or TelemetryConfig(), "retriever")
         self.metrics = RetrieverMetrics()

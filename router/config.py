@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tierserve.actors.config import DeploymentOptions
+from tierserve.core.config import DeploymentOptions
 
 
 class RequestLimits(BaseModel):

@@ -34,9 +34,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tierserve.actors.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest, TokenChunk
-from tierserve.cluster.telemetry import TelemetryConfig, inject, setup_telemetry
+from tierserve.core.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.core.telemetry import TelemetryConfig, inject, setup_telemetry
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RequestLimits, RoutingConfig
 from tierserve.router.limits import body_too_large, check_limits
@@ -49,9 +49,9 @@ from tierserve.router.responses import (
     CompletionStreamFormatter,
     StreamFormatter,
 )
-from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
+from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router, primed
-from tierserve.router.safety import ContentBlocked, SafetyReport, SafetyStep
+from tierserve.router.safety_step import ContentBlocked, SafetyReport, SafetyStep
 from tierserve.router.tiers import AUTO, TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers, route_span
 from tierserve.safety.config import SafetyConfig
@@ -59,7 +59,6 @@ from tierserve.safety.config import SafetyConfig
 logger = logging.getLogger("tierserve.ingress")
 
 R = TypeVar("R", bound=BaseModel)
-T = TypeVar("T")
 
 app = FastAPI(title="tierserve", docs_url="/docs", redoc_url=None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tierserve.actors.errors import InvalidRequest, TierServeError
+from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.router.config import RequestLimits
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from tierserve.actors.metrics import LATENCY_BUCKETS
+from tierserve.core.telemetry import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from tierserve.router.routing import Routed

@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tierserve.actors.errors import InvalidRequest
-from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions
+from tierserve.actors.types import GenerateRequest, SamplingOptions
+from tierserve.core.errors import InvalidRequest
+from tierserve.core.types import ChatMessage
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import INT64_MAX, INT64_MIN
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tierserve.actors.errors import (
+from tierserve.actors.types import TokenChunk, Usage
+from tierserve.core.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     Overloaded,
@@ -30,7 +31,6 @@ from tierserve.actors.errors import (
     ServiceUnavailable,
     TierServeError,
 )
-from tierserve.actors.types import TokenChunk, Usage
 from tierserve.router.config import RoutingConfig
 from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla, decide
 from tierserve.router.state import TierStates
@@ -47,10 +47,6 @@ T = TypeVar("T")
 
 CHARS_PER_TOKEN = 4
 """For estimating prompt tokens before any tokenizer runs (English text, BPE vocabularies)."""
-
-
-class _FirstTokenTimeout(Exception):
-    pass
 
 
 @dataclass(slots=True)
@@ -163,7 +159,7 @@ class Router:
         self.states = TierStates(tiers, routing, replicas)
         self.scorer: Any = None
         if routing.tiers:
-            from tierserve.actors.checkpoints import default_cache_dir
+            from tierserve.core.config import default_cache_dir
             from tierserve.router.complexity import scorer_for
 
             self.scorer = scorer_for(routing.complexity, (cache_dir or default_cache_dir()) / "router")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tierserve.actors.errors import ModelNotFound
+from tierserve.core.errors import ModelNotFound
 
 AUTO = "auto"
 

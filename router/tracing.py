@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from tierserve.cluster.telemetry import extract, tracer
+from tierserve.core.telemetry import extract, tracer
 
 if TYPE_CHECKING:
     from tierserve.router.routing import Routed

@@ -45,8 +45,8 @@ from typing import Literal
 
 import numpy as np
 
-from tierserve.rag.embedder import Embedder
-from tierserve.router.complexity import EmbeddingClassifier, cache_path, cached_classifier, dataset_bytes
+from tierserve.core.classifier import EmbeddingClassifier, cache_path, cached_classifier, dataset_bytes
+from tierserve.core.embedder import Embedder
 from tierserve.safety.config import InjectionGuardConfig
 from tierserve.safety.guard import check_by_stage
 from tierserve.safety.types import Finding, Stage, Verdict

@@ -5,7 +5,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
-from tierserve.actors.errors import ContextLengthExceeded, ModelNotFound, TierServeError, unwrap_error
+from tierserve.core.errors import ContextLengthExceeded, ModelNotFound, TierServeError, unwrap_error
 from tierserve.router.client import TierServeClient
 from tierserve.router.protocol import ChatCompletionRequest
 

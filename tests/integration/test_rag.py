@@ -128,8 +128,8 @@ def test_handle_calls_and_the_index_listing(app, http, ingress_handle):
 
 def test_reingesting_while_serving_publishes_without_a_restart(client, tmp_path):
     """`tierserve rag ingest` into the service's store: the next queries see the new version."""
-    from tierserve.actors.checkpoints import default_cache_dir
     from tierserve.cluster.config import load_config
+    from tierserve.core.config import default_cache_dir
     from tierserve.rag.retriever import default_store
 
     store_dir = default_store(load_config(check_engine=False).rag, default_cache_dir())

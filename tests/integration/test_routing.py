@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tierserve.actors.errors import Overloaded, unwrap_error
+from tierserve.core.errors import Overloaded, unwrap_error
 
 from .conftest import wait_for
 from .tiny_models import build_tiny_llama

@@ -100,9 +100,9 @@ def test_the_applications_own_system_message_is_not_taken_for_an_injection(clien
 def planted(client, tmp_path_factory):
     """An index of two documents: one with a PII canary, one with instructions injected into
     an otherwise ordinary page; removed afterwards."""
-    from tierserve.actors.checkpoints import default_cache_dir
     from tierserve.cluster.cli import main
     from tierserve.cluster.config import load_config
+    from tierserve.core.config import default_cache_dir
     from tierserve.rag.retriever import default_store
 
     store = default_store(load_config(check_engine=False).rag, default_cache_dir())

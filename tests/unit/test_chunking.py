@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from tierserve.core.embedder import resolve_embedder_path
 from tierserve.rag.chunking import Chunker, dedupe, markdown_sections
 from tierserve.rag.config import ChunkingConfig
-from tierserve.rag.embedder import resolve_embedder_path
 from tierserve.rag.ingest import bundled_corpus
 from tierserve.rag.loaders import DocumentLoadError, load_documents, load_file, load_text
 from tierserve.rag.types import Chunk, Document

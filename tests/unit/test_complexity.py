@@ -10,20 +10,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tierserve.rag.embedder import DEFAULT_EMBEDDER, Embedder, resolve_embedder_path
+from tierserve.core.embedder import DEFAULT_EMBEDDER, Embedder, resolve_embedder_path
+from tierserve.router.calibration import calibrate_thresholds, routing_curve
 from tierserve.router.complexity import (
     EMBED_CHARS,
-    FEATURES,
     ComplexityClassifier,
     ComplexityScorer,
-    calibrate_thresholds,
-    cheap_features,
     classifier_cache_path,
-    heuristic_score,
     load_prompts,
     load_scorer,
-    routing_curve,
 )
+from tierserve.router.features import FEATURES, cheap_features, heuristic_score
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.actors.config import DeploymentOptions
 from tierserve.cluster.config import ConfigError, bundled_config, load_config, yaml_path
+from tierserve.core.config import DeploymentOptions
 
 REPO = Path(__file__).resolve().parents[2]
 

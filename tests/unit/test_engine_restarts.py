@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from tierserve.actors.engine import EngineRestarts
-from tierserve.actors.errors import ServiceUnavailable
+from tierserve.core.errors import ServiceUnavailable
 
 
 class Engine:

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from tierserve.actors.errors import (
+from tierserve.core.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,

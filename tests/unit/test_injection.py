@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tierserve.rag.embedder import Embedder
+from tierserve.core.embedder import Embedder
 from tierserve.safety import injection
 from tierserve.safety.config import InjectionGuardConfig
 from tierserve.safety.injection import (

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tierserve.actors.errors import InvalidRequest, TierServeError
+from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.router.config import RequestLimits
 from tierserve.router.limits import LimitExceeded, check_limits
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error

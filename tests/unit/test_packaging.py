@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ["actors", "router", "rag", "safety", "cluster", "configs"]
+PACKAGES = ["core", "actors", "router", "rag", "safety", "cluster", "configs"]
 
 
 def test_wheel_installs_and_imports(tmp_path):
@@ -33,7 +33,8 @@ def test_wheel_installs_and_imports(tmp_path):
     )
     probe = (
         "import tierserve.cluster.config as c, tierserve.actors.types, tierserve.router.protocol, "
-        "tierserve.rag, tierserve.safety; print(c.__file__); print(c.load_config(check_engine=False).tiers[0].name)"
+        "tierserve.core.classifier, tierserve.rag, tierserve.safety; "
+        "print(c.__file__); print(c.load_config(check_engine=False).tiers[0].name)"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],

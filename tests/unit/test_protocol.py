@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from tierserve.actors.errors import InvalidRequest
+from tierserve.core.errors import InvalidRequest
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierserve.actors.errors import InvalidRequest
-from tierserve.actors.types import ChatMessage, GenerateRequest
+from tierserve.actors.types import GenerateRequest
+from tierserve.core.errors import InvalidRequest
+from tierserve.core.types import ChatMessage
 from tierserve.rag.chunking import Chunker
 from tierserve.rag.config import ChunkingConfig, IndexConfig, RagConfig, RetrievalOptions
 from tierserve.rag.grounding import grounding, lexical_support, sentences
@@ -22,12 +23,12 @@ from tierserve.rag.prompt import INSTRUCTION, augment_messages, augment_prompt, 
 from tierserve.rag.store import IndexMismatch, IndexStore
 from tierserve.rag.types import Hit
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
-from tierserve.router.retrieval import RetrievalStep, Retrieved, question_of
+from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_of
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from tierserve.rag.embedder import Embedder
+    from tierserve.core.embedder import Embedder
 
     return Embedder()
 
@@ -99,7 +100,7 @@ def test_duplicate_chunks_are_dropped_across_documents(tmp_path: Path, embedder,
 
 
 def test_an_index_built_with_another_embedder_is_refused(tmp_path: Path, embedder, chunker) -> None:
-    from tierserve.rag.embedder import Embedder
+    from tierserve.core.embedder import Embedder
 
     store = IndexStore(tmp_path)
     ingest([load_text("a.txt", "some text to index")], "d", store, embedder, chunker, IndexConfig())

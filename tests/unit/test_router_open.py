@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tierserve.actors.errors import InvalidRequest
+from tierserve.core.errors import InvalidRequest
 from tierserve.router.config import RoutingConfig
 from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla
 from tierserve.router.routing import Routed, Router

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from opentelemetry import trace
 
-from tierserve.actors.errors import InvalidRequest
 from tierserve.actors.types import TokenChunk
+from tierserve.core.errors import InvalidRequest
 from tierserve.rag.types import Hit
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
-from tierserve.router.safety import OUTPUT_TIMEOUT, ContentBlocked, GuardTimeout, SafetyReport, SafetyStep
+from tierserve.router.safety_step import OUTPUT_TIMEOUT, ContentBlocked, GuardTimeout, SafetyReport, SafetyStep
 from tierserve.safety.config import InjectionGuardConfig, PiiGuardConfig, SafetyConfig
 
 EMAIL = "jane.doe@example.com"

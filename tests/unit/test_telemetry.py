@@ -17,8 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from tierserve.actors.config import TierConfig
 from tierserve.actors.tracing import traced_generation
-from tierserve.actors.types import ChatMessage, GenerateRequest, SamplingOptions, TokenChunk, Usage
-from tierserve.cluster.telemetry import TelemetryConfig, extract, inject
+from tierserve.actors.types import GenerateRequest, SamplingOptions, TokenChunk, Usage
+from tierserve.core.telemetry import TelemetryConfig, extract, inject
+from tierserve.core.types import ChatMessage
 
 OTEL_ENV = [
     "OTEL_SDK_DISABLED",
@@ -175,7 +176,7 @@ def test_a_failing_stream_marks_the_span_and_reraises():
 BOOTSTRAP = """
 import sys, time
 from opentelemetry import trace
-from tierserve.cluster.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry, tracer
+from tierserve.core.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry, tracer
 config = TelemetryConfig.model_validate_json(sys.argv[1])
 assert setup_telemetry(config, "tier", tier="small")
 assert setup_telemetry(config, "ingress")  # once per process: the second call changes nothing

@@ -1,6 +1,6 @@
 import pytest
 
-from tierserve.actors.errors import ModelNotFound
+from tierserve.core.errors import ModelNotFound
 from tierserve.router.tiers import TierDirectory, TierEntry
 
 

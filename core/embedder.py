@@ -1,4 +1,4 @@
-"""Sentence embeddings for the complexity router and for RAG, from one small local model.
+"""Sentence embeddings for the complexity router, the injection guard and RAG, from one small local model.
 
 all-MiniLM-L6-v2 (22M parameters, 384 dimensions) embeds a short prompt in a few milliseconds on
 one CPU thread, which is cheap enough to run in the ingress on every `model: "auto"` request.

@@ -33,13 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
+LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+"""Seconds, doubling from 5 ms: token gaps of a fast GPU to whole answers on a CPU."""
+
 TRACER_NAME = "tierserve"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _configured: dict[str, Any] = {}
 
-TokenSpans = Literal["all", "none"] | Annotated[int, Field(ge=1)]
-"""A span per generated token: for every token, none, or one in N tokens (N >= 1)."""
+TokenSpanSetting = Literal["all", "none"] | Annotated[int, Field(ge=1)]
+"""Which generated tokens get a span: every token, none, or one in N tokens (N >= 1). The
+spans themselves are `tierserve.actors.tracing.TokenSpans`."""
 
 
 @functools.cache
@@ -75,7 +79,7 @@ class TelemetryConfig(BaseModel):
     queue_size: int = Field(32768, ge=512)
     """Spans the batch processor holds while the exporter catches up; beyond it, new spans are
     dropped (with a warning) rather than slowing requests. Room for a burst of token spans."""
-    token_spans: TokenSpans = "all"
+    token_spans: TokenSpanSetting = "all"
     """A span per generated token: for every token, none, or one in N tokens (an int)."""
     token_text: bool = False
     """Put each token's text on its span. Off by default: generated text may hold personal data."""

@@ -22,9 +22,9 @@ from opentelemetry import trace
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from tierserve.actors.errors import InvalidRequest, RequestTimeout, ServiceUnavailable, TierServeError, unwrap_error
 from tierserve.actors.types import GenerateRequest
-from tierserve.cluster.telemetry import inject, tracer
+from tierserve.core.errors import InvalidRequest, RequestTimeout, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.core.telemetry import inject, tracer
 from tierserve.rag.config import RagConfig, RetrievalOptions
 from tierserve.rag.grounding import Grounding
 from tierserve.rag.prompt import augment_messages, augment_prompt, cited_numbers

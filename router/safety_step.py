@@ -32,9 +32,9 @@ from typing import Any
 
 from opentelemetry import trace
 
-from tierserve.actors.errors import InvalidRequest, ServiceUnavailable
 from tierserve.actors.types import GenerateRequest, TokenChunk, TokenLogprob
-from tierserve.cluster.telemetry import tracer
+from tierserve.core.errors import InvalidRequest, ServiceUnavailable
+from tierserve.core.telemetry import tracer
 from tierserve.rag.types import Hit
 from tierserve.safety.chain import GuardChain, build_chain
 from tierserve.safety.config import SafetyConfig
