@@ -29,8 +29,9 @@ from tierserve.actors.placement import (
 )
 from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.streaming import batch_stream, coalesce
-from tierserve.actors.tracing import traced_generation
+from tierserve.actors.tracing import generation_span
 from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStats, TokenChunk
+from tierserve.core.streams import StreamObserver, observed
 from tierserve.core.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class TierDeployment:
         merged per choice."""
         if self._sampler is None:  # the replica's event loop runs by now
             self._sampler = asyncio.get_running_loop().create_task(sample_forever(self.metrics, self.engine))
-        chunks = traced_generation(
-            self.metrics.observe(self.engine.generate(request)),
+        observers: list[StreamObserver[TokenChunk]] = [self.metrics.request()]
+        span = generation_span(
             request,
             self.config.name,
             self.config.model,
@@ -86,6 +87,9 @@ class TierDeployment:
             speculating=self.engine.speculation is not None,
             decode=self.engine.token_text if self.telemetry.token_text else None,
         )
+        if span is not None:
+            observers.append(span)
+        chunks = observed(self.engine.generate(request), observers)
         async for batch in batch_stream(chunks, self.config.stream_interval_ms / 1000):
             yield coalesce(batch)
 

@@ -30,6 +30,7 @@ from tierserve.actors.types import (
     Usage,
 )
 from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from tierserve.core.streams import Outcome
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -412,7 +413,7 @@ class VLLMEngine:
 
         self._started += 1
         self._running += 1
-        outcome = "aborted"
+        outcome = Outcome.CANCELLED
         step = 0
         completion_tokens = 0
         spec_metrics: dict[int, Any] = {}
@@ -438,7 +439,7 @@ class VLLMEngine:
                     chunks[-1].usage = Usage(len(ids), completion_tokens, speculation)
                 for chunk in chunks:
                     yield chunk
-            outcome = "finished"
+            outcome = Outcome.FINISHED
             tokens = completion_tokens / max(1, params.n)
             self.latency.observe_request(
                 first - start if first else None,
@@ -446,19 +447,19 @@ class VLLMEngine:
                 round(tokens),
             )
         except EngineDeadError as exc:
-            outcome = "failed"
+            outcome = Outcome.FAILED
             raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc
         except Exception as exc:
-            outcome = "failed"
+            outcome = Outcome.FAILED
             error = request_error(exc)
             if error is None:
                 raise
             raise error from exc
-        finally:  # CancelledError / GeneratorExit (the caller left) keep outcome "aborted"
+        finally:  # CancelledError / GeneratorExit (the caller left) keep outcome CANCELLED
             self._running -= 1
-            if outcome == "finished":
+            if outcome is Outcome.FINISHED:
                 self._finished += 1
-            elif outcome == "failed":
+            elif outcome is Outcome.FAILED:
                 self._failed += 1
             else:
                 self._aborted += 1

@@ -14,12 +14,10 @@ draft and accepted tokens, and adaptive speculation's k and payoff per batch-siz
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from tierserve.actors.types import TierStats, TokenChunk
-from tierserve.core.errors import TierServeError
+from tierserve.core.streams import Outcome, StreamObserver
 from tierserve.core.telemetry import LATENCY_BUCKETS
 
 SAMPLE_PERIOD_S = 1.0
@@ -46,7 +44,7 @@ class TierMetrics:
         )
         self.duration = histogram(
             "tierserve_tier_request_duration_seconds",
-            "A request's time in the tier, by outcome (finished, rejected, failed, aborted).",
+            "A request's time in the tier, by outcome (finished, rejected, failed, cancelled).",
             "outcome",
         )
         self.tokens = Counter(
@@ -77,39 +75,10 @@ class TierMetrics:
     def _tags(self, **more: str) -> dict[str, str]:
         return {"tier": self.tier, **more}
 
-    async def observe(self, chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
-        """`chunks`, passed through, timed: TTFT, gaps between outputs, TPOT, duration, tokens."""
-        start = last = time.perf_counter()
-        first: float | None = None
-        outcome, output = "aborted", 0
-        tags = self._tags()
-        try:
-            async for chunk in chunks:
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    self.ttft.observe(now - start, tags)
-                else:
-                    self.itl.observe(now - last, tags)
-                last = now
-                output += len(chunk.token_ids)
-                if chunk.usage is not None:
-                    self.tokens.inc(chunk.usage.prompt_tokens, self._tags(kind="input"))
-                yield chunk
-            outcome = "finished"
-        except TierServeError as exc:
-            outcome = "rejected" if exc.status_code < 500 else "failed"
-            raise
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            end = time.perf_counter()
-            self.duration.observe(end - start, self._tags(outcome=outcome))
-            if output:
-                self.tokens.inc(output, self._tags(kind="output"))
-            if first is not None and output > 1:
-                self.tpot.observe((last - first) / (output - 1), tags)
+    def request(self) -> StreamObserver[TokenChunk]:
+        """An observer of one request's chunk stream (`core.streams.observed`): TTFT, gaps between
+        outputs, TPOT, duration by outcome, tokens."""
+        return _RequestMetrics(self)
 
     def sample(self, stats: TierStats, waiting: int) -> None:
         """Engine-level series from the replica's counters (called every SAMPLE_PERIOD_S)."""
@@ -137,3 +106,37 @@ async def sample_forever(metrics: TierMetrics, engine: Any) -> None:
     while True:
         metrics.sample(engine.stats(), engine.waiting())
         await asyncio.sleep(SAMPLE_PERIOD_S)
+
+
+class _RequestMetrics(StreamObserver[TokenChunk]):
+    """One request's series, recorded as its chunks arrive and when its stream ends."""
+
+    __slots__ = ("metrics", "tags", "first_at", "last_at", "output")
+
+    def __init__(self, metrics: TierMetrics):
+        self.metrics = metrics
+        self.tags = metrics._tags()
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.output = 0
+
+    def first(self, ttft_s: float) -> None:
+        self.metrics.ttft.observe(ttft_s, self.tags)
+
+    def item(self, chunk: TokenChunk, now: float) -> None:
+        if self.first_at is None:
+            self.first_at = now
+        else:
+            self.metrics.itl.observe(now - self.last_at, self.tags)
+        self.last_at = now
+        self.output += len(chunk.token_ids)
+        if chunk.usage is not None:
+            self.metrics.tokens.inc(chunk.usage.prompt_tokens, self.metrics._tags(kind="input"))
+
+    def end(self, outcome: Outcome, error: BaseException | None, elapsed_s: float) -> None:
+        metrics = self.metrics
+        metrics.duration.observe(elapsed_s, metrics._tags(outcome=outcome.value))
+        if self.output:
+            metrics.tokens.inc(self.output, metrics._tags(kind="output"))
+        if self.first_at is not None and self.output > 1:
+            metrics.tpot.observe((self.last_at - self.first_at) / (self.output - 1), self.tags)

@@ -22,12 +22,14 @@ tracing off every call here is on the OpenTelemetry API's no-op tracer.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tierserve.actors.types import GenerateRequest, TokenChunk, Usage
+from tierserve.core.streams import Outcome, StreamObserver
 from tierserve.core.telemetry import extract, tracer
 
 PROVIDER = "tierserve"
@@ -138,60 +140,67 @@ class TokenSpans:
             self.made += 1
 
 
-async def traced_generation(
-    chunks: AsyncIterator[TokenChunk],
-    request: GenerateRequest,
-    tier: str,
-    model: str,
-    *,
-    token_every: int,
-    speculating: bool,
-    decode: Callable[[int], str] | None = None,
-    otel_tracer: trace.Tracer | None = None,
-) -> AsyncIterator[TokenChunk]:
-    """`chunks`, passed through, inside the request's generation span with its token spans.
+class GenerationSpan(StreamObserver[TokenChunk]):
+    """The request's generation span with its token spans, as an observer of its chunk stream
+    (`core.streams.observed`). The span starts when this is made and ends with the stream:
+    finished (usage and finish reasons recorded), failed or rejected (status ERROR,
+    `error.type`), or cancelled by the caller (`tierserve.aborted`)."""
 
-    The span ends when the stream does: finished (usage and finish reasons recorded), failed
-    (status ERROR, `error.type`), or left early by the caller (`tierserve.aborted`)."""
-    started_ns = time.time_ns()
-    otel_tracer = otel_tracer or tracer()
-    span = otel_tracer.start_span(
-        f"{operation_name(request)} {tier}",
-        context=extract(request.trace_context),
-        kind=SpanKind.SERVER,
-        start_time=started_ns,
-        attributes=request_attributes(request, tier, model),
-    )
-    if not span.is_recording():
-        async for chunk in chunks:
-            yield chunk
-        return
-    tokens = TokenSpans(span, token_every, speculating, decode, started_ns, otel_tracer)
-    finish_reasons: dict[int, str] = {}
-    outcome = "aborted"
-    first = True
-    try:
-        async for chunk in chunks:
-            now = time.time_ns()
-            if first:
-                span.add_event("first_token", timestamp=now)
-                first = False
-            tokens.add(chunk, now)
-            if chunk.finish_reason is not None:
-                finish_reasons[chunk.index] = chunk.finish_reason
-            if chunk.usage is not None:
-                span.set_attributes(usage_attributes(chunk.usage))
-            yield chunk
-        outcome = "finished"
-    except Exception as exc:
-        outcome = "failed"
-        span.set_status(Status(StatusCode.ERROR, str(exc)))
-        span.set_attribute("error.type", type(exc).__name__)
-        raise
-    finally:
-        if finish_reasons:
-            span.set_attribute("gen_ai.response.finish_reasons", [finish_reasons[i] for i in sorted(finish_reasons)])
-        if outcome == "aborted":
+    __slots__ = ("span", "tokens", "finish_reasons")
+
+    def __init__(
+        self,
+        request: GenerateRequest,
+        tier: str,
+        model: str,
+        *,
+        token_every: int,
+        speculating: bool,
+        decode: Callable[[int], str] | None = None,
+        otel_tracer: trace.Tracer | None = None,
+    ):
+        started_ns = time.time_ns()
+        otel_tracer = otel_tracer or tracer()
+        self.span = otel_tracer.start_span(
+            f"{operation_name(request)} {tier}",
+            context=extract(request.trace_context),
+            kind=SpanKind.SERVER,
+            start_time=started_ns,
+            attributes=request_attributes(request, tier, model),
+        )
+        self.tokens = TokenSpans(self.span, token_every, speculating, decode, started_ns, otel_tracer)
+        self.finish_reasons: dict[int, str] = {}
+
+    def first(self, ttft_s: float) -> None:
+        self.span.add_event("first_token", timestamp=time.time_ns())
+
+    def item(self, chunk: TokenChunk, now: float) -> None:
+        self.tokens.add(chunk, time.time_ns())
+        if chunk.finish_reason is not None:
+            self.finish_reasons[chunk.index] = chunk.finish_reason
+        if chunk.usage is not None:
+            self.span.set_attributes(usage_attributes(chunk.usage))
+
+    def end(self, outcome: Outcome, error: BaseException | None, elapsed_s: float) -> None:
+        span = self.span
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.set_attribute("error.type", type(error).__name__)
+        if self.finish_reasons:
+            span.set_attribute(
+                "gen_ai.response.finish_reasons", [self.finish_reasons[i] for i in sorted(self.finish_reasons)]
+            )
+        if outcome is Outcome.CANCELLED:
             span.set_attribute("tierserve.aborted", True)
-        span.set_attribute("tierserve.token_spans", tokens.made)
+        span.set_attribute("tierserve.token_spans", self.tokens.made)
         span.end()
+
+
+def generation_span(request: GenerateRequest, tier: str, model: str, **options: Any) -> GenerationSpan | None:
+    """The request's `GenerationSpan`, or None when tracing is off (its span would not record),
+    so that an untraced stream costs nothing per token. `options`: `GenerationSpan`'s."""
+    observer = GenerationSpan(request, tier, model, **options)
+    if observer.span.is_recording():
+        return observer
+    observer.span.end()
+    return None

@@ -1,11 +1,11 @@
 """What one token span costs, in CPU time, and at what token rate that matters.
 
 The end-to-end benchmark (bench/tracing.py) runs the whole stack, where run-to-run noise on a
-small machine is larger than a few percent. This one isolates the tier's tracing code: it feeds
-`actors.tracing.traced_generation` a synthetic stream of one-token chunks (a decode without
-speculation) in-process and measures the CPU time of the whole process (the batch processor's
-export thread and the OTLP/HTTP export to a receiver in another process that discards the spans
-included) per generated token, for:
+small machine is larger than a few percent. This one isolates the tier's tracing code: it passes
+a synthetic stream of one-token chunks (a decode without speculation) through
+`core.streams.observed` to `actors.tracing.GenerationSpan`, in-process, and measures the CPU
+time of the whole process (the batch processor's export thread and the OTLP/HTTP export to a
+receiver in another process that discards the spans included) per generated token, for:
 
 - no tracer provider (tracing off: the OpenTelemetry API's no-op tracer);
 - the SDK with the tier's generation span but no token spans;
@@ -44,23 +44,17 @@ async def chunks(n: int):
 
 
 async def drive(tracer, every: int, tokens: int) -> None:
-    from tierserve.actors.tracing import traced_generation
+    from tierserve.actors.tracing import generation_span
     from tierserve.actors.types import GenerateRequest, SamplingOptions
+    from tierserve.core.streams import observed
     from tierserve.core.types import ChatMessage
 
     for r in range(tokens // TOKENS_PER_REQUEST):
         request = GenerateRequest(
             f"chatcmpl-{r}", SamplingOptions(max_tokens=TOKENS_PER_REQUEST), messages=[ChatMessage("user", "hi")]
         )
-        stream = traced_generation(
-            chunks(TOKENS_PER_REQUEST),
-            request,
-            "bench",
-            "m",
-            token_every=every,
-            speculating=False,
-            otel_tracer=tracer,
-        )
+        span = generation_span(request, "bench", "m", token_every=every, speculating=False, otel_tracer=tracer)
+        stream = observed(chunks(TOKENS_PER_REQUEST), [span] if span is not None else [])
         async for _ in stream:
             pass
 

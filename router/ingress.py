@@ -30,15 +30,16 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierserve.actors.types import GenerateRequest, TokenChunk
-from tierserve.core.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.core.errors import ServiceUnavailable, TierServeError
+from tierserve.core.streams import observed, outcome_of
 from tierserve.core.telemetry import TelemetryConfig, inject, setup_telemetry
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RequestLimits, RoutingConfig
+from tierserve.router.handles import handle_error
 from tierserve.router.limits import body_too_large, check_limits
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, error_responses, validation_error
@@ -181,26 +182,14 @@ def _coerce(request: R | dict[str, Any], model: type[R]) -> R:
         raise validation_error(exc.errors()) from None
 
 
-def _as_user_error(exc: BaseException, tier: str) -> BaseException:
-    """Ray's wrappers off; a replica or actor that died means the tier is unavailable."""
-    import ray.exceptions
-
-    cause = unwrap_error(exc)
-    if isinstance(cause, TierServeError):
-        return cause
-    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        return ServiceUnavailable(f"tier {tier!r} is unavailable: its replica died", "model")
-    if isinstance(cause, BackPressureError):
-        retry = getattr(cause, "retry_after_s", None)
-        return Overloaded(f"tier {tier!r} is at capacity: its queue is full", "model", retry_after_s=retry)
-    if isinstance(cause, DeploymentUnavailableError):
-        return ServiceUnavailable(f"tier {tier!r} is unavailable: {cause}", "model")
-    return cause
+def _tier_error(exc: BaseException, tier: str) -> BaseException:
+    """What a failed call to a tier means (`handle_error`)."""
+    return handle_error(exc, f"tier {tier!r}", "model")
 
 
 def _dead_tier(exc: BaseException) -> str | None:
     """Why a failed poll means the tier cannot serve, or None if it may just be slow."""
-    error = _as_user_error(exc, "")
+    error = _tier_error(exc, "")
     return str(error) if isinstance(error, ServiceUnavailable) else None
 
 
@@ -362,7 +351,7 @@ class Ingress:
             except asyncio.TimeoutError:
                 return f"no answer within {self.config.health_timeout_s:g}s"
             except Exception as exc:
-                return str(_as_user_error(exc, name))
+                return str(_tier_error(exc, name))
 
         names = list(self.directory.tiers)
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
@@ -396,7 +385,7 @@ class Ingress:
             except asyncio.TimeoutError:
                 return {**entry, "error": f"no answer within {self.config.health_timeout_s:g}s", "router": router}
             except Exception as exc:
-                return {**entry, "error": str(_as_user_error(exc, name)), "router": router}
+                return {**entry, "error": str(_tier_error(exc, name)), "router": router}
             counters = dataclasses.asdict(stats)
             counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
             if stats.speculation_control is not None:
@@ -558,12 +547,13 @@ class Ingress:
                 retrieved = await self.retrieval.retrieve(options, question, span)
                 retrieved.result.hits = await self.safety.check_retrieved(retrieved.result.hits, report, span)
                 request = self.retrieval.augment(request, retrieved)
+            entry = "chat" if request.messages is not None else "completion"
             try:
                 start = lambda tier: self._tier_batches(tier, request, span)  # noqa: E731
                 batches = await self.router.open(routed, start, guarded.passed)
             except TierServeError as exc:
                 if not isinstance(exc, ContentBlocked):
-                    self.metrics.finished(routed, "failed")
+                    self.metrics.finished(routed, entry, outcome_of(exc))
                 raise
             finally:
                 for tier, code in routed.tried:
@@ -575,7 +565,8 @@ class Ingress:
         finally:
             guarded.cancel()
         span.set_attribute("tierserve.tier", routed.tier or "")
-        guarded_batches = self.safety.guard_output(self._accounted(routed, batches), report, span)
+        watched = observed(batches, [self.metrics.request(routed, entry, self.router.cost)], started=routed.arrived)
+        guarded_batches = self.safety.guard_output(watched, report, span)
         return Opened(routed, rid, guarded_batches, retrieved, report)
 
     def _extension(self, opened: Opened) -> dict[str, Any]:
@@ -587,25 +578,6 @@ class Ingress:
         if self.safety.chain is not None:
             extension["safety"] = opened.safety.extension()
         return extension
-
-    async def _accounted(
-        self, routed: Routed, batches: AsyncIterator[list[TokenChunk]]
-    ) -> AsyncIterator[list[TokenChunk]]:
-        """The batches; the last one's usage prices the request, and its end counts the SLO."""
-        outcome = "cancelled"
-        try:
-            async for batch in batches:
-                for chunk in batch:
-                    if chunk.usage is not None:
-                        routed.usage = chunk.usage
-                        routed.cost = self.router.cost(routed)
-                yield batch
-            outcome = "ok"
-        except TierServeError:
-            outcome = "failed"
-            raise
-        finally:
-            self.metrics.finished(routed, outcome)
 
     async def _stream(
         self,
@@ -675,23 +647,14 @@ class Ingress:
         """The tier's batches of token chunks; leaving early cancels the tier's stream (and so
         the engine request). The tier's spans join `span`'s trace."""
         request.trace_context = inject(trace.set_span_in_context(span))
-        entry = "chat" if request.messages is not None else "completion"
-        start = time.perf_counter()
-        first = True
-        outcome = "cancelled"
         responses = self.handles[tier].options(stream=True).generate.remote(request)
+        finished = False
         try:
             async for batch in responses:
-                if first:
-                    self.metrics.ttft.observe(time.perf_counter() - start, {"tier": tier})
-                    first = False
                 yield batch
-            outcome = "ok"
+            finished = True
         except Exception as exc:
-            outcome = "error"
-            raise _as_user_error(exc, tier) from None
+            raise _tier_error(exc, tier) from None
         finally:
-            if outcome != "ok":
+            if not finished:
                 responses.cancel()
-            self.metrics.requests.inc(1, {"tier": tier, "entry": entry, "outcome": outcome})
-            self.metrics.duration.observe(time.perf_counter() - start, {"tier": tier, "entry": entry})

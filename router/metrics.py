@@ -7,8 +7,11 @@ fallbacks, shed requests, SLO outcomes per SLA class (goodput) and estimated cos
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tierserve.actors.types import TokenChunk
+from tierserve.core.streams import Outcome, StreamObserver
 from tierserve.core.telemetry import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -20,17 +23,19 @@ class IngressMetrics:
         from ray.util.metrics import Counter, Histogram
 
         self.requests: Any = Counter(
-            "tierserve_requests", "Requests by tier, entry point and outcome.", tag_keys=("tier", "entry", "outcome")
+            "tierserve_requests",
+            "Requests by the tier that served them, entry point and outcome (finished, rejected, failed, cancelled).",
+            tag_keys=("tier", "entry", "outcome"),
         )
         self.duration: Any = Histogram(
             "tierserve_request_duration_seconds",
-            "End-to-end request latency at the ingress (a stream: until its last event).",
+            "Request latency at the ingress, from its routing decision to the end of its answer.",
             boundaries=LATENCY_BUCKETS,
             tag_keys=("tier", "entry"),
         )
         self.ttft: Any = Histogram(
             "tierserve_time_to_first_token_seconds",
-            "From the request reaching the ingress to its first tokens arriving there.",
+            "From the request's routing decision in the ingress to its first tokens there, guards passed.",
             boundaries=LATENCY_BUCKETS,
             tag_keys=("tier",),
         )
@@ -59,7 +64,7 @@ class IngressMetrics:
         )
         self.slo: Any = Counter(
             "tierserve_slo_requests",
-            "Requests by SLA class and outcome: met, missed_ttft, missed_tpot, rejected, failed, cancelled.",
+            "Requests by SLA class and outcome: met, missed_ttft, missed_tpot (finished), rejected, failed, cancelled.",
             tag_keys=("sla_class", "tier", "outcome"),
         )
         self.cost: Any = Counter(
@@ -76,20 +81,52 @@ class IngressMetrics:
         self.rejections.inc(1, {"reason": reason, "sla_class": sla})
         self.slo.inc(1, {"sla_class": sla, "tier": "none", "outcome": "rejected"})
 
-    def finished(self, routed: Routed, outcome: str) -> None:
-        """Count the request's SLO outcome and cost once it ended (`outcome`: ok, failed, cancelled)."""
+    def request(self, routed: Routed, entry: str, price: Callable[[Routed], float]) -> StreamObserver[list[TokenChunk]]:
+        """An observer of a started request's batches (`core.streams.observed`, started at
+        `routed.arrived`): its usage, priced by `price` when it arrives, and `finished` at the end."""
+        return _RequestMetrics(self, routed, entry, price)
+
+    def finished(self, routed: Routed, entry: str, outcome: Outcome, elapsed_s: float | None = None) -> None:
+        """Count a request once it ended: by tier, entry and outcome; its latency and time to
+        first token (`Routed.ttft_ms`, measured once by the router); its SLO outcome (finished
+        ones as met, missed_ttft or missed_tpot) and its cost."""
         tier = routed.tier or "none"
-        if outcome == "ok":
-            ttft, tpot = routed.ttft_ms(), routed.tpot_ms(time.perf_counter())
+        self.requests.inc(1, {"tier": tier, "entry": entry, "outcome": outcome.value})
+        if elapsed_s is not None:
+            self.duration.observe(elapsed_s, {"tier": tier, "entry": entry})
+        ttft = routed.ttft_ms()
+        if ttft is not None:
+            self.ttft.observe(ttft / 1e3, {"tier": tier})
+        slo = outcome.value
+        if outcome is Outcome.FINISHED:
+            tpot = routed.tpot_ms(time.perf_counter())
             if not routed.sla.met_by(ttft, None):
-                outcome = "missed_ttft"
+                slo = "missed_ttft"
             elif not routed.sla.met_by(None, tpot):
-                outcome = "missed_tpot"
+                slo = "missed_tpot"
             else:
-                outcome = "met"
-        self.slo.inc(1, {"sla_class": routed.sla.name or "none", "tier": tier, "outcome": outcome})
+                slo = "met"
+        self.slo.inc(1, {"sla_class": routed.sla.name or "none", "tier": tier, "outcome": slo})
         if routed.cost:
             self.cost.inc(routed.cost, {"tier": tier})
 
     def error(self, code: str | None, status: int) -> None:
         self.errors.inc(1, {"code": code or "unknown", "status": str(status)})
+
+
+class _RequestMetrics(StreamObserver[list[TokenChunk]]):
+    """One started request: its usage and cost as they arrive, its counts when it ends."""
+
+    __slots__ = ("metrics", "routed", "entry", "price")
+
+    def __init__(self, metrics: IngressMetrics, routed: Routed, entry: str, price: Callable[[Routed], float]):
+        self.metrics, self.routed, self.entry, self.price = metrics, routed, entry, price
+
+    def item(self, batch: list[TokenChunk], now: float) -> None:
+        for chunk in batch:
+            if chunk.usage is not None:
+                self.routed.usage = chunk.usage
+                self.routed.cost = self.price(self.routed)
+
+    def end(self, outcome: Outcome, error: BaseException | None, elapsed_s: float) -> None:
+        self.metrics.finished(self.routed, self.entry, outcome, elapsed_s)

@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from opentelemetry import trace
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from tierserve.actors.types import GenerateRequest
-from tierserve.core.errors import InvalidRequest, RequestTimeout, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.core.errors import InvalidRequest, RequestTimeout, ServiceUnavailable, TierServeError
 from tierserve.core.telemetry import inject, tracer
 from tierserve.rag.config import RagConfig, RetrievalOptions
 from tierserve.rag.grounding import Grounding
 from tierserve.rag.prompt import augment_messages, augment_prompt, cited_numbers
 from tierserve.rag.types import Retrieval, RetrievalQuery
+from tierserve.router.handles import handle_error
 
 logger = logging.getLogger("tierserve.ingress")
 
@@ -183,7 +183,7 @@ class RetrievalStep:
 
     async def _call(self, response: Awaitable[T]) -> T:
         """A retriever call's answer within `timeout_s` (504 `retriever_timeout` past it), its
-        failures as the user errors they mean (`_user_error`)."""
+        failures as the user errors they mean (`handle_error`)."""
         try:
             return await asyncio.wait_for(response, self.timeout_s)
         except asyncio.TimeoutError:
@@ -193,8 +193,15 @@ class RetrievalStep:
                 "retriever_timeout",
             ) from None
         except Exception as exc:
-            error = _user_error(exc)
-            if error is None:
+            error = handle_error(
+                exc,
+                "the retriever",
+                "retrieval",
+                unavailable_code="retriever_unavailable",
+                full_queue=ServiceUnavailable,
+                retry_after_s=1.0,
+            )
+            if not isinstance(error, TierServeError):
                 raise
             raise error from None
 
@@ -211,26 +218,3 @@ def question_of(body: Any, texts: list[str] | None = None) -> str:
     if not isinstance(body.prompt, str):
         raise InvalidRequest("retrieval needs a text prompt, not token ids", "prompt")
     return texts[0] if texts is not None else body.prompt
-
-
-def _user_error(exc: BaseException) -> TierServeError | None:
-    """The error to answer with when the retriever call failed; None for a bug (a 500)."""
-    import ray.exceptions
-
-    cause = unwrap_error(exc)
-    if isinstance(cause, TierServeError):
-        return cause
-    if isinstance(
-        cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, DeploymentUnavailableError)
-    ):
-        return ServiceUnavailable(
-            "the retriever is unavailable: its replica died", "retrieval", "retriever_unavailable", retry_after_s=1.0
-        )
-    if isinstance(cause, BackPressureError):
-        return ServiceUnavailable(
-            "the retriever is at capacity",
-            "retrieval",
-            "retriever_unavailable",
-            retry_after_s=cause.retry_after_s or 1.0,
-        )
-    return None

@@ -4,7 +4,8 @@ All guards look at the same, original text, so their findings share coordinates.
 
 - a finding from a guard whose action at this stage is `block` blocks the text;
 - otherwise findings from guards whose action is `redact` are replaced, each by its own guard's
-  operator (overlapping findings merge into the longer one, the higher score breaking ties);
+  operator (overlapping findings merge into one covering them all, named by the best score:
+  `merge_overlaps`);
 - findings from guards whose action is `allow` are only reported.
 
 Guards run in config order; a block stops the chain early (what the later guards would have
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tierserve.safety.config import InjectionGuardConfig, PiiGuardConfig, SafetyConfig
 from tierserve.safety.guard import Guard
-from tierserve.safety.types import Action, Finding, Stage, Verdict
+from tierserve.safety.types import Action, Finding, Stage, Verdict, merge_overlaps
 
 logger = logging.getLogger("tierserve.safety")
 
@@ -89,20 +90,6 @@ class GuardChain:
             pieces += [text[end : finding.start], self._by_name[finding.guard].redact(segment, [local])]
             end = finding.end
         return "".join(pieces) + text[end:]
-
-
-def merge_overlaps(findings: list[Finding]) -> list[Finding]:
-    """Non-overlapping findings, by start: of two that overlap, the longer one stays (then the
-    higher score), stretched to cover both so nothing of either is left unredacted."""
-    kept: list[Finding] = []
-    for f in sorted(findings, key=lambda f: (f.start, -(f.end - f.start), -f.score)):
-        if kept and f.start < kept[-1].end:
-            last = kept[-1]
-            winner = last if (last.end - last.start, last.score) >= (f.end - f.start, f.score) else f
-            kept[-1] = Finding(winner.guard, winner.entity, last.start, max(last.end, f.end), winner.score)
-        else:
-            kept.append(f)
-    return kept
 
 
 def build_chain(config: SafetyConfig, cache_dir: Path | None = None) -> GuardChain:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol
 
-from tierserve.safety.types import Action, Finding, Stage, Verdict
+from tierserve.safety.types import Finding, Stage
 
 
 class Guard(Protocol):
-    """A detector plus what to do about its findings at each stage.
+    """A detector and how it redacts what it finds.
 
-    `detect` finds; `redact` replaces findings in a text; `check` is both, with the action the
-    guard's config sets for the stage (`allow` when the stage is not configured). Guards are
-    plain objects, safe to call from several threads, cheap enough to run in the ingress."""
+    `detect` finds; `redact` replaces findings in a text; what to do with the findings at each
+    stage is the chain's one decision (`tierserve.safety.chain.GuardChain`, built with each
+    guard's configured actions). Guards are plain objects, safe to call from several threads,
+    cheap enough to run in the ingress."""
 
     name: str
 
@@ -21,23 +21,6 @@ class Guard(Protocol):
 
     def redact(self, text: str, findings: list[Finding]) -> str: ...
 
-    def check(self, text: str, stage: Stage) -> Verdict: ...
-
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """Why a text with these findings is refused, in words safe to show a client."""
         ...
-
-
-def check_by_stage(guard: Guard, actions: Mapping[Stage, Action], text: str, stage: Stage) -> Verdict:
-    """A guard's `check`: `detect`, then the stage's action from `actions`: allow (findings
-    reported), redact, or block with the guard's reason. A stage not in `actions`: allow,
-    unchecked."""
-    action = actions.get(stage)
-    if action is None:
-        return Verdict("allow", text)
-    findings = guard.detect(text, stage)
-    if not findings or action == "allow":
-        return Verdict("allow", text, findings)
-    if action == "redact":
-        return Verdict("redact", guard.redact(text, findings), findings)
-    return Verdict("block", text, findings, guard.block_reason(findings, stage))

@@ -48,8 +48,7 @@ import numpy as np
 from tierserve.core.classifier import EmbeddingClassifier, cache_path, cached_classifier, dataset_bytes
 from tierserve.core.embedder import Embedder
 from tierserve.safety.config import InjectionGuardConfig
-from tierserve.safety.guard import check_by_stage
-from tierserve.safety.types import Finding, Stage, Verdict
+from tierserve.safety.types import Finding, Stage, merge_overlaps
 
 ENTITY = "PROMPT_INJECTION"
 BLOCK_REASON = "the input contains instructions that try to override the system (prompt injection)"
@@ -517,19 +516,11 @@ class InjectionGuard:
 
     def redact(self, text: str, findings: list[Finding]) -> str:
         """`text` with each finding's span replaced by `REPLACEMENT` (overlapping spans merged)."""
-        spans: list[list[int]] = []
-        for f in sorted(findings, key=lambda f: f.start):
-            if spans and f.start <= spans[-1][1]:
-                spans[-1][1] = max(spans[-1][1], f.end)
-            else:
-                spans.append([f.start, f.end])
-        for start, end in reversed(spans):
-            text = text[:start] + REPLACEMENT + text[end:]
-        return text
-
-    def check(self, text: str, stage: Stage) -> Verdict:
-        """`detect`, then the configured action for `stage` (see `check_by_stage`)."""
-        return check_by_stage(self, self.config.actions, text, stage)
+        pieces, end = [], 0
+        for f in merge_overlaps(findings):
+            pieces += [text[end : f.start], REPLACEMENT]
+            end = f.end
+        return "".join(pieces) + text[end:]
 
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """The same stable wording at every stage; never the text."""

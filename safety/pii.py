@@ -23,7 +23,6 @@ borrows one of its own, so calls from different threads run side by side, with n
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import secrets
 import threading
@@ -50,9 +49,8 @@ from presidio_anonymizer.entities import OperatorConfig
 from presidio_anonymizer.entities import RecognizerResult as AnonymizerResult
 
 from tierserve.safety.config import NerConfig, PiiGuardConfig
-from tierserve.safety.guard import check_by_stage
 from tierserve.safety.presidio import MAX_NER_ENGINES, EnginePool, new_analyzer
-from tierserve.safety.types import Finding, Stage, Verdict
+from tierserve.safety.types import Finding, Stage, merge_overlaps
 
 MAX_ENTITY_CHARS = 256
 """Cap on `PiiGuard.max_entity_chars`. URLs (their paths) and the longest keys are unbounded or
@@ -223,34 +221,6 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {
 """Entity types `PiiGuardConfig.entities` may name without NER, and how each is found."""
 
 
-def resolve_overlaps(findings: list[Finding]) -> list[Finding]:
-    """Non-overlapping findings, by start. Of findings that overlap, the one with the higher score
-    (then the longer one) names the entity, and its span grows to cover the others, so nothing
-    either found is left unredacted.
-
-    Findings are taken best first; those kept so far never overlap, so, sorted by start, they
-    are sorted by end too, and the ones a new finding overlaps are found by bisection."""
-    starts: list[int] = []
-    kept: list[tuple[Finding, int]] = []  # with when each was kept: the earliest wins a tie
-    for when, f in enumerate(sorted(findings, key=lambda f: (-f.score, -(f.end - f.start), f.start))):
-        hi = bisect.bisect_left(starts, f.end)
-        lo = hi
-        while lo > 0 and kept[lo - 1][0].end > f.start:
-            lo -= 1
-        if lo < hi:
-            winner = max(kept[lo:hi], key=lambda k: (k[0].score, k[0].end - k[0].start, -k[1]))[0]
-            f = Finding(
-                winner.guard,
-                winner.entity,
-                min(f.start, kept[lo][0].start),
-                max(f.end, kept[hi - 1][0].end),
-                winner.score,
-            )
-        starts[lo:hi] = [f.start]
-        kept[lo:hi] = [(f, when)]
-    return [f for f, _ in kept]
-
-
 _WARMUP_TEXT = (
     "Mail jane@example.com or call +1 212-555-0123; card 4111 1111 1111 1111, IBAN GB82 WEST 1234 "
     "5698 7654 32, ssn 536-22-8726, host 10.0.0.1 / fe80::1, see https://example.com/a and www.a.org."
@@ -319,7 +289,7 @@ class PiiGuard:
             return []
         results = self._engine.analyze(text, self._entities, self.config.score_threshold)
         found = [Finding(self.name, r.entity_type, r.start, r.end, r.score) for r in results]
-        return resolve_overlaps(found)
+        return merge_overlaps(found)
 
     def redact(self, text: str, findings: list[Finding]) -> str:
         """`text` with each finding replaced by the configured operator."""
@@ -333,10 +303,6 @@ class PiiGuard:
             conflict_resolution=ConflictResolutionStrategy.REMOVE_INTERSECTIONS,
             merge_entities_with_spaces=False,
         ).text
-
-    def check(self, text: str, stage: Stage) -> Verdict:
-        """`detect`, then the configured action for `stage` (see `check_by_stage`)."""
-        return check_by_stage(self, self.config.actions, text, stage)
 
     def block_reason(self, findings: list[Finding], stage: Stage) -> str:
         """Why a text with these findings is refused: the entity types, never the text."""

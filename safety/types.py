@@ -6,6 +6,7 @@ counted, traced and returned without leaking what they found.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,3 +47,31 @@ class Verdict:
     @property
     def blocked(self) -> bool:
         return self.action == "block"
+
+
+def merge_overlaps(findings: list[Finding]) -> list[Finding]:
+    """Non-overlapping findings, by start. Of findings that overlap, the one with the higher score
+    (then the longer one) names the entity and its guard, and its span grows to cover the others,
+    so nothing any of them found is left unredacted. The one rule for every guard and the chain.
+
+    Findings are taken best first; those kept so far never overlap, so, sorted by start, they
+    are sorted by end too, and the ones a new finding overlaps are found by bisection."""
+    starts: list[int] = []
+    kept: list[tuple[Finding, int]] = []  # with when each was kept: the earliest wins a tie
+    for when, f in enumerate(sorted(findings, key=lambda f: (-f.score, -(f.end - f.start), f.start))):
+        hi = bisect.bisect_left(starts, f.end)
+        lo = hi
+        while lo > 0 and kept[lo - 1][0].end > f.start:
+            lo -= 1
+        if lo < hi:
+            winner = max(kept[lo:hi], key=lambda k: (k[0].score, k[0].end - k[0].start, -k[1]))[0]
+            f = Finding(
+                winner.guard,
+                winner.entity,
+                min(f.start, kept[lo][0].start),
+                max(f.end, kept[hi - 1][0].end),
+                winner.score,
+            )
+        starts[lo:hi] = [f.start]
+        kept[lo:hi] = [(f, when)]
+    return [f for f, _ in kept]

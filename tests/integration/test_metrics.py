@@ -43,9 +43,9 @@ def test_requests_show_up_in_the_metrics_a_prometheus_scrapes(app, client):
     # What these requests must have added, as (series, labels, at least). Each process exports
     # its series on its own schedule, so wait until all of them are there.
     expected = [
-        ("ray_tierserve_requests_total", {"tier": "quality", "entry": "chat", "outcome": "ok"}, 1),
-        ("ray_tierserve_requests_total", {"tier": "small", "entry": "completion", "outcome": "ok"}, 1),
-        ("ray_tierserve_requests_total", {"tier": "small", "outcome": "ok"}, 2),
+        ("ray_tierserve_requests_total", {"tier": "quality", "entry": "chat", "outcome": "finished"}, 1),
+        ("ray_tierserve_requests_total", {"tier": "small", "entry": "completion", "outcome": "finished"}, 1),
+        ("ray_tierserve_requests_total", {"tier": "small", "outcome": "finished"}, 2),
         ("ray_tierserve_routing_decisions_total", {"tier": "small", "reason": "complexity"}, 1),
         ("ray_tierserve_routing_decisions_total", {"tier": "quality", "reason": "named"}, 1),
         ("ray_tierserve_prompt_complexity_count", {"tier": "small"}, 1),

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierserve.safety.chain import GuardChain, merge_overlaps
+from tierserve.safety.chain import GuardChain
 from tierserve.safety.config import PiiGuardConfig
 from tierserve.safety.streaming import StreamGuard, entity_tail
-from tierserve.safety.types import Finding
+from tierserve.safety.types import Finding, merge_overlaps
 
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -77,7 +77,7 @@ def test_split_chain_gives_the_whole_chains_verdict(pii, text):
     assert not whole.split("output")[0].active("input")
 
 
-def test_overlapping_findings_merge_into_the_longer_one():
+def test_overlapping_findings_merge_into_the_best_scored_one():
     a = Finding("pii", "URL", 0, 10, 0.5)
     b = Finding("pii", "EMAIL_ADDRESS", 5, 25, 1.0)
     c = Finding("pii", "IP_ADDRESS", 30, 40, 0.6)

@@ -26,9 +26,9 @@ from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
 from tierserve.safety.config import InjectionGuardConfig, PiiGuardConfig
 from tierserve.safety.injection import InjectionGuard
-from tierserve.safety.pii import RECOGNIZERS, OfflineEmailRecognizer, PiiGuard, resolve_overlaps
+from tierserve.safety.pii import RECOGNIZERS, OfflineEmailRecognizer, PiiGuard
 from tierserve.safety.presidio import LANGUAGE, MAX_TOKENIZED_CHARS, BoundedTokenizer, new_analyzer
-from tierserve.safety.types import Finding
+from tierserve.safety.types import Finding, merge_overlaps
 
 
 def _repeated(unit: str) -> Callable[[int], str]:
@@ -155,7 +155,7 @@ def test_the_context_enhancer_scores_as_presidios(pii):
         assert indexed.analyze(text, LANGUAGE) == original.analyze(text, LANGUAGE)  # spans, types, scores
 
 
-def _resolve_overlaps_by_scanning(findings: list[Finding]) -> list[Finding]:
+def _merge_overlaps_by_scanning(findings: list[Finding]) -> list[Finding]:
     """The specification: each finding, best first, against every one kept so far."""
     kept: list[Finding] = []
     for f in sorted(findings, key=lambda f: (-f.score, -(f.end - f.start), f.start)):
@@ -180,8 +180,8 @@ _findings = st.builds(
 
 
 @given(st.lists(_findings, max_size=16))
-def test_resolve_overlaps_by_bisection_is_resolving_by_scanning(findings):
-    assert resolve_overlaps(findings) == _resolve_overlaps_by_scanning(findings)
+def test_merge_overlaps_by_bisection_is_merging_by_scanning(findings):
+    assert merge_overlaps(findings) == _merge_overlaps_by_scanning(findings)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from tierserve.core.embedder import Embedder
 from tierserve.safety import injection
+from tierserve.safety.chain import GuardChain
 from tierserve.safety.config import InjectionGuardConfig
 from tierserve.safety.injection import (
     BLOCK_REASON,
@@ -276,8 +277,9 @@ def test_the_classifier_embeds_a_bounded_number_of_segments(guard, embedder, mon
 
 @pytest.fixture(scope="module")
 def staged(embedder, cache_dir):
+    """The guard with an action per stage, as the chain runs it."""
     config = InjectionGuardConfig(actions={"input": "block", "retrieved": "redact", "output": "allow"})
-    return InjectionGuard(config, cache_dir, embedder)
+    return GuardChain([(InjectionGuard(config, cache_dir, embedder), dict(config.actions))])
 
 
 def test_block_says_why_without_quoting(staged):
@@ -305,8 +307,9 @@ def test_benign_text_and_unconfigured_stages_are_allowed(staged, guard):
         verdict = staged.check(BENIGN[0], stage)
         assert verdict.action == "allow" and verdict.findings == [] and verdict.reason is None
     # The default config checks input and retrieved only.
-    assert guard.check(INJECTED[0], "output").findings == []
-    assert guard.check(INJECTED[0], "input").blocked and guard.check(INJECTED[0], "retrieved").blocked
+    default = GuardChain([(guard, dict(guard.config.actions))])
+    assert default.check(INJECTED[0], "output").findings == []
+    assert default.check(INJECTED[0], "input").blocked and default.check(INJECTED[0], "retrieved").blocked
 
 
 def test_redact_merges_overlapping_findings(heuristic):

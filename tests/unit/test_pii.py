@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tierserve.safety import pii
+from tierserve.safety.chain import GuardChain
 from tierserve.safety.config import DEFAULT_PII_ENTITIES, NerConfig, PiiGuardConfig
-from tierserve.safety.pii import MAX_ENTITY_CHARS, RECOGNIZERS, PiiGuard, resolve_overlaps
-from tierserve.safety.types import Finding
+from tierserve.safety.pii import MAX_ENTITY_CHARS, RECOGNIZERS, PiiGuard
+from tierserve.safety.types import Finding, merge_overlaps
 
 # Built by concatenation so the repository holds nothing a secret scanner would flag.
 OPENAI_KEY = "sk-" + "proj-" + "Xy7Kp2Qw9Lm4Nz8Rt5Vb3Hc6Jd1Fg0Ua"
@@ -170,10 +171,10 @@ def f(entity: str, start: int, end: int, score: float) -> Finding:
         ([f("A", 0, 4, 0.5), f("B", 4, 8, 0.5)], [f("A", 0, 4, 0.5), f("B", 4, 8, 0.5)]),
     ],
 )
-def test_resolve_overlaps(findings, expected):
+def test_merge_overlaps(findings, expected):
     """Higher score (then longer span) names the entity; its span covers everything it overlapped;
     touching spans stay apart."""
-    assert resolve_overlaps(findings) == expected
+    assert merge_overlaps(findings) == expected
 
 
 TEXT = "Mail jane@example.com or call (212) 555-0199."
@@ -221,8 +222,9 @@ ACTIONS = {"input": "block", "retrieved": "redact", "output": "allow"}
 
 
 @pytest.fixture(scope="module")
-def staged() -> PiiGuard:
-    return PiiGuard(PiiGuardConfig(actions=ACTIONS))
+def staged() -> GuardChain:
+    """The PII guard with an action per stage, as the chain runs it."""
+    return GuardChain([(PiiGuard(PiiGuardConfig(actions=ACTIONS)), ACTIONS)])
 
 
 def test_check_blocks_input_without_quoting_it(staged):
@@ -264,7 +266,7 @@ def test_a_stage_not_configured_is_not_checked(monkeypatch):
         raise AssertionError("detect ran for an unconfigured stage")
 
     monkeypatch.setattr(g, "detect", no_detect)
-    verdict = g.check("jane@example.com", "output")
+    verdict = GuardChain([(g, dict(g.config.actions))]).check("jane@example.com", "output")
     assert (verdict.action, verdict.findings) == ("allow", [])
 
 
@@ -274,7 +276,8 @@ def test_a_stage_not_configured_is_not_checked(monkeypatch):
 )
 def test_block_reason_names_the_stage(stage, subject):
     g = PiiGuard(PiiGuardConfig(actions={stage: "block"}))
-    assert g.check("card 4111 1111 1111 1111", stage).reason == f"{subject} contains personal data (CREDIT_CARD)"
+    verdict = GuardChain([(g, {stage: "block"})]).check("card 4111 1111 1111 1111", stage)
+    assert verdict.reason == f"{subject} contains personal data (CREDIT_CARD)"
 
 
 def test_max_entity_chars():

@@ -16,8 +16,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tierserve.actors.config import TierConfig
-from tierserve.actors.tracing import traced_generation
+from tierserve.actors.tracing import generation_span
 from tierserve.actors.types import GenerateRequest, SamplingOptions, TokenChunk, Usage
+from tierserve.core.streams import observed
 from tierserve.core.telemetry import TelemetryConfig, extract, inject
 from tierserve.core.types import ChatMessage
 
@@ -92,19 +93,16 @@ def _run(steps, every=1, speculating=True, decode=None, parent=None):
     usage = Usage(3, sum(len(s) for s in steps))
 
     async def consume():
-        return [
-            c
-            async for c in traced_generation(
-                _chunks(steps, usage),
-                request,
-                "quality",
-                "embedded:m",
-                token_every=every,
-                speculating=speculating,
-                decode=decode,
-                otel_tracer=provider.get_tracer("t"),
-            )
-        ]
+        span = generation_span(
+            request,
+            "quality",
+            "embedded:m",
+            token_every=every,
+            speculating=speculating,
+            decode=decode,
+            otel_tracer=provider.get_tracer("t"),
+        )
+        return [c async for c in observed(_chunks(steps, usage), [span])]
 
     chunks = asyncio.run(consume())
     return chunks, exporter.get_finished_spans()
@@ -161,9 +159,10 @@ def test_a_failing_stream_marks_the_span_and_reraises():
 
     async def consume():
         request = GenerateRequest("cmpl-1", prompt="p")
-        async for _ in traced_generation(
-            broken(), request, "small", "m", token_every=1, speculating=False, otel_tracer=provider.get_tracer("t")
-        ):
+        span = generation_span(
+            request, "small", "m", token_every=1, speculating=False, otel_tracer=provider.get_tracer("t")
+        )
+        async for _ in observed(broken(), [span]):
             pass
 
     with pytest.raises(RuntimeError, match="engine died"):

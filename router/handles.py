@@ -1,0 +1,47 @@
+"""What a failed call through a Serve deployment handle means for the caller.
+
+The ingress calls the tiers and the retriever through handles. Ray wraps what the callee raised
+(`unwrap_error` takes the wrappers off) and adds failures of its own: the replica died, or the
+deployment's queue is full (`max_queued_requests`, Serve's back-pressure), or it has no replica.
+`handle_error` is the one mapping from those to the user errors the caller answers with; the
+tiers and the retriever differ only in the words, the `param` and the error codes.
+"""
+
+from __future__ import annotations
+
+from tierserve.core.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
+
+
+def handle_error(
+    exc: BaseException,
+    service: str,
+    param: str,
+    *,
+    unavailable_code: str | None = None,
+    full_queue: type[TierServeError] = Overloaded,
+    retry_after_s: float | None = None,
+) -> BaseException:
+    """The error `exc` means: what the callee raised, if it was a user error; for a replica that
+    died or a deployment with no replica, `ServiceUnavailable` (with `unavailable_code`); for a
+    full queue, `full_queue` (a 429 `Overloaded` by default) with the retry Serve proposes, else
+    `retry_after_s`. Anything else comes back unwrapped: a bug, which the caller lets become a
+    500. `service` names the callee in the message ("tier 'small'", "the retriever")."""
+    import ray.exceptions
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    cause = unwrap_error(exc)
+    if isinstance(cause, TierServeError):
+        return cause
+    if isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return ServiceUnavailable(
+            f"{service} is unavailable: its replica died", param, unavailable_code, retry_after_s=retry_after_s
+        )
+    if isinstance(cause, DeploymentUnavailableError):
+        return ServiceUnavailable(
+            f"{service} is unavailable: {cause}", param, unavailable_code, retry_after_s=retry_after_s
+        )
+    if isinstance(cause, BackPressureError):
+        retry = getattr(cause, "retry_after_s", None) or retry_after_s
+        code = unavailable_code if full_queue is ServiceUnavailable else None
+        return full_queue(f"{service} is at capacity: its queue is full", param, code, retry_after_s=retry)
+    return cause
