@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ async def drive(tracer, every: int, tokens: int) -> None:
             pass
 
 
-def measure(name: str, tracer, every: int, tokens: int, flush) -> tuple[str, float]:
+def measure(name: str, tracer, every: int, tokens: int, flush) -> float:
     asyncio.run(drive(tracer, every, 2 * TOKENS_PER_REQUEST))  # warm-up
     flush()
     cpu, wall = time.process_time(), time.perf_counter()
@@ -68,12 +69,13 @@ def measure(name: str, tracer, every: int, tokens: int, flush) -> tuple[str, flo
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     per_token_us = 1e6 * cpu / tokens
     print(f"  {name:28s} {per_token_us:7.2f} us CPU per token  ({wall:.2f} s wall)", flush=True)
-    return name, per_token_us
+    return per_token_us
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=20000)
+    p.add_argument("--rounds", type=int, default=5, help="the variants run in turn this many times; medians reported")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
@@ -89,12 +91,19 @@ def main() -> None:
         config = TelemetryConfig(exporter="otlp", endpoint=f"http://127.0.0.1:{port}")
         provider = build_provider(config, {"tierserve.component": "tier"})
         sdk = provider.get_tracer("tierserve")
-        rows = [
-            measure("off (no provider)", trace.NoOpTracer(), 1, args.tokens, lambda: None),
-            measure("SDK, no token spans", sdk, 0, args.tokens, provider.force_flush),
-            measure("SDK, one token span in 16", sdk, 16, args.tokens, provider.force_flush),
-            measure("SDK, a span per token", sdk, 1, args.tokens, provider.force_flush),
+        variants = [
+            ("off (no provider)", trace.NoOpTracer(), 1, lambda: None),
+            ("SDK, no token spans", sdk, 0, provider.force_flush),
+            ("SDK, one token span in 16", sdk, 16, provider.force_flush),
+            ("SDK, a span per token", sdk, 1, provider.force_flush),
         ]
+        # In turn, round after round, so that the machine's slow spells fall on every variant.
+        runs: dict[str, list[float]] = {name: [] for name, *_ in variants}
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+            for name, tracer, every, flush in variants:
+                runs[name].append(measure(name, tracer, every, args.tokens, flush))
+        rows = [(name, statistics.median(values)) for name, values in runs.items()]
         provider.shutdown()
     finally:
         receiver.terminate()
@@ -116,11 +125,13 @@ def main() -> None:
     doc.write_text(
         f"""# Token span cost
 
-Measured by `python bench/token_spans.py` on {time.strftime("%Y-%m-%d")}, {platform.machine()}, {os.cpu_count()} cores:
-the tier's tracing code (`actors/tracing.py`) fed {args.tokens} one-token chunks in requests of
-{TOKENS_PER_REQUEST} tokens, in-process, on the tracer provider a tier builds with the default
-settings; CPU time of the whole process (batch processor and OTLP/HTTP export to a receiver in
-another process that discards the spans included, every span exported) per token.
+Measured by `python bench/token_spans.py --tokens {args.tokens} --rounds {args.rounds}`
+on {time.strftime("%Y-%m-%d")}, {platform.machine()}, {os.cpu_count()} cores: the tier's tracing
+code (`actors/tracing.py`, through `core/streams.py`) fed {args.tokens} one-token chunks in requests
+of {TOKENS_PER_REQUEST} tokens, in-process, {args.rounds} rounds of the four variants in turn
+(medians), on the tracer provider a tier builds with the default settings; CPU time of the whole
+process (batch processor and OTLP/HTTP export to a receiver in another process that discards the
+spans included, every span exported) per token.
 
 {result}
 

@@ -86,7 +86,12 @@ async def observed(
             if first:
                 first = False
                 watching = _notify(watching, "first", now - start)
-            watching = _notify(watching, "item", item, now)
+            for observer in watching:
+                try:
+                    observer.item(item, now)
+                except Exception:
+                    watching = _notify(watching, "item", item, now, failed=observer)
+                    break
             yield item
         outcome = Outcome.FINISHED
     except BaseException as exc:
@@ -96,13 +101,23 @@ async def observed(
         _notify(watching, "end", outcome, error if outcome is not Outcome.CANCELLED else None, clock() - start)
 
 
-def _notify(observers: list[StreamObserver], hook: str, *args: object) -> list[StreamObserver]:
-    """Call `hook` on each observer; those that raise are logged and left out from then on."""
-    failed = None
-    for observer in observers:
+def _notify(
+    observers: list[StreamObserver], hook: str, *args: object, failed: StreamObserver | None = None
+) -> list[StreamObserver]:
+    """Call `hook` on each observer; those that raise are logged and left out from then on.
+    `failed`: an observer that already raised in this call, whose turn it was: the ones after
+    it are still called (the per-item loop in `observed` stays a plain loop until one fails)."""
+    dropped = []
+    if failed is not None:
+        logger.exception("stream observer %s failed in %s; not observing this stream further", failed, hook)
+        dropped.append(failed)
+        todo = observers[observers.index(failed) + 1 :]
+    else:
+        todo = observers
+    for observer in todo:
         try:
             getattr(observer, hook)(*args)
         except Exception:
             logger.exception("stream observer %s failed in %s; not observing this stream further", observer, hook)
-            failed = [*(failed or []), observer]
-    return observers if failed is None else [o for o in observers if o not in failed]
+            dropped.append(observer)
+    return [o for o in observers if o not in dropped] if dropped else observers
