@@ -1,6 +1,7 @@
-"""What a failed call through a Serve deployment handle means for the caller.
+"""Calls through Serve deployment handles: a request's stream from a tier, and what a failed
+call means for the caller.
 
-The ingress calls the tiers and the retriever through handles. Ray wraps what the callee raised
+The pipeline reaches the tiers and the retriever through handles. Ray wraps what the callee raised
 (`unwrap_error` takes the wrappers off) and adds failures of its own: the replica died, or the
 deployment's queue is full (`max_queued_requests`, Serve's back-pressure), or it has no replica.
 `handle_error` is the one mapping from those to the user errors the caller answers with; the
@@ -9,7 +10,14 @@ tiers and the retriever differ only in the words, the `param` and the error code
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+from ray.serve.handle import DeploymentHandle
+
+from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.core.errors import Overloaded, ServiceUnavailable, TierServeError, unwrap_error
+from tierserve.core.telemetry import inject
 
 
 def handle_error(
@@ -45,3 +53,31 @@ def handle_error(
         code = unavailable_code if full_queue is ServiceUnavailable else None
         return full_queue(f"{service} is at capacity: its queue is full", param, code, retry_after_s=retry)
     return cause
+
+
+def tier_error(exc: BaseException, tier: str) -> BaseException:
+    """What a failed call to `tier` means (`handle_error`, for a tier)."""
+    return handle_error(exc, f"tier {tier!r}", "model")
+
+
+class TierHandles:
+    """The tiers' deployment handles, and how a request streams from one of them."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]):
+        self.handles = handles
+
+    async def stream(self, tier: str, request: GenerateRequest, span: trace.Span) -> AsyncIterator[list[TokenChunk]]:
+        """The tier's batches of token chunks; leaving early cancels the tier's stream (and so
+        the engine request). The tier's spans join `span`'s trace."""
+        request.trace_context = inject(trace.set_span_in_context(span))
+        responses = self.handles[tier].options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for batch in responses:
+                yield batch
+            finished = True
+        except Exception as exc:
+            raise tier_error(exc, tier) from None
+        finally:
+            if not finished:
+                responses.cancel()

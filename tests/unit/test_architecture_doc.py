@@ -68,3 +68,16 @@ def test_arrows_join_existing_boxes():
         assert source in declared and target in declared, (source, target)
     steps = [int(n) for n in re.findall(r'\|"(\d+) ', block)] + [int(n) for n in re.findall(r'\|"(\d+)"\|', block)]
     assert sorted(steps) == list(range(1, max(steps) + 1)), "the request path's steps are numbered 1..n once each"
+
+
+def test_the_request_path_points_down_and_its_module_count_is_stated():
+    block = _mermaid()
+    members = _subgraphs(block)
+    bands = [name for name in members if name.startswith("layer_")]
+    band_of = {box: i for i, band in enumerate(bands) for box in members[band]}
+    path = re.findall(r'^\s*(\w+) -->\|"\d+[^|]*\|\s*(\w+)\s*$', block, re.M)
+    for source, target in path:
+        if source in band_of and target in band_of:
+            assert band_of[target] >= band_of[source], f"{source} -> {target} points up a layer"
+    modules = {box for arrow in path for box in arrow if box in band_of}
+    assert f"through {len(modules)} modules" in DOC.read_text()
