@@ -67,15 +67,12 @@ def main() -> int:
         CLASSIFIER_C,
         EMBED_DTYPE,
         EMBED_TOKENS,
-        FEATURES,
-        FEATURES_VERSION,
         embedded_segments,
-        features,
         fit_classifier,
-        fold,
         load_examples,
         segments,
     )
+    from tierserve.safety.injection_patterns import FEATURES, FEATURES_VERSION, features, fold
 
     started = time.perf_counter()
     load = os.getloadavg()[0]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tierserve.actors.config import TierConfig
 from tierserve.cluster.nodes import ClusterConfig
+from tierserve.core.config import default_cache_dir
 from tierserve.core.telemetry import TelemetryConfig
 from tierserve.rag.config import RagConfig
 from tierserve.router.config import IngressConfig, RoutingConfig
@@ -204,3 +205,10 @@ def load_config(path: str | Path | None = None, check_engine: bool = True) -> Ap
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping at the top level")
     return parse_config(data, str(path), text, check_engine)
+
+
+def model_cache_dir(config: AppConfig | None, override: str | None = None) -> Path:
+    """Where models, classifiers and indexes are cached: `override` (a `--cache-dir`), else the
+    config's `model_cache`, else `$TIERSERVE_CACHE` or `~/.cache/tierserve`."""
+    chosen = override or (config.model_cache if config else None)
+    return Path(chosen) if chosen else default_cache_dir()

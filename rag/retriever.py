@@ -23,7 +23,8 @@ from tierserve.core.telemetry import TelemetryConfig, extract, setup_telemetry, 
 from tierserve.rag.config import RagConfig
 from tierserve.rag.grounding import Grounding, grounding, sentences
 from tierserve.rag.metrics import RetrieverMetrics
-from tierserve.rag.store import IndexMismatch, IndexNotFound, IndexSnapshot, IndexStore
+from tierserve.rag.snapshot import IndexMismatch, IndexNotFound, IndexSnapshot
+from tierserve.rag.store import IndexStore
 from tierserve.rag.types import Hit, Retrieval, RetrievalQuery
 
 logger = logging.getLogger("tierserve.rag")

@@ -18,17 +18,14 @@ from tierserve.safety.injection import (
     EMBED_DTYPE,
     EMBED_TOKENS,
     ENTITY,
-    FEATURES,
     MAX_EMBEDDED,
     REPLACEMENT,
     SEGMENT_CHARS,
     InjectionGuard,
-    features,
-    fold,
     load_examples,
-    pattern_hits,
     segments,
 )
+from tierserve.safety.injection_patterns import FEATURES, features, fold, pattern_hits
 from tierserve.safety.types import Finding
 
 

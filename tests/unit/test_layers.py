@@ -45,3 +45,15 @@ def test_every_code_package_is_in_a_layer():
     layers = next(c["layers"] for c in linter["contracts"] if c["type"] == "layers")
     layered = {name.strip() for layer in layers for name in layer.split("|")}
     assert layered == code
+
+
+def test_no_module_over_500_lines():
+    """A module past 500 lines is usually two ideas (bench/ and tests/ aside)."""
+    packages = _pyproject()["tool"]["importlinter"]["root_packages"]
+    long = {
+        str(path.relative_to(ROOT)): n
+        for package in packages
+        for path in (ROOT / package.removeprefix("tierserve.")).glob("*.py")
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long

@@ -20,7 +20,8 @@ from tierserve.rag.grounding import grounding, lexical_support, sentences
 from tierserve.rag.ingest import bundled_corpus, ingest
 from tierserve.rag.loaders import load_documents, load_text
 from tierserve.rag.prompt import INSTRUCTION, augment_messages, augment_prompt, cited_numbers
-from tierserve.rag.store import IndexMismatch, IndexStore
+from tierserve.rag.snapshot import IndexMismatch
+from tierserve.rag.store import IndexStore
 from tierserve.rag.types import Hit
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_of

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tierserve.rag import snapshot as snapshot_module
 from tierserve.rag import store as store_module
 from tierserve.rag.config import IndexConfig
 from tierserve.rag.indexes import choose_type
-from tierserve.rag.store import IndexMismatch, IndexNotFound, IndexStore
+from tierserve.rag.snapshot import IndexMismatch, IndexNotFound
+from tierserve.rag.store import IndexStore
 from tierserve.rag.types import Chunk
 
 DIM = 32
@@ -166,7 +168,7 @@ def test_score_threshold_and_metadata_filters(store: IndexStore, monkeypatch: py
     assert [h.chunk_id for h in snap.search(query, 10, score_threshold=0.99)] == ["a.md#5"]
     # The ANN path with an id selector gives the same answer as the exact one.
     exact = [h.chunk_id for h in snap.search(query, 5, filters={"audience": "operator"})]
-    monkeypatch.setattr(store_module, "EXACT_FILTER_BELOW", 0)
+    monkeypatch.setattr(snapshot_module, "EXACT_FILTER_BELOW", 0)
     assert [h.chunk_id for h in snap.search(query, 5, filters={"audience": "operator"})] == exact
 
 
