@@ -15,7 +15,7 @@ dequantises the GGUF once into the model cache:
   written, and `verify_checkpoint` recomputes them.
 
 The dequantised weights are stored in float32, so the checkpoint holds exactly what the GGUF
-holds: rounding them to bfloat16 changed a greedy answer (docs/fidelity.md). A tier still
+holds: rounding them to bfloat16 changed a greedy answer (docs/benchmarks/fidelity.md). A tier still
 chooses the dtype it computes in (`engine.dtype`).
 """
 

@@ -52,7 +52,7 @@ TOP_K = 5
 TOLERANCE = 0.1
 """Nats: how far a served top-k logprob may be from the reference's (a probability within about
 10%). Float32 kernels stay within 1e-4 of the reference; bfloat16 moved them by up to 0.28 and
-changed half the answers (docs/fidelity.md)."""
+changed half the answers (docs/benchmarks/fidelity.md)."""
 
 
 @dataclass

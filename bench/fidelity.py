@@ -13,7 +13,7 @@ Then, for the checkpoint's storage: the GGUF model (dequantised, float32) agains
 weights rounded to each storage dtype and computed in float32 (transformers, in memory), with
 the same check (`--no-storage` skips it).
 
-Prints the tables and writes them to docs/fidelity.md (sections `fidelity`, `storage`).
+Prints the tables and writes them to docs/benchmarks/fidelity.md (sections `fidelity`, `storage`).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> int:
             f"engine against the checkpoint in transformers float32, {len(ref.prompts)} prompts, "
             f"{fidelity.MAX_TOKENS} tokens greedy):\n\n"
         )
-        replace_section(REPO / "docs" / "fidelity.md", "fidelity", head + text)
+        replace_section(REPO / "docs" / "benchmarks" / "fidelity.md", "fidelity", head + text)
     return 0 if args.no_storage else write_storage(args.no_write)
 
 
@@ -186,7 +186,7 @@ def write_storage(no_write: bool) -> int:
             "dequantised in float32, against its weights rounded to each dtype, both computed in float32 in "
             "transformers):\n\n"
         )
-        replace_section(REPO / "docs" / "fidelity.md", "storage", head + text)
+        replace_section(REPO / "docs" / "benchmarks" / "fidelity.md", "storage", head + text)
     return 0
 
 

@@ -15,7 +15,7 @@ classifier's time levels off instead.
 
     .venv/bin/python bench/guard_adversarial.py [--write]
 
-Prints a markdown table; --write also writes it to docs/guard-adversarial.md.
+Prints a markdown table; --write also writes it to docs/benchmarks/guard-adversarial.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def cpu_ms(check: Callable[[str], object], text: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="also write docs/guard-adversarial.md")
+    parser.add_argument("--write", action="store_true", help="also write docs/benchmarks/guard-adversarial.md")
     args = parser.parse_args()
 
     import torch
@@ -96,8 +96,8 @@ spaced digits, addresses), where libphonenumber's matcher tries every candidate 
 regions.
 
 """
-    (REPO / "docs" / "guard-adversarial.md").write_text(header + body + "\n")
-    print("written to docs/guard-adversarial.md")
+    (REPO / "docs" / "benchmarks" / "guard-adversarial.md").write_text(header + body + "\n")
+    print("written to docs/benchmarks/guard-adversarial.md")
     return 0
 
 

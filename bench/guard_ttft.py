@@ -18,7 +18,7 @@ hits all three alike. TTFT is measured by the client: request sent to first cont
 
     .venv/bin/python bench/guard_ttft.py [--requests 40] [--no-write]
 
-Prints a table and writes docs/guard-ttft.md.
+Prints a table and writes docs/benchmarks/guard-ttft.md.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ How it is measured is in the script's docstring: three apps of one SmolLM2-135M 
 with a 1 KB user turn, one at a time, rotating over the apps; TTFT from the client.
 
 """
-    (REPO / "docs" / "guard-ttft.md").write_text(header + body + "\n")
-    print("written to docs/guard-ttft.md")
+    (REPO / "docs" / "benchmarks" / "guard-ttft.md").write_text(header + body + "\n")
+    print("written to docs/benchmarks/guard-ttft.md")
     return 0
 
 

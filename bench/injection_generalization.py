@@ -195,7 +195,7 @@ def main() -> int:
         return 0
     command = " ".join([".venv/bin/python", "bench/injection_generalization.py", *sys.argv[1:]])
     sizes = ", ".join(f"{name} {len(q)}" for name, q in texts.items())
-    doc = REPO / "docs" / "injection-generalization.md"
+    doc = REPO / "docs" / "benchmarks" / "injection-generalization.md"
     doc.write_text(
         f"""# The injection guard on texts tierserve did not write
 

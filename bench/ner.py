@@ -164,7 +164,7 @@ def main() -> int:
     if args.no_write:
         return 0
     command = " ".join([".venv/bin/python", "bench/ner.py", *sys.argv[1:]])
-    doc = REPO / "docs" / "ner-benchmark.md"
+    doc = REPO / "docs" / "benchmarks" / "ner-benchmark.md"
     doc.write_text(
         f"""# Names and places: spaCy NER in the PII guard
 

@@ -17,7 +17,7 @@ recall per FAISS index type at 10k, 100k and 1M chunks.
 
     .venv/bin/python bench/rag.py [--sizes 10000,100000,1000000] [--types flat,hnsw,ivf_flat,ivf_pq] [--no-write]
 
-Prints the tables and writes them to docs/rag-benchmark.md.
+Prints the tables and writes them to docs/benchmarks/rag-benchmark.md.
 """
 
 from __future__ import annotations
@@ -298,8 +298,8 @@ Index parameters are the defaults of `rag.index` (HNSW M=32, efConstruction 80, 
 IVF sqrt(n) lists, nprobe 64; PQ 48 sub-quantizers of 8 bits, top 4k re-scored exactly).
 
 """
-    (REPO / "docs" / "rag-benchmark.md").write_text(header + body + "\n")
-    print("written to docs/rag-benchmark.md")
+    (REPO / "docs" / "benchmarks" / "rag-benchmark.md").write_text(header + body + "\n")
+    print("written to docs/benchmarks/rag-benchmark.md")
     return 0
 
 

@@ -201,7 +201,7 @@ def main() -> int:
         return 0
     command = " ".join([".venv/bin/python", "bench/routing_generalization.py", *sys.argv[1:]])
     sizes = ", ".join(f"{name} {len(q)}" for name, q in public.items())
-    doc = REPO / "docs" / "routing-generalization.md"
+    doc = REPO / "docs" / "benchmarks" / "routing-generalization.md"
     doc.write_text(
         f"""# Routing on prompts tierserve did not write
 

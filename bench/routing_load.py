@@ -12,7 +12,7 @@ issue's goal is the router holding that at twice what the fast tier alone sustai
 A request meets its SLO when it succeeds with time to first token and time per output token
 (both measured by the client) within its class's budget; a shed (429) or failed request does
 not. The series runs once per engine scheduling policy (`--policies`, default fcfs then priority,
-the shipped one). Prints a table and writes docs/routing-load.md.
+the shipped one). Prints a table and writes docs/benchmarks/routing-load.md.
 
     .venv/bin/python bench/routing_load.py [--rates 3,5,7,9] [--duration-s 60] [--policies fcfs,priority]
 """
@@ -293,7 +293,7 @@ Kept >= 95% within budget up to ({held}), of the rates tried. The load generator
 same two cores as both engines and the Serve processes; runs on this machine vary by tens of
 percent from one run to the next, so compare rows of one rate within this run.
 """
-    path = REPO / "docs" / "routing-load.md"
+    path = REPO / "docs" / "benchmarks" / "routing-load.md"
     path.write_text(doc)
     print(f"wrote {path.relative_to(REPO)}")
 

@@ -7,7 +7,7 @@ strong tier: the share of prompts sent to the strong tier, the share of hard pro
 it (recall), and the share of easy prompts sent there for nothing; then the ROC-AUC of each
 score, and the cost of scoring one prompt at a time on one thread, as the ingress does:
 p50 and p99 over the held-out prompts, heuristic only and with the embedding. The same is
-written to docs/routing-quality.md.
+written to docs/benchmarks/routing-quality.md.
 
     .venv/bin/python bench/routing_quality.py [--repeats 3] [--no-write]
 """
@@ -148,7 +148,7 @@ def main() -> None:
         if load > 1.0
         else ""
     )
-    doc = REPO / "docs" / "routing-quality.md"
+    doc = REPO / "docs" / "benchmarks" / "routing-quality.md"
     doc.write_text(
         f"""# Routing quality of the complexity score
 

@@ -14,11 +14,11 @@ guard cost per 1 KB, and what output redaction adds to time to first token.
    guard the first token is sent at once; with it, the first text goes out after the tokens it
    holds back (an unfinished word) plus the guard's compute. Added TTFT in ms = held tokens x
    TPOT + compute, for the TPOT given (default 17.2 ms: tierserve's TPOT at concurrency 1 in
-   docs/benchmarks.md; pass yours with --tpot-ms).
+   docs/benchmarks/serving.md; pass yours with --tpot-ms).
 
     .venv/bin/python bench/safety.py [--tpot-ms 17.2] [--no-write]
 
-Prints the tables and writes them to docs/safety-benchmark.md.
+Prints the tables and writes them to docs/benchmarks/safety-benchmark.md.
 """
 
 from __future__ import annotations
@@ -290,8 +290,8 @@ Written by `bench/safety.py` (`.venv/bin/python bench/safety.py --tpot-ms {args.
 (one thread). How each part is measured is in the script's docstring.
 
 """
-    (REPO / "docs" / "safety-benchmark.md").write_text(header + body + "\n")
-    print("written to docs/safety-benchmark.md")
+    (REPO / "docs" / "benchmarks" / "safety-benchmark.md").write_text(header + body + "\n")
+    print("written to docs/benchmarks/safety-benchmark.md")
     return 0
 
 

@@ -4,7 +4,7 @@ All four serve the same prepared SmolLM2-135M-Instruct checkpoint with the same 
 one system at a time on the same machine, driven by the same load generator: chat requests
 with greedy decoding and `ignore_eos`, so every request produces exactly `--max-tokens` tokens.
 For each system and concurrency it reports TTFT p50/p95, inter-chunk latency p50/p95, time per
-output token (TPOT) and output tokens/s, prints a table and writes it to docs/benchmarks.md.
+output token (TPOT) and output tokens/s, prints a table and writes it to docs/benchmarks/serving.md.
 
     make bench                       # or: .venv/bin/python bench/serving.py [--systems ...]
 """
@@ -399,7 +399,7 @@ def cpu_table(results: list[Result]) -> str:
 
 
 def write_doc(results: list[Result], args: argparse.Namespace) -> Path:
-    doc = REPO / "docs" / "benchmarks.md"
+    doc = REPO / "docs" / "benchmarks" / "serving.md"
     header = f"""# Serving benchmark
 
 Measured by `python bench/serving.py` (`make bench`) on {time.strftime("%Y-%m-%d")}, {platform.machine()},
@@ -431,7 +431,7 @@ the run.
   have: the tier replica to the ingress (a streaming DeploymentHandle; the tier sends its first
   chunk at once and afterwards whatever piled up, merged per choice) and the ingress to Serve's
   HTTP proxy. Each hop is a Python process doing per-chunk work; `bench/ttft_breakdown.py`
-  measures what each entry point adds to TTFT (docs/ttft-breakdown.md).
+  measures what each entry point adds to TTFT (docs/benchmarks/ttft-breakdown.md).
 - On this 2-core machine vLLM pins its model worker to one core and keeps the other for the
   frontend; the engine-core process busy-polls the worker, and every serving process (proxy,
   replicas, API server) and the load generator share what is left. The CPU table shows how

@@ -314,7 +314,7 @@ def main() -> None:
     print(result)
     if args.no_write:
         return
-    doc = REPO / "docs" / "speculation-benchmark.md"
+    doc = REPO / "docs" / "benchmarks" / "speculation-benchmark.md"
     doc.write_text(
         f"""# Speculative decoding benchmark
 

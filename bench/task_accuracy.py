@@ -17,7 +17,7 @@ greedy, `--max-tokens` tokens, and reports accuracy with a 95% Wilson interval.
 
     .venv/bin/python bench/task_accuracy.py [--run small:float32 ...] [--max-tokens 32] [--no-write]
 
-Prints a table and writes it to docs/fidelity.md (section `task-accuracy`).
+Prints a table and writes it to docs/benchmarks/fidelity.md (section `task-accuracy`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main() -> int:
             f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {psutil.cpu_count()} cores; greedy, "
             f"{args.max_tokens} tokens, every question at once):\n\n"
         )
-        replace_section(REPO / "docs" / "fidelity.md", "task-accuracy", head + text)
+        replace_section(REPO / "docs" / "benchmarks" / "fidelity.md", "task-accuracy", head + text)
     return 0
 
 

@@ -13,7 +13,7 @@ receiver in another process that discards the spans included) per generated toke
 - a span per token.
 
 From the extra CPU per token over "off" it derives the token rate at which token spans would use
-3% of one core. Results go to docs/token-span-cost.md.
+3% of one core. Results go to docs/benchmarks/token-span-cost.md.
 
     .venv/bin/python bench/token_spans.py [--tokens 20000] [--no-write]
 """
@@ -121,7 +121,7 @@ def main() -> None:
     print(result)
     if args.no_write:
         return
-    doc = REPO / "docs" / "token-span-cost.md"
+    doc = REPO / "docs" / "benchmarks" / "token-span-cost.md"
     doc.write_text(
         f"""# Token span cost
 
@@ -136,8 +136,8 @@ spans included, every span exported) per token.
 {result}
 
 The last column: how many tokens per second one replica can stream before the tracing work
-takes 3% of one core. Compare it with a tier's output rate (docs/tracing-benchmark.md,
-docs/benchmarks.md): above it, sample token spans (`token_spans: N`) or turn them off for that
+takes 3% of one core. Compare it with a tier's output rate (docs/benchmarks/tracing-benchmark.md,
+docs/benchmarks/serving.md): above it, sample token spans (`token_spans: N`) or turn them off for that
 tier. See docs/telemetry.md.
 """
     )

@@ -12,7 +12,7 @@ engine bound to the same core (so only the tracing differs):
 
 Each round runs every variant, in rotated order, at concurrency 16 and 1 through Serve's HTTP
 proxy with the official OpenAI client (streaming, greedy, fixed output length); the table gives
-medians over rounds and ratios against `off`, and is written to docs/tracing-benchmark.md.
+medians over rounds and ratios against `off`, and is written to docs/benchmarks/tracing-benchmark.md.
 
     .venv/bin/python bench/tracing.py [--rounds 3] [--max-tokens 128] [--no-write]
 """
@@ -157,7 +157,7 @@ def main() -> None:
     print(result)
     if args.no_write:
         return
-    doc = REPO / "docs" / "tracing-benchmark.md"
+    doc = REPO / "docs" / "benchmarks" / "tracing-benchmark.md"
     doc.write_text(
         f"""# Tracing overhead benchmark
 

@@ -7,7 +7,7 @@ one at a time, through three entry points, alternating rounds so drift hits all 
 * ingress handle - DeploymentHandle to the ingress (adds the ingress and its hop to the tier)
 * HTTP          - Serve's HTTP proxy (adds HTTP parsing and the proxy's hop to the ingress)
 
-Prints a table and writes docs/ttft-breakdown.md.
+Prints a table and writes docs/benchmarks/ttft-breakdown.md.
 
     .venv/bin/python bench/ttft_breakdown.py [--rounds 2] [--requests 25]
 """
@@ -111,7 +111,7 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if not args.no_write:
-        doc = REPO / "docs" / "ttft-breakdown.md"
+        doc = REPO / "docs" / "benchmarks" / "ttft-breakdown.md"
         doc.write_text(
             f"# Time to first token by entry point\n\nMeasured by `python bench/ttft_breakdown.py` on "
             f"{time.strftime('%Y-%m-%d')}: the embedded app (configs/local.yaml), one request at a time, "

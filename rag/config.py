@@ -48,7 +48,7 @@ class IndexConfig(BaseModel):
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_construction: int = Field(80, ge=8)
     hnsw_ef_search: int = Field(256, ge=1)
-    """Candidates HNSW keeps while searching: recall for time (docs/rag-benchmark.md)."""
+    """Candidates HNSW keeps while searching: recall for time (docs/benchmarks/rag-benchmark.md)."""
     ivf_nlist: int | None = Field(None, ge=1)
     """Inverted lists; None: about sqrt(chunks)."""
     ivf_nprobe: int = Field(64, ge=1)

@@ -18,7 +18,7 @@ Two scorers, both cheap enough to run in the ingress on every request:
   ships in `configs/complexity/prompts.jsonl` ("hard": a 135M-parameter chat model would likely
   fail it) and cached in a directory the caller names, keyed by the dataset and embedder. It
   costs one embedding per request (~15 ms for a short prompt on one CPU thread), and it separates
-  held-out prompts better: docs/routing-quality.md.
+  held-out prompts better: docs/benchmarks/routing-quality.md.
 
 Plain code with no Ray: the router holds a `ComplexityScorer`; tests and `bench/routing_quality.py`
 use the same one.
@@ -85,7 +85,7 @@ def load_prompts(path: Path | None = None, split: str | None = None) -> list[Lab
 EMBED_CHARS = 192
 """Characters of a prompt the embedder sees by default: about the 48 tokens the router's
 embedder reads (`ComplexityConfig.embed_tokens`), which keeps a decision near 10 ms on one CPU
-thread (docs/routing-quality.md)."""
+thread (docs/benchmarks/routing-quality.md)."""
 
 
 class ComplexityClassifier(EmbeddingClassifier):

@@ -24,7 +24,7 @@ class RequestLimits(BaseModel):
     max_prompt_chars: int = Field(131_072, ge=1)
     """Characters of a request's text: all its messages' contents together, or the prompt. The
     default holds a 32k-token context of English; the input guards' time grows with it
-    (docs/guard-adversarial.md), so set it near the largest tier's context."""
+    (docs/benchmarks/guard-adversarial.md), so set it near the largest tier's context."""
     max_prompt_token_ids: int = Field(131_072, ge=1)
     """Token ids of a completion prompt given as ids."""
     max_stop: int = Field(16, ge=0)
@@ -120,7 +120,7 @@ class ComplexityConfig(BaseModel):
     """Sentence-transformers model for `classifier`: a local path; default all-MiniLM-L6-v2."""
     embed_tokens: int = Field(48, ge=8, le=512)
     """Tokens of the prompt the embedder reads (its start and end; the cheap features read all
-    of it): the embedding's cost grows with it (docs/routing-quality.md)."""
+    of it): the embedding's cost grows with it (docs/benchmarks/routing-quality.md)."""
     embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """The embedder's weights: bfloat16 is about twice as fast on CPUs with bf16 instructions."""
 

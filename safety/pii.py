@@ -11,7 +11,7 @@ ever: the e-mail check reads tldextract's bundled public-suffix snapshot, and a 
 model must already be installed.
 
 Every step takes time linear in the text, crafted or not (tests/unit/test_guard_linear.py,
-docs/guard-adversarial.md): the patterns here bound their lookaheads and repeats by the longest
+docs/benchmarks/guard-adversarial.md): the patterns here bound their lookaheads and repeats by the longest
 match they can make, overlapping findings are resolved by bisection, and
 `tierserve.safety.presidio` bounds spaCy's tokenizer and Presidio's context enhancer.
 libphonenumber's matcher (seven regions, each a pass over the text) stays the costliest step on
@@ -123,7 +123,7 @@ class PhoneNumberRecognizer(PhoneRecognizer):
     a valid German number grouped otherwise), and it is written with separators or a country
     code (a bare run of ten digits is as often an order or account number). The other digit runs
     a text holds (quantities, dates, cards and IBANs that fail their checksums) are seldom valid
-    and so grouped (docs/safety-benchmark.md); they stay at 0.4 and need a context word, as
+    and so grouped (docs/benchmarks/safety-benchmark.md); they stay at 0.4 and need a context word, as
     before. The grouping check re-reads only the matched characters."""
 
     GROUPED_SCORE = 0.6
