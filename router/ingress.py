@@ -334,22 +334,24 @@ class Ingress:
         headers: Any,
     ) -> Response:
         """SSE for `stream: true` (opened before any header goes out, so errors before the
-        first token are plain HTTP errors), else JSON; routing facts in the headers."""
+        first token are plain HTTP errors), else JSON; routing facts in the headers. The request
+        headers may set the SLA fields the body did not (`with_headers`)."""
         self._ensure_polling()
+        body = body.with_headers(headers)
         if body.stream:
-            routed, stream = await self.pipeline.stream(body, formatter, span, headers)
+            routed, stream = await self.pipeline.stream(body, formatter, span)
             return StreamingResponse(sse(stream), media_type="text/event-stream", headers=routed.headers())
-        routed, whole = await self.pipeline.whole(body, formatter, span, headers)
+        routed, whole = await self.pipeline.whole(body, formatter, span)
         return JSONResponse(whole.model_dump(exclude_unset=True), headers=routed.headers())
 
     async def _stream(
         self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span
     ) -> AsyncIterator[list[BaseModel]]:
         self._ensure_polling()
-        return (await self.pipeline.stream(body, formatter, span, None))[1]
+        return (await self.pipeline.stream(body, formatter, span))[1]
 
     async def _whole(
         self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span
     ) -> BaseModel:
         self._ensure_polling()
-        return (await self.pipeline.whole(body, formatter, span, None))[1]
+        return (await self.pipeline.whole(body, formatter, span))[1]

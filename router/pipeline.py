@@ -88,11 +88,10 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-        headers: Any,
     ) -> tuple[Routed, AsyncIterator[list[BaseModel]]]:
         """The request routed, and its answer as a stream of lists of OpenAI objects (the last
         object carries the `tierserve` field). Errors before the first token raise here."""
-        opened = await self._open(body, formatter, span, headers)
+        opened = await self._open(body, formatter, span)
         routed, retrieved = opened.routed, opened.retrieved
         fmt = formatter(opened.rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
 
@@ -116,11 +115,10 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-        headers: Any,
     ) -> tuple[Routed, BaseModel]:
         """The request routed, and its whole answer folded from the stream, with the `tierserve`
         field."""
-        opened = await self._open(body, formatter, span, headers)
+        opened = await self._open(body, formatter, span)
         routed, rid = opened.routed, opened.rid
         built = CompletionBuilder(body.n)
         async for batch in opened.batches:
@@ -133,12 +131,12 @@ class Pipeline:
         return routed, whole
 
     async def _plan(
-        self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, headers: Any, extra_tokens: int = 0
+        self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, extra_tokens: int = 0
     ) -> Routed:
         """Where the request may go, recorded on its span and in the metrics; shed at once if
         nowhere."""
         named = None if body.model == AUTO else self.directory.resolve(body.model)
-        routed = await self.router.plan(body, named, headers, extra_tokens)
+        routed = await self.router.plan(body, named, extra_tokens)
         decision = routed.decision
         route_span(span, body.model, routed)
         if not decision.choices:
@@ -152,7 +150,6 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-        headers: Any = None,
     ) -> Opened:
         """Route the request, guard its text, retrieve its passages if it uses retrieval (and
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
@@ -162,7 +159,7 @@ class Pipeline:
         # Routed first, so an overloaded service sheds at once, before guards and retrieval;
         # the passages' tokens are counted at their most (top_k full chunks) for the context check.
         passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
-        routed = await self._plan(body, span, headers, passage_tokens)
+        routed = await self._plan(body, span, passage_tokens)
         try:
             return await self._guarded_open(body, formatter, span, routed, options, report)
         finally:

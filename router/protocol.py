@@ -8,6 +8,8 @@ fields tierserve understands but cannot honour are refused with a 400 naming the
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,6 +42,23 @@ TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 _REQUEST_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 """Unknown fields are ignored (as OpenAI-compatible servers do); `1e999` and NaN are refused."""
+
+
+SLA_CLASS_HEADER = "x-sla-class"
+SLO_TTFT_HEADER = "x-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-slo-tpot-ms"
+"""HTTP headers that set `sla_class`, `slo_ttft_ms` and `slo_tpot_ms` when the body does not."""
+
+
+def _milliseconds(raw: str, header: str) -> float:
+    """A budget header's value: a positive, finite number of milliseconds, at most 1e9 (as the body's)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"header {header} must be a number of milliseconds, got {raw[:32]!r}", header) from None
+    if not math.isfinite(value) or not 0 < value <= 1e9:
+        raise InvalidRequest(f"header {header} must be a positive number of milliseconds, at most 1e9", header)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -100,6 +119,19 @@ class _SamplingFields(BaseModel):
     retrieval: bool | RetrievalOptions | None = None
     """Answer from an index's passages (docs/rag.md): `true` for the configured defaults, or
     `{index, top_k, score_threshold, filters}`; `false` turns off the route's default."""
+
+    def with_headers(self, headers: Mapping[str, str]) -> Any:
+        """This request with the SLA fields the body left unset taken from the HTTP headers
+        (`SLA_CLASS_HEADER`, `SLO_TTFT_HEADER`, `SLO_TPOT_HEADER`); a bad header is a 400 naming it."""
+        update: dict[str, Any] = {}
+        if self.sla_class is None and (raw := headers.get(SLA_CLASS_HEADER)) is not None:
+            if len(raw) > 64:
+                raise InvalidRequest(f"header {SLA_CLASS_HEADER} is longer than 64 characters", SLA_CLASS_HEADER)
+            update["sla_class"] = raw
+        for field, header in (("slo_ttft_ms", SLO_TTFT_HEADER), ("slo_tpot_ms", SLO_TPOT_HEADER)):
+            if getattr(self, field) is None and (raw := headers.get(header)) is not None:
+                update[field] = _milliseconds(raw, header)
+        return self.model_copy(update=update) if update else self
 
     @field_validator("retrieval", mode="before")
     @classmethod

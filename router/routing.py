@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,9 +36,6 @@ from tierserve.router.state import TierStates
 
 logger = logging.getLogger("tierserve.router")
 
-SLA_CLASS_HEADER = "x-sla-class"
-SLO_TTFT_HEADER = "x-slo-ttft-ms"
-SLO_TPOT_HEADER = "x-slo-tpot-ms"
 TIER_HEADER = "x-tierserve-tier"
 REASON_HEADER = "x-tierserve-route-reason"
 
@@ -130,19 +126,6 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _float_header(headers: Mapping[str, str], name: str) -> float | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"header {name} must be a number of milliseconds, got {raw!r}", name) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidRequest(f"header {name} must be a positive number of milliseconds", name)
-    return value
-
-
 class Router:
     """Per-ingress routing state: config, live tier views and the complexity scorer."""
 
@@ -182,14 +165,10 @@ class Router:
             base.priority if base else 0,
         )
 
-    def sla_of(self, body: Any, headers: Mapping[str, str] | None) -> Sla:
-        """The budget from the request body's extension fields, else its HTTP headers."""
-        headers = headers or {}
-        return self.sla(
-            body.sla_class or headers.get(SLA_CLASS_HEADER),
-            body.slo_ttft_ms if body.slo_ttft_ms is not None else _float_header(headers, SLO_TTFT_HEADER),
-            body.slo_tpot_ms if body.slo_tpot_ms is not None else _float_header(headers, SLO_TPOT_HEADER),
-        )
+    def sla_of(self, body: Any) -> Sla:
+        """The budget a parsed request asks for (its HTTP headers already applied:
+        `ChatCompletionRequest.with_headers`)."""
+        return self.sla(body.sla_class, body.slo_ttft_ms, body.slo_tpot_ms)
 
     async def complexity(self, text: str, turns: int) -> float | None:
         if self.scorer is None:
@@ -198,14 +177,12 @@ class Router:
             return self.scorer.score(text, turns).value
         return (await asyncio.to_thread(self.scorer.score, text, turns)).value
 
-    async def plan(
-        self, body: Any, named_tier: str | None, headers: Mapping[str, str] | None = None, extra_tokens: int = 0
-    ) -> Routed:
+    async def plan(self, body: Any, named_tier: str | None, extra_tokens: int = 0) -> Routed:
         """Budget, features and decision for one request (no choices: shed it, `rejection`).
         `extra_tokens`: prompt tokens added after routing (retrieved passages), for the
         context-length check; complexity is scored on the request's own text."""
         arrived = time.perf_counter()
-        sla = self.sla_of(body, headers)
+        sla = self.sla_of(body)
         text, turns = body.routing_text()
         prompt = getattr(body, "prompt", None)
         if isinstance(prompt, list):  # token ids

@@ -125,3 +125,31 @@ def test_malformed_json_error():
     ]
     error = validation_error(errors)
     assert error.code == "invalid_json" and "not valid JSON" in error.message
+
+
+def test_headers_set_the_sla_fields_the_body_left_unset():
+    body = ChatCompletionRequest(model="auto", messages=[{"role": "user", "content": "hi"}], slo_ttft_ms=500)
+    headers = {"x-sla-class": "interactive", "x-slo-ttft-ms": "9000", "x-slo-tpot-ms": "80.5"}
+    applied = body.with_headers(headers)
+    assert (applied.sla_class, applied.slo_ttft_ms, applied.slo_tpot_ms) == ("interactive", 500, 80.5)
+    assert body.slo_tpot_ms is None  # a copy; the body wins where it set a field
+    assert body.with_headers({}) is body
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("x-slo-ttft-ms", "fast"),
+        ("x-slo-ttft-ms", "0"),
+        ("x-slo-tpot-ms", "-3"),
+        ("x-slo-tpot-ms", "nan"),
+        ("x-slo-ttft-ms", "1e999"),
+        ("x-slo-ttft-ms", "2e9"),
+        ("x-sla-class", "x" * 65),
+    ],
+)
+def test_a_bad_budget_header_is_a_400_naming_it(header, value):
+    body = CompletionRequest(model="auto", prompt="hi")
+    with pytest.raises(InvalidRequest) as caught:
+        body.with_headers({header: value})
+    assert caught.value.param == header and caught.value.status_code == 400
