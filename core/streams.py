@@ -86,12 +86,11 @@ async def observed(
             if first:
                 first = False
                 watching = _notify(watching, "first", now - start)
-            for observer in watching:
+            for observer in watching:  # inline, not `_notify`: this runs once per token
                 try:
                     observer.item(item, now)
                 except Exception:
-                    watching = _notify(watching, "item", item, now, failed=observer)
-                    break
+                    watching = _without(watching, observer, "item")
             yield item
         outcome = Outcome.FINISHED
     except BaseException as exc:
@@ -101,23 +100,17 @@ async def observed(
         _notify(watching, "end", outcome, error if outcome is not Outcome.CANCELLED else None, clock() - start)
 
 
-def _notify(
-    observers: list[StreamObserver], hook: str, *args: object, failed: StreamObserver | None = None
-) -> list[StreamObserver]:
-    """Call `hook` on each observer; those that raise are logged and left out from then on.
-    `failed`: an observer that already raised in this call, whose turn it was: the ones after
-    it are still called (the per-item loop in `observed` stays a plain loop until one fails)."""
-    dropped = []
-    if failed is not None:
-        logger.exception("stream observer %s failed in %s; not observing this stream further", failed, hook)
-        dropped.append(failed)
-        todo = observers[observers.index(failed) + 1 :]
-    else:
-        todo = observers
-    for observer in todo:
+def _notify(observers: list[StreamObserver], hook: str, *args: object) -> list[StreamObserver]:
+    """Call `hook` on each observer; the observers still watching afterwards."""
+    for observer in observers:  # rebinding `observers` below leaves this loop on the old list
         try:
             getattr(observer, hook)(*args)
         except Exception:
-            logger.exception("stream observer %s failed in %s; not observing this stream further", observer, hook)
-            dropped.append(observer)
-    return [o for o in observers if o not in dropped] if dropped else observers
+            observers = _without(observers, observer, hook)
+    return observers
+
+
+def _without(observers: list[StreamObserver], failed: StreamObserver, hook: str) -> list[StreamObserver]:
+    """`observers` less `failed`, which raised in `hook` (logged, with the exception being handled)."""
+    logger.exception("stream observer %s failed in %s; not observing this stream further", failed, hook)
+    return [o for o in observers if o is not failed]
