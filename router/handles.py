@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import ray.exceptions
 from opentelemetry import trace
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from tierserve.actors.types import GenerateRequest, TokenChunk
@@ -34,9 +36,6 @@ def handle_error(
     full queue, `full_queue` (a 429 `Overloaded` by default) with the retry Serve proposes, else
     `retry_after_s`. Anything else comes back unwrapped: a bug, which the caller lets become a
     500. `service` names the callee in the message ("tier 'small'", "the retriever")."""
-    import ray.exceptions
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
     cause = unwrap_error(exc)
     if isinstance(cause, TierServeError):
         return cause

@@ -48,16 +48,21 @@ SLA_CLASS_HEADER = "x-sla-class"
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-slo-tpot-ms"
 """HTTP headers that set `sla_class`, `slo_ttft_ms` and `slo_tpot_ms` when the body does not."""
+MAX_SLA_CLASS_CHARS = 64
+MAX_BUDGET_MS = 1e9
+"""Bounds of the SLA fields, in the body and in the headers alike."""
 
 
 def _milliseconds(raw: str, header: str) -> float:
-    """A budget header's value: a positive, finite number of milliseconds, at most 1e9 (as the body's)."""
+    """A budget header's value: a positive, finite number of milliseconds, at most `MAX_BUDGET_MS`."""
     try:
         value = float(raw)
     except ValueError:
         raise InvalidRequest(f"header {header} must be a number of milliseconds, got {raw[:32]!r}", header) from None
-    if not math.isfinite(value) or not 0 < value <= 1e9:
-        raise InvalidRequest(f"header {header} must be a positive number of milliseconds, at most 1e9", header)
+    if not math.isfinite(value) or not 0 < value <= MAX_BUDGET_MS:
+        raise InvalidRequest(
+            f"header {header} must be a positive number of milliseconds, at most {MAX_BUDGET_MS:.0f}", header
+        )
     return value
 
 
@@ -110,11 +115,11 @@ class _SamplingFields(BaseModel):
     user: Text | None = Field(None, max_length=256)
     # tierserve's extensions (OpenAI clients send them with `extra_body`); the HTTP headers
     # x-sla-class, x-slo-ttft-ms and x-slo-tpot-ms set the same when the body does not.
-    sla_class: Text | None = Field(None, max_length=64)
+    sla_class: Text | None = Field(None, max_length=MAX_SLA_CLASS_CHARS)
     """A named latency budget from the config's `routing.sla_classes`."""
-    slo_ttft_ms: float | None = Field(None, gt=0, le=1e9)
+    slo_ttft_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
     """Time-to-first-token budget in milliseconds (overrides the class's)."""
-    slo_tpot_ms: float | None = Field(None, gt=0, le=1e9)
+    slo_tpot_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
     """Time-per-output-token budget in milliseconds (overrides the class's)."""
     retrieval: bool | RetrievalOptions | None = None
     """Answer from an index's passages (docs/rag.md): `true` for the configured defaults, or
@@ -125,8 +130,10 @@ class _SamplingFields(BaseModel):
         (`SLA_CLASS_HEADER`, `SLO_TTFT_HEADER`, `SLO_TPOT_HEADER`); a bad header is a 400 naming it."""
         update: dict[str, Any] = {}
         if self.sla_class is None and (raw := headers.get(SLA_CLASS_HEADER)) is not None:
-            if len(raw) > 64:
-                raise InvalidRequest(f"header {SLA_CLASS_HEADER} is longer than 64 characters", SLA_CLASS_HEADER)
+            if len(raw) > MAX_SLA_CLASS_CHARS:
+                raise InvalidRequest(
+                    f"header {SLA_CLASS_HEADER} is longer than {MAX_SLA_CLASS_CHARS} characters", SLA_CLASS_HEADER
+                )
             update["sla_class"] = raw
         for field, header in (("slo_ttft_ms", SLO_TTFT_HEADER), ("slo_tpot_ms", SLO_TPOT_HEADER)):
             if getattr(self, field) is None and (raw := headers.get(header)) is not None:
