@@ -158,7 +158,7 @@ ANSWERS = [
 
 
 def ttft(chain, tokenizer, tpot_ms: float, answers: list[str] = ANSWERS) -> list[dict]:
-    from tierserve.safety.streaming import StreamGuard
+    from tierserve.safety.chain import StreamGuard
 
     rows = []
     for answer in answers:

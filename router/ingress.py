@@ -339,10 +339,10 @@ class Ingress:
         self._ensure_polling()
         body = body.with_headers(headers)
         if body.stream:
-            routed, stream = await self.pipeline.stream(body, formatter, span)
-            return StreamingResponse(sse(stream), media_type="text/event-stream", headers=routed.headers())
-        routed, whole = await self.pipeline.whole(body, formatter, span)
-        return JSONResponse(whole.model_dump(exclude_unset=True), headers=routed.headers())
+            ctx, stream = await self.pipeline.stream(body, formatter, span)
+            return StreamingResponse(sse(stream), media_type="text/event-stream", headers=ctx.headers())
+        ctx, whole = await self.pipeline.whole(body, formatter, span)
+        return JSONResponse(whole.model_dump(exclude_unset=True), headers=ctx.headers())
 
     async def _stream(
         self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span

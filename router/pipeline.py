@@ -2,9 +2,10 @@
 
 Plain Python, no Ray Serve: the ingress (`tierserve.router.ingress`) hands it parsed requests
 from its HTTP routes and handle methods, and a function that starts a request on a tier (the
-deployment's handle call). In order, for one request:
+deployment's handle call). Each request's state is one `RequestContext`, which the steps'
+results fill in. In order, for one request:
 
-1. limits (`router/limits.py`), before anything is spent on it;
+1. limits (`check_limits` in `router/protocol.py`), before anything is spent on it;
 2. route (`Router.plan`): where it may go, its place reserved on the first choice, or shed at once;
 3. input guards (`SafetyStep.check_input`), which may keep checking while 4-5 run;
 4. retrieval (`RetrievalStep`), its passages guarded and added to the prompt;
@@ -27,10 +28,10 @@ from pydantic import BaseModel
 from tierserve.actors.types import GenerateRequest, TokenChunk
 from tierserve.core.errors import TierServeError
 from tierserve.core.streams import observed, outcome_of
+from tierserve.rag.config import RetrievalOptions
 from tierserve.router.config import IngressConfig
-from tierserve.router.limits import check_limits
 from tierserve.router.metrics import IngressMetrics
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, check_limits
 from tierserve.router.responses import ChatStreamFormatter, CompletionBuilder, StreamFormatter
 from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router
@@ -48,15 +49,40 @@ def new_request_id(prefix: str) -> str:
 
 
 @dataclasses.dataclass
-class Opened:
-    """A request on its way: where it went, its id, its (guarded) batches, what it retrieved
-    and what the guards did."""
+class RequestContext:
+    """One request from parse to last byte: the one per-request object the pipeline's steps
+    share. Its parts each have one writer: `routed` the router (`Router.plan`, `Router.open`),
+    `retrieved` the retrieval step, `safety` the guard step; the pipeline reads them all for
+    the response's headers and its `tierserve` field."""
 
-    routed: Routed
+    body: ChatCompletionRequest | CompletionRequest
+    formatter: type[StreamFormatter]
+    span: trace.Span
+    """The request's span: routing, guard and retrieval spans are its children, and the
+    tier's spans join its trace."""
     rid: str
-    batches: AsyncIterator[list[TokenChunk]]
-    retrieved: Retrieved | None
-    safety: SafetyReport
+    """The response's id (`chatcmpl-...`, `cmpl-...`)."""
+    routed: Routed | None = None
+    retrieval: RetrievalOptions | None = None
+    """The retrieval the request asked for (or its route's default); None: none."""
+    retrieved: Retrieved | None = None
+    safety: SafetyReport = dataclasses.field(default_factory=SafetyReport)
+    batches: AsyncIterator[list[TokenChunk]] | None = None
+    """The tier's batches, observed and guarded, once the request has started on a tier."""
+
+    @property
+    def chat(self) -> bool:
+        return self.formatter is ChatStreamFormatter
+
+    @property
+    def entry(self) -> str:
+        """The entry point, as metrics label it: `chat` or `completion`."""
+        return "chat" if self.chat else "completion"
+
+    def headers(self) -> dict[str, str]:
+        """What the response headers say about the request (its routing)."""
+        assert self.routed is not None
+        return self.routed.headers()
 
 
 class Pipeline:
@@ -88,16 +114,18 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-    ) -> tuple[Routed, AsyncIterator[list[BaseModel]]]:
-        """The request routed, and its answer as a stream of lists of OpenAI objects (the last
-        object carries the `tierserve` field). Errors before the first token raise here."""
-        opened = await self._open(body, formatter, span)
-        routed, retrieved = opened.routed, opened.retrieved
-        fmt = formatter(opened.rid, routed.tier or "", bool(body.stream_options and body.stream_options.include_usage))
+    ) -> tuple[RequestContext, AsyncIterator[list[BaseModel]]]:
+        """The request's context, and its answer as a stream of lists of OpenAI objects (the
+        last object carries the `tierserve` field). Errors before the first token raise here."""
+        ctx = await self._open(body, formatter, span)
+        routed, retrieved, batches = ctx.routed, ctx.retrieved, ctx.batches
+        assert routed is not None and batches is not None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = formatter(ctx.rid, routed.tier or "", include_usage)
 
         async def formatted() -> AsyncIterator[list[BaseModel]]:
             answer: list[str] = []  # the first choice's text, for grounding
-            async for batch in opened.batches:
+            async for batch in batches:
                 items = [item for chunk in batch for item in fmt.format(chunk)]
                 if retrieved is not None:
                     answer += [chunk.text for chunk in batch if chunk.index == 0]
@@ -105,40 +133,44 @@ class Pipeline:
                 if items and last:
                     if retrieved is not None:
                         await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
-                    items[-1].tierserve = self._extension(opened)
+                    items[-1].tierserve = self._extension(ctx)
                 yield items
 
-        return routed, formatted()
+        return ctx, formatted()
 
     async def whole(
         self,
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-    ) -> tuple[Routed, BaseModel]:
-        """The request routed, and its whole answer folded from the stream, with the `tierserve`
-        field."""
-        opened = await self._open(body, formatter, span)
-        routed, rid = opened.routed, opened.rid
+    ) -> tuple[RequestContext, BaseModel]:
+        """The request's context, and its whole answer folded from the stream, with the
+        `tierserve` field."""
+        ctx = await self._open(body, formatter, span)
+        routed, batches = ctx.routed, ctx.batches
+        assert routed is not None and batches is not None
         built = CompletionBuilder(body.n)
-        async for batch in opened.batches:
+        async for batch in batches:
             for chunk in batch:
                 built.add(chunk)
-        whole = built.chat(rid, routed.tier) if formatter is ChatStreamFormatter else built.completion(rid, routed.tier)
-        if opened.retrieved is not None:
-            await self.retrieval.ground(opened.retrieved, "".join(built.texts[0]), routed.tier)
-        whole.tierserve = self._extension(opened)
-        return routed, whole
+        whole = built.chat(ctx.rid, routed.tier) if ctx.chat else built.completion(ctx.rid, routed.tier)
+        if ctx.retrieved is not None:
+            await self.retrieval.ground(ctx.retrieved, "".join(built.texts[0]), routed.tier)
+        whole.tierserve = self._extension(ctx)
+        return ctx, whole
 
-    async def _plan(
-        self, body: ChatCompletionRequest | CompletionRequest, span: trace.Span, extra_tokens: int = 0
-    ) -> Routed:
+    async def _plan(self, ctx: RequestContext) -> Routed:
         """Where the request may go, recorded on its span and in the metrics; shed at once if
-        nowhere."""
+        nowhere. The passages retrieval may add are counted at their most (top_k full chunks)
+        for the context-length check."""
+        body = ctx.body
+        passage_tokens = 0
+        if ctx.retrieval is not None:
+            passage_tokens = (ctx.retrieval.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40)
         named = None if body.model == AUTO else self.directory.resolve(body.model)
-        routed = await self.router.plan(body, named, extra_tokens)
+        routed = await self.router.plan(body, named, passage_tokens)
         decision = routed.decision
-        route_span(span, body.model, routed)
+        route_span(ctx.span, body.model, routed)
         if not decision.choices:
             self.metrics.rejected(decision.reason, routed.sla.name)
             raise self.router.rejection(decision)
@@ -150,51 +182,42 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
-    ) -> Opened:
+    ) -> RequestContext:
         """Route the request, guard its text, retrieve its passages if it uses retrieval (and
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
         check_limits(body, self.config.limits)  # before anything is spent on the request
-        report = SafetyReport()
-        options = self.retrieval.options(body, "chat" if formatter is ChatStreamFormatter else "completions")
-        # Routed first, so an overloaded service sheds at once, before guards and retrieval;
-        # the passages' tokens are counted at their most (top_k full chunks) for the context check.
-        passage_tokens = (options.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40) if options else 0
-        routed = await self._plan(body, span, passage_tokens)
+        ctx = RequestContext(body, formatter, span, self.request_id(formatter.id_prefix))
+        ctx.retrieval = self.retrieval.options(body, "chat" if ctx.chat else "completions")
+        # Routed first, so an overloaded service sheds at once, before guards and retrieval.
+        ctx.routed = await self._plan(ctx)
         try:
-            return await self._guarded_open(body, formatter, span, routed, options, report)
+            await self._start(ctx)
         finally:
-            self.router.release(routed)  # the place `plan` held, if the request never started
+            self.router.release(ctx.routed)  # the place `plan` held, if the request never started
+        return ctx
 
-    async def _guarded_open(
-        self,
-        body: ChatCompletionRequest | CompletionRequest,
-        formatter: type[StreamFormatter],
-        span: trace.Span,
-        routed: Routed,
-        options: Any,
-        report: SafetyReport,
-    ) -> Opened:
+    async def _start(self, ctx: RequestContext) -> None:
         """`_open` once routed: input guards, retrieval, and the tier's first tokens."""
+        body, span, routed = ctx.body, ctx.span, ctx.routed
+        assert routed is not None
         # The guards that only refuse keep checking while retrieval and prefill run; the
         # first token waits for them (`ready` below).
-        guarded = await self.safety.check_input(body, report, span)
+        guarded = await self.safety.check_input(body, ctx.safety, span)
         try:
-            question = question_of(body, guarded.texts) if options is not None else ""
-            rid = self.request_id(formatter.id_prefix)
-            request = self.safety.apply_input(body.to_generate(rid), guarded)
+            request = self.safety.apply_input(body.to_generate(ctx.rid), guarded)
             request.priority = routed.sla.priority
-            retrieved = None
-            if options is not None:
-                retrieved = await self.retrieval.retrieve(options, question, span)
-                retrieved.result.hits = await self.safety.check_retrieved(retrieved.result.hits, report, span)
-                request = self.retrieval.augment(request, retrieved)
-            entry = "chat" if request.messages is not None else "completion"
+            if ctx.retrieval is not None:
+                question = question_of(body, guarded.texts)
+                ctx.retrieved = await self.retrieval.retrieve(ctx.retrieval, question, span)
+                hits = await self.safety.check_retrieved(ctx.retrieved.result.hits, ctx.safety, span)
+                ctx.retrieved.result.hits = hits
+                request = self.retrieval.augment(request, ctx.retrieved)
             try:
                 start = lambda tier: self.start_tier(tier, request, span)  # noqa: E731
                 batches = await self.router.open(routed, start, guarded.passed)
             except TierServeError as exc:
                 if not isinstance(exc, ContentBlocked):
-                    self.metrics.finished(routed, entry, outcome_of(exc))
+                    self.metrics.finished(routed, ctx.entry, outcome_of(exc))
                 raise
             finally:
                 for tier, code in routed.tried:
@@ -206,16 +229,16 @@ class Pipeline:
         finally:
             guarded.cancel()
         span.set_attribute("tierserve.tier", routed.tier or "")
-        watched = observed(batches, [self.metrics.request(routed, entry, self.router.cost)], started=routed.arrived)
-        guarded_batches = self.safety.guard_output(watched, report, span)
-        return Opened(routed, rid, guarded_batches, retrieved, report)
+        watched = observed(batches, [self.metrics.request(routed, ctx.entry, self.router.cost)], started=routed.arrived)
+        ctx.batches = self.safety.guard_output(watched, ctx.safety, span)
 
-    def _extension(self, opened: Opened) -> dict[str, Any]:
+    def _extension(self, ctx: RequestContext) -> dict[str, Any]:
         """The response's `tierserve` field: routing facts, and retrieval's and the guards'
         when they ran."""
-        extension = opened.routed.extension()
-        if opened.retrieved is not None:
-            extension["retrieval"] = opened.retrieved.extension()
+        assert ctx.routed is not None
+        extension = ctx.routed.extension()
+        if ctx.retrieved is not None:
+            extension["retrieval"] = ctx.retrieved.extension()
         if self.safety.chain is not None:
-            extension["safety"] = opened.safety.extension()
+            extension["safety"] = ctx.safety.extension()
         return extension

@@ -1,4 +1,4 @@
-"""OpenAI request models and the mapping from them to a tier's `GenerateRequest`.
+"""OpenAI request models, the request limits, and the mapping to a tier's `GenerateRequest`.
 
 Requests are validated here, so that bad input becomes a precise 400 before any tier is asked.
 Responses use the `openai` package's own pydantic models, which keeps their shape identical to
@@ -15,10 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tierserve.actors.types import GenerateRequest, SamplingOptions
-from tierserve.core.errors import InvalidRequest
+from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.core.types import ChatMessage
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import INT64_MAX, INT64_MIN
+from tierserve.router.config import RequestLimits
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -318,3 +319,77 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
             f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json"
         )
     return InvalidRequest(f"{param or 'body'}: {message}" if param else message, param or None)
+
+
+# Request limits (OWASP LLM10, unbounded consumption): what one request may ask for. The
+# pipeline calls `check_limits` on every parsed request before routing, guards, retrieval or
+# tokenization spend anything on it; the body's size is checked earlier still, as it arrives
+# (`tierserve.router.http.BodyLimit`). Each refusal names the limit (its config key under
+# `ingress.limits`) and the field that broke it.
+
+
+class LimitExceeded(InvalidRequest):
+    """A request over one of `ingress.limits` (400)."""
+
+    default_code = "limit_exceeded"
+
+
+class BodyTooLarge(TierServeError):
+    """An HTTP body over `ingress.limits.max_body_bytes` (413)."""
+
+    status_code = 413
+    default_code = "request_too_large"
+
+
+def body_too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the request body is over ingress.limits.max_body_bytes ({limit} bytes)")
+
+
+def _over(what: str, count: int, limit: int, key: str, param: str) -> LimitExceeded:
+    return LimitExceeded(f"{what} is {count}, over ingress.limits.{key} ({limit})", param)
+
+
+def check_limits(body: Any, limits: RequestLimits) -> None:
+    """Raise `LimitExceeded` for the first limit `body` (a chat or completion request) breaks,
+    then its cross-field checks (`check_fields`)."""
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        if len(messages) > limits.max_messages:
+            raise _over("the number of messages", len(messages), limits.max_messages, "max_messages", "messages")
+        chars = 0
+        for i, message in enumerate(messages):
+            chars += len(message.text())
+            if chars > limits.max_prompt_chars:
+                raise _over(
+                    "the messages' length in characters",
+                    chars,
+                    limits.max_prompt_chars,
+                    "max_prompt_chars",
+                    f"messages.{i}.content",
+                )
+    else:
+        prompt = body.prompt
+        if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
+            raise _over(
+                "the prompt's length in characters", len(prompt), limits.max_prompt_chars, "max_prompt_chars", "prompt"
+            )
+        if isinstance(prompt, list) and len(prompt) > limits.max_prompt_token_ids:
+            raise _over(
+                "the prompt's length in token ids",
+                len(prompt),
+                limits.max_prompt_token_ids,
+                "max_prompt_token_ids",
+                "prompt",
+            )
+    stop = body.stop or []
+    if len(stop) > limits.max_stop:
+        raise _over("the number of stop sequences", len(stop), limits.max_stop, "max_stop", "stop")
+    for i, sequence in enumerate(stop):
+        if len(sequence) > limits.max_stop_chars:
+            raise _over("a stop sequence's length", len(sequence), limits.max_stop_chars, "max_stop_chars", f"stop.{i}")
+    ids = body.stop_token_ids or []
+    if len(ids) > limits.max_stop_token_ids:
+        raise _over(
+            "the number of stop_token_ids", len(ids), limits.max_stop_token_ids, "max_stop_token_ids", "stop_token_ids"
+        )
+    body.check_fields()

@@ -11,7 +11,7 @@
   and prefill.
 - **retrieved**: each retrieved chunk is checked before it reaches the prompt; a blocked chunk
   (e.g. instructions injected into a document) is dropped, a redacted one goes in redacted.
-- **output**: the answer is checked as it streams (`tierserve.safety.streaming`); a blocked
+- **output**: the answer is checked as it streams (`tierserve.safety.chain.StreamGuard`); a blocked
   answer ends with `finish_reason: "content_filter"`, as OpenAI's own filter ends one. Logprobs
   come with a choice's last chunk, and only when the guard changed nothing in that choice.
 
@@ -36,9 +36,8 @@ from tierserve.actors.types import GenerateRequest, TokenChunk, TokenLogprob
 from tierserve.core.errors import InvalidRequest, ServiceUnavailable
 from tierserve.core.telemetry import tracer
 from tierserve.rag.types import Hit
-from tierserve.safety.chain import GuardChain, build_chain
+from tierserve.safety.chain import GuardChain, StreamGuard, build_chain
 from tierserve.safety.config import SafetyConfig
-from tierserve.safety.streaming import StreamGuard
 from tierserve.safety.types import Finding, Stage, Verdict
 
 REFUSAL_ROLES = ("user", "tool")

@@ -70,14 +70,22 @@ def test_arrows_join_existing_boxes():
     assert sorted(steps) == list(range(1, max(steps) + 1)), "the request path's steps are numbered 1..n once each"
 
 
-def test_the_request_path_points_down_and_its_module_count_is_stated():
+def test_the_request_path_points_down_and_its_module_counts_are_stated():
+    """Solid numbered arrows carry the request on (the modules a reader follows it through, at
+    most 12); dotted ones are questions a step asks and gets answered. The doc states both
+    counts."""
     block = _mermaid()
     members = _subgraphs(block)
     bands = [name for name in members if name.startswith("layer_")]
     band_of = {box: i for i, band in enumerate(bands) for box in members[band]}
-    path = re.findall(r'^\s*(\w+) -->\|"\d+[^|]*\|\s*(\w+)\s*$', block, re.M)
-    for source, target in path:
+    carried = re.findall(r'^\s*(\w+) -->\|"\d+[^|]*\|\s*(\w+)\s*$', block, re.M)
+    asked = re.findall(r'^\s*(\w+) -\.->\|"\d+[^|]*\|\s*(\w+)\s*$', block, re.M)
+    for source, target in carried + asked:
         if source in band_of and target in band_of:
             assert band_of[target] >= band_of[source], f"{source} -> {target} points up a layer"
-    modules = {box for arrow in path for box in arrow if box in band_of}
-    assert f"through {len(modules)} modules" in DOC.read_text()
+    followed = {box for arrow in carried for box in arrow if box in band_of}
+    consulted = {box for arrow in asked for box in arrow if box in band_of} - followed
+    text = " ".join(DOC.read_text().split())
+    assert len(followed) <= 12
+    assert f"follows the request through {len(followed)} modules" in text
+    assert f"{len(consulted)} more modules" in text

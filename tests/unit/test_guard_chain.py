@@ -9,9 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierserve.safety.chain import GuardChain
+from tierserve.safety.chain import GuardChain, StreamGuard, entity_tail
 from tierserve.safety.config import PiiGuardConfig
-from tierserve.safety.streaming import StreamGuard, entity_tail
 from tierserve.safety.types import Finding, merge_overlaps
 
 EMAIL = "jane.doe@example.com"
@@ -102,8 +101,8 @@ def test_entity_tail_holds_only_what_could_still_grow(text, tail):
 
 
 def test_the_hold_is_capped_by_the_longest_entity_the_output_guards_find():
+    from tierserve.safety.chain import MAX_HOLD_CHARS, hold_cap
     from tierserve.safety.pii import PiiGuard
-    from tierserve.safety.streaming import MAX_HOLD_CHARS, hold_cap
 
     cards = PiiGuard(PiiGuardConfig(entities=["CREDIT_CARD", "US_SSN"]))
     assert hold_cap(GuardChain([(cards, {"output": "redact"})])) == 20

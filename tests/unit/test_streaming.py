@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tierserve.actors.streaming import batch_stream, coalesce
+from tierserve.actors.deployment import batch_stream, coalesce
 from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
 
 
