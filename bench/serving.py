@@ -1,12 +1,18 @@
 """Serving benchmark: tierserve against the vLLM OpenAI server, in-process AsyncLLM and Ray Serve LLM.
 
-All four serve the same prepared SmolLM2-135M-Instruct checkpoint with the same engine options,
-one system at a time on the same machine, driven by the same load generator: chat requests
-with greedy decoding and `ignore_eos`, so every request produces exactly `--max-tokens` tokens.
-For each system and concurrency it reports TTFT p50/p95, inter-chunk latency p50/p95, time per
-output token (TPOT) and output tokens/s, prints a table and writes it to docs/benchmarks/serving.md.
+All serve the same prepared SmolLM2-135M-Instruct checkpoint with the same engine options, one
+system at a time on the same machine, driven by the same load generator: chat requests with
+greedy decoding and `ignore_eos`, so every request produces exactly `--max-tokens` tokens. For
+each system and concurrency it reports TTFT p50/p95, inter-chunk latency p50/p95, time per
+output token (TPOT), output tokens/s and the gateway's CPU per output token: the CPU time of
+every serving process that is not the engine (Serve's proxy and replicas, or vLLM's API
+server), over the tokens the run produced. tierserve runs as the embedded default (guards on,
+tracing off) and in variants: guards off, token spans on (every token, one in 16; exported
+over OTLP to a receiver that discards), and Serve's direct ingress (no proxy). It prints the
+tables and writes them to docs/benchmarks/serving.md; `--profile` adds a py-spy profile of
+tierserve's ingress and tier replica at concurrency 16 (docs/benchmarks/gateway-profile.md).
 
-    make bench                       # or: .venv/bin/python bench/serving.py [--systems ...]
+    make bench                       # or: .venv/bin/python bench/serving.py [--systems ...] [--profile]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -29,7 +36,9 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 32}
+ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 32}
+"""Every system's engine options: the embedded default's `small` tier (float32, which matches the
+checkpoint's answers; docs/benchmarks/fidelity.md), without its priority scheduling."""
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 PROMPTS = [
     "Explain how a bicycle works.",
@@ -64,6 +73,14 @@ class Result:
     def q(self, values: list[float], p: float) -> float:
         values = sorted(values)
         return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+    @property
+    def gateway_us_per_token(self) -> float | None:
+        """CPU microseconds the gateway's processes spent per output token; None: no gateway."""
+        busy = sum(self.cpu.get(role, 0.0) for role in GATEWAY_ROLES)
+        if not busy or not self.throughput:
+            return None
+        return 1e6 * busy / self.throughput
 
     @property
     def ttft_p50(self) -> float:
@@ -114,10 +131,21 @@ ROLES = [
     ("vLLM worker (model)", "VLLM::Worker"),
     ("vLLM engine core", "VLLM::EngineCore"),
     ("Serve proxy", "ProxyActor"),
-    ("Serve replicas", "ServeReplica"),
+    ("Serve ingress replica", re.compile(r"ServeReplica:[^:\s]+:(ingress|OpenAiIngress)\b")),
+    ("Serve model replica", re.compile(r"ServeReplica:[^:\s]+:(tier-|LLMServer)")),
     ("vLLM API server", "vllm.entrypoints.openai"),
     ("load generator", "bench/serving.py"),
 ]
+"""Process roles by command line (Ray sets a replica's to `ray::ServeReplica:APP:DEPLOYMENT`).
+A role matches a substring or a pattern; the first that matches wins; the rest is `other`
+(Ray's own processes, idle replicas such as the retriever)."""
+GATEWAY_ROLES = ("Serve proxy", "Serve ingress replica", "Serve model replica", "vLLM API server")
+"""The serving path outside the engine: what a token costs on its way from engine to client
+(the model replica's process also runs vLLM's frontend, as vLLM's API server does)."""
+
+
+def _matches(needle: str | re.Pattern, cmd: str) -> bool:
+    return needle.search(cmd) is not None if isinstance(needle, re.Pattern) else needle in cmd
 
 
 def cpu_times() -> dict[str, float]:
@@ -128,7 +156,7 @@ def cpu_times() -> dict[str, float]:
         times = proc.info["cpu_times"]
         if times is None:
             continue
-        role = next((name for name, needle in ROLES if needle in cmd), "other")
+        role = next((name for name, needle in ROLES if _matches(needle, cmd)), "other")
         totals[role] = totals.get(role, 0.0) + times.user + times.system
     return totals
 
@@ -206,6 +234,24 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str = "ser
     raise TimeoutError(f"{what}: {url} not ready after {timeout:.0f}s")
 
 
+def wait_routed(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll tierserve's `GET /v1/tiers` until its router counts every tier healthy. `/health`
+    asks the tiers themselves and can pass a moment before the router's own view of a tier that
+    has just started does (its first load poll), when a request would still get a 503."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            tiers = httpx.get(url, timeout=10).json()["data"]
+            if tiers and all(t["router"]["healthy"] for t in tiers):
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}: the router does not count every tier healthy after {timeout:.0f}s")
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -222,29 +268,61 @@ def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def one_tier_config() -> Path:
-    """configs/local.yaml with its default tier only (`small`: the engine options of every other
-    system here, no speculation), so tierserve runs one engine like the others."""
+TIERSERVE = {
+    "tierserve": {},
+    "tierserve, guards off": {"safety": {"enabled": False}},
+    "tierserve, token spans 1/16": {"token_spans": 16},
+    "tierserve, token spans all": {"token_spans": "all"},
+    "tierserve, direct ingress": {"direct_ingress": True},
+}
+"""tierserve's variants: the embedded default (guards on, tracing off), and one change each."""
+
+
+def one_tier_config(system: str, port: int, receiver_port: int | None) -> Path:
+    """configs/local.yaml with its default tier only (`small`, with the engine options of every
+    other system here), so tierserve runs one engine like the others; then the variant's change."""
     import yaml
 
     from tierserve.cluster.config import bundled_config
 
+    variant = TIERSERVE[system]
     data = yaml.safe_load(bundled_config().read_text())
     data["tiers"] = [t for t in data["tiers"] if t["name"] == data["ingress"]["default_tier"]]
+    data["tiers"][0]["engine"] = dict(ENGINE)
     data.pop("routing", None)  # one tier: nothing to route between
-    path = REPO / "bench" / "results" / "tierserve-one-tier.yaml"
+    if "safety" in variant:
+        data["safety"] = variant["safety"]
+    if "token_spans" in variant:
+        endpoint = f"http://127.0.0.1:{receiver_port}"
+        data["telemetry"] = {"exporter": "otlp", "endpoint": endpoint, "token_spans": variant["token_spans"]}
+    if variant.get("direct_ingress"):
+        # The ingress replica serves HTTP itself, on a port Serve allocates from this range
+        # (here the one port asked for): no proxy hop.
+        data["ray"]["env"] = {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        }
+    path = REPO / "bench" / "results" / f"{system.replace(' ', '_').replace(',', '').replace('/', '-')}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def server_command(system: str, checkpoint: str, port: int) -> tuple[list[str], str, str]:
+def server_command(
+    system: str, checkpoint: str, port: int, receiver_port: int | None = None
+) -> tuple[list[str], str, str]:
     """(command, readiness URL, model name to send) for an HTTP system."""
     py = sys.executable
-    if system == "tierserve":
-        config = one_tier_config()
+    if system in TIERSERVE:
+        config = one_tier_config(system, port, receiver_port)
+        # With direct ingress the ingress replica listens on `port`; Serve's proxy, which still
+        # starts, gets another (and no requests).
+        proxy_port = free_port() if TIERSERVE[system].get("direct_ingress") else port
         return (
-            [py, "-m", "tierserve.cluster.cli", "serve", "--config", str(config), "--port", str(port), "--no-prepare"],
+            [py, "-m", "tierserve.cluster.cli", "serve", "--config", str(config), "--port", str(proxy_port)]
+            + ["--no-prepare"],
             f"http://127.0.0.1:{port}/health",
             "auto",
         )
@@ -342,29 +420,144 @@ async def bench_system(system: str, stream: Stream, args: argparse.Namespace) ->
     return results
 
 
-def run_all(args: argparse.Namespace) -> list[Result]:
+def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
+    """Every system's results, and the gateway profile's report if `--profile` asked for one."""
+    from tracing import DISCARD_RECEIVER
+
     from tierserve.actors.checkpoints import prepare_embedded
 
     checkpoint = str(prepare_embedded("smollm2-135m-instruct"))
     logs = REPO / "bench" / "results"
     logs.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
-    for system in args.systems:
-        print(f"== {system}", flush=True)
-        if system == "AsyncLLM in-process":
-            stream, shutdown = inprocess_stream(checkpoint)
-            results += asyncio.run(bench_system(system, stream, args))
-            shutdown()
+    profile = None
+    receiver_port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-c", DISCARD_RECEIVER, str(receiver_port)])
+    try:
+        for system in args.systems:
+            print(f"== {system}", flush=True)
+            if system == "AsyncLLM in-process":
+                stream, shutdown = inprocess_stream(checkpoint)
+                results += asyncio.run(bench_system(system, stream, args))
+                shutdown()
+                continue
+            port = free_port()
+            cmd, ready, model = server_command(system, checkpoint, port, receiver_port)
+            name = re.sub(r"[^\w.-]+", "_", system)
+            proc = spawn(cmd, logs / f"{name}.log")
+            try:
+                wait_http(ready, proc, timeout=600)
+                if system in TIERSERVE:  # and its router has seen the tier answer (see below)
+                    wait_routed(f"http://127.0.0.1:{port}/v1/tiers", proc, timeout=120)
+                stream = openai_stream(f"http://127.0.0.1:{port}/v1", model)
+                results += asyncio.run(bench_system(system, stream, args))
+                if args.profile and system == "tierserve":
+                    # A new client: the last one's connections belong to a closed event loop.
+                    profile = profile_gateway(openai_stream(f"http://127.0.0.1:{port}/v1", model), args, logs)
+            finally:
+                stop(proc)
+    finally:
+        receiver.terminate()
+    return results, profile
+
+
+# ----- the gateway's profile ----------------------------------------------------------------
+
+PROFILED = ("Serve ingress replica", "Serve model replica")
+
+
+def profile_gateway(stream: Stream, args: argparse.Namespace, out: Path) -> str:
+    """py-spy profiles (sampling, non-blocking, of the thread holding the GIL) of tierserve's
+    ingress and tier replica while a concurrency-16 load runs; a report of where their Python
+    time goes."""
+    pids = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        role = next((name for name, needle in ROLES if _matches(needle, cmd)), None)
+        if role in PROFILED:
+            pids[role] = proc.info["pid"]
+    spy = str(Path(sys.executable).parent / "py-spy")
+    files = {role: out / f"profile-{role.split()[1]}.txt" for role in pids}
+    options = ["--format", "raw", "--rate", "100", "--nonblocking", "--gil"]
+    spies = [
+        subprocess.Popen(
+            [spy, "record", "--pid", str(pid), *options, "--output", str(files[role])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role, pid in pids.items()
+    ]
+    time.sleep(2)  # py-spy attached
+    r = asyncio.run(run_load("tierserve (profiled)", stream, 16, args.profile_requests, args.max_tokens))
+    print(f"  profiled run: {len(r.samples)} requests, {r.errors} errors, {r.wall:.1f} s", flush=True)
+    for spy_proc in spies:
+        spy_proc.send_signal(signal.SIGINT)
+        spy_proc.wait(60)
+    tokens = sum(s.tokens for s in r.samples)
+    return "\n\n".join(profile_report(role, files[role], tokens) for role in pids if files[role].exists())
+
+
+def _category(frame: str) -> str:
+    """What a py-spy frame (`function (path:line)`) belongs to."""
+    path = frame[frame.rfind("(") + 1 :]
+    for package in ("router", "actors", "safety", "rag", "core", "cluster"):
+        if f"{REPO}/{package}/" in path or path.startswith(f"{package}/"):
+            return "tierserve"
+    for needle, name in (
+        ("vllm", "vLLM"), ("ray/serve", "Ray Serve"), ("ray/", "Ray core"), ("opentelemetry", "OpenTelemetry"),
+        ("pydantic", "pydantic"), ("starlette", "Starlette/FastAPI"), ("fastapi", "Starlette/FastAPI"),
+        ("uvicorn", "uvicorn"), ("asyncio", "asyncio"), ("grpc", "gRPC"), ("msgpack", "serialisation"),
+        ("pickle", "serialisation"), ("cloudpickle", "serialisation"), ("transformers", "transformers"),
+        ("tokenizers", "transformers"), ("torch", "torch"), ("presidio", "Presidio"),
+    ):  # fmt: skip
+        if needle in path:
+            return name
+    return "Python and other"
+
+
+def profile_report(role: str, path: Path, tokens: int) -> str:
+    """One process's profile: CPU by library (the innermost frame's), the functions that spend
+    the most themselves, and tierserve's functions by the time spent in them and below."""
+    own: dict[str, int] = {}
+    inside: dict[str, int] = {}
+    categories: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
             continue
-        port = free_port()
-        cmd, ready, model = server_command(system, checkpoint, port)
-        proc = spawn(cmd, logs / f"{system.replace(' ', '_')}.log")
-        try:
-            wait_http(ready, proc, timeout=600)
-            results += asyncio.run(bench_system(system, openai_stream(f"http://127.0.0.1:{port}/v1", model), args))
-        finally:
-            stop(proc)
-    return results
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        categories[_category(frames[-1])] = categories.get(_category(frames[-1]), 0) + n
+        for frame in set(frames):
+            if _category(frame) == "tierserve":
+                inside[frame] = inside.get(frame, 0) + n
+    if not total:
+        return f"### {role}\n\nno samples"
+
+    def rows(counts: dict[str, int], k: int) -> str:
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:k]
+        return "\n".join(f"| `{name.replace('|', '/')}` | {100 * n / total:.1f}% |" for name, n in top)
+
+    seconds = total / 100  # samples at 100 Hz while a thread held the GIL
+    return f"""### {role}
+
+{total} samples at 100 Hz of the thread holding the GIL ({seconds:.1f} s of Python running,
+{1e6 * seconds / tokens:.0f} us per output token of the {tokens} tokens the profiled run produced).
+
+| library (innermost frame) | share |
+|---|---:|
+{rows(categories, 12)}
+
+| function, itself | share |
+|---|---:|
+{rows(own, 15)}
+
+| tierserve function, itself and below | share |
+|---|---:|
+{rows(inside, 15)}"""
 
 
 def table(results: list[Result]) -> str:
@@ -373,7 +566,8 @@ def table(results: list[Result]) -> str:
     base_tput = by.get(("vllm serve", 16))
     columns = [
         "system", "concurrency", "TTFT p50 (ms)", "TTFT p95 (ms)", "chunk gap p50 (ms)", "chunk gap p95 (ms)",
-        "TPOT (ms)", "output tok/s", "TTFT p50 / in-process (c=1)", "tok/s / vllm serve (c=16)", "errors",
+        "TPOT (ms)", "output tok/s", "gateway CPU (us/token)", "TTFT p50 / in-process (c=1)",
+        "tok/s / vllm serve (c=16)", "errors",
     ]  # fmt: skip
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
@@ -381,7 +575,9 @@ def table(results: list[Result]) -> str:
         tput_ratio = f"{r.throughput / base_tput.throughput:.2f}x" if base_tput and r.concurrency == 16 else ""
         cells = [
             r.system, r.concurrency, f"{r.ttft_p50 * 1e3:.1f}", f"{r.ttft_p95 * 1e3:.1f}", f"{r.gap_p50 * 1e3:.1f}",
-            f"{r.gap_p95 * 1e3:.1f}", f"{r.tpot * 1e3:.1f}", f"{r.throughput:.1f}", ttft_ratio, tput_ratio, r.errors,
+            f"{r.gap_p95 * 1e3:.1f}", f"{r.tpot * 1e3:.1f}", f"{r.throughput:.1f}",
+            "-" if r.gateway_us_per_token is None else f"{r.gateway_us_per_token:.0f}",
+            ttft_ratio, tput_ratio, r.errors,
         ]  # fmt: skip
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
@@ -398,14 +594,15 @@ def cpu_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def write_doc(results: list[Result], args: argparse.Namespace) -> Path:
+def write_doc(results: list[Result], args: argparse.Namespace, profile: str | None) -> Path:
     doc = REPO / "docs" / "benchmarks" / "serving.md"
     header = f"""# Serving benchmark
 
 Measured by `python bench/serving.py` (`make bench`) on {time.strftime("%Y-%m-%d")}, {platform.machine()},
-{os.cpu_count()} cores, no GPU. SmolLM2-135M-Instruct (bf16), vLLM CPU {_vllm_version()}, engine options {ENGINE}
+{os.cpu_count()} cores, no GPU. SmolLM2-135M-Instruct, vLLM CPU {_vllm_version()}, engine options {ENGINE}
 for every system. Chat requests, greedy, `ignore_eos`, {args.max_tokens} output tokens each;
 {args.requests_c1} requests at concurrency 1, {args.requests_c16} at concurrency 16, after 2 warm-up requests.
+Systems in this run: {"; ".join(args.systems)}.
 One system at a time, all through the same load generator (the `openai` async client over HTTP,
 or a direct `AsyncLLM.generate` loop for the in-process row).
 
@@ -413,6 +610,14 @@ or a direct `AsyncLLM.generate` loop for the in-process row).
 - chunk gap: time between consecutive text deltas as the client sees them (a delta may carry several tokens).
 - TPOT: (end-to-end - TTFT) / (tokens - 1), per request, averaged.
 - output tok/s: all output tokens / wall time of the run.
+- gateway CPU: CPU time of the serving processes that are not the engine (Serve's proxy,
+  ingress and model replicas; vLLM's API server) during the run, per output token. The model
+  replica and the API server also run vLLM's frontend (detokenization, output processing),
+  which the in-process row runs in the load generator's process ("-": no gateway).
+- tierserve variants: the embedded default has the guards on and tracing off; "guards off"
+  turns the guard chain off; "token spans" exports traces over OTLP (to a receiver that
+  discards them) with a span for every token or one in 16; "direct ingress" is Serve's
+  `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy, the ingress replica serves HTTP itself.
 
 """
     cpu = """
@@ -427,20 +632,47 @@ the run.
     reading = """
 ## Reading the numbers
 
-- tierserve streams each request through two Ray Serve hops the in-process engine does not
-  have: the tier replica to the ingress (a streaming DeploymentHandle; the tier sends its first
-  chunk at once and afterwards whatever piled up, merged per choice) and the ingress to Serve's
-  HTTP proxy. Each hop is a Python process doing per-chunk work; `bench/ttft_breakdown.py`
-  measures what each entry point adds to TTFT (docs/benchmarks/ttft-breakdown.md).
+- Gateway CPU per output token is the number that decides how far tierserve scales: on a GPU
+  node the engine's tokens are cheap and every relayed token still costs the gateway this much
+  CPU. tierserve relays each token across two Ray hops the in-process engine does not have: the
+  tier replica to the ingress (a streaming DeploymentHandle: every batch of chunks is a Ray
+  object) and the ingress to Serve's HTTP proxy (gRPC). Each hop costs Ray's core worker (C++,
+  outside Python) per message, and the guards and the OpenAI formatting cost Python per token;
+  docs/benchmarks/gateway-profile.md (`--profile`) names the Python costs.
+- The tier sends the first chunk at once and then whatever piled up while the previous send was
+  in flight; at these speeds (tens of milliseconds per token) that is one token per message, so
+  messages cannot be fewer without delaying tokens (`stream_interval_ms` trades latency for
+  fewer, larger messages on faster engines).
+- "direct ingress" removes the proxy hop: the ingress replica serves HTTP on a port Serve
+  allocates it from a range (`RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT`/`..._MAX_...`). The
+  embedded default keeps the proxy: with direct ingress every ingress replica needs its own
+  port, so an update that starts the new ingress before the old one drains (the shipped
+  `max_surge_percent`), or several ingress replicas on a node, need a load balancer that follows
+  Serve's replica ports; one fixed port such as 8000 cannot serve both.
 - On this 2-core machine vLLM pins its model worker to one core and keeps the other for the
   frontend; the engine-core process busy-polls the worker, and every serving process (proxy,
   replicas, API server) and the load generator share what is left. The CPU table shows how
-  much each system's serving processes take from the cores the model needs. On a GPU node the
-  model runs on the accelerator and the same CPU work does not slow decoding.
+  much each system's serving processes take from the cores the model needs.
 - Ray Serve LLM runs the same engine behind the same kind of hops, with its own batching of
   streamed chunks.
 """
     doc.write_text(header + table(results) + cpu + cpu_table(results) + "\n" + reading)
+    if profile is not None:
+        profile_doc = REPO / "docs" / "benchmarks" / "gateway-profile.md"
+        profile_doc.write_text(
+            f"""# Where tierserve's gateway CPU goes
+
+Measured by `python bench/serving.py --profile` on {time.strftime("%Y-%m-%d")}: py-spy (`record --rate 100
+--nonblocking --gil --format raw`) attached to tierserve's ingress replica and tier replica while
+{args.profile_requests} chat requests of {args.max_tokens} tokens ran at concurrency 16 (the embedded default:
+guards on, tracing off; the engine options of docs/benchmarks/serving.md). A sample is the stack of
+the thread holding the GIL, so shares are of each process's Python time (time in C code that
+released the GIL, such as Ray's core worker, is not sampled). The innermost frame decides the
+library; "itself and below" counts a tierserve function whenever it is on the stack.
+
+{profile}
+"""
+        )
     return doc
 
 
@@ -453,7 +685,7 @@ def _vllm_version() -> str:
         return version("vllm")
 
 
-SYSTEMS = ["AsyncLLM in-process", "tierserve", "vllm serve", "Ray Serve LLM"]
+SYSTEMS = ["AsyncLLM in-process", *TIERSERVE, "vllm serve", "Ray Serve LLM"]
 
 
 def main() -> None:
@@ -463,17 +695,21 @@ def main() -> None:
     p.add_argument("--requests-c1", type=int, default=16)
     p.add_argument("--requests-c16", type=int, default=64)
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--profile", action="store_true", help="profile tierserve's ingress and tier replica (py-spy)")
+    p.add_argument("--profile-requests", type=int, default=128)
     p.add_argument("--ray-serve-llm", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ray_serve_llm:
         serve_ray_llm(args.ray_serve_llm, args.port)
         return
-    results = run_all(args)
+    results, profile = run_all(args)
     print(table(results))
     print(cpu_table(results))
+    if profile is not None:
+        print(profile)
     if not args.no_write:
-        print(f"wrote {write_doc(results, args)}")
+        print(f"wrote {write_doc(results, args, profile)}")
 
 
 if __name__ == "__main__":

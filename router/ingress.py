@@ -26,6 +26,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
 from tierserve.core.errors import ServiceUnavailable, TierServeError
@@ -66,6 +67,12 @@ def _coerce(request: R | dict[str, Any], model: type[R]) -> R:
         return model.model_validate(request)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+
+
+def _serve_details() -> dict[str, Any]:
+    """Serve's instance details from its controller (empty before Serve runs)."""
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return {} if client is None else client.get_serve_details()
 
 
 def _dead_tier(exc: BaseException) -> str | None:
@@ -146,11 +153,11 @@ class Ingress:
         watched = {**deployments, **({RETRIEVER: retriever.deployment_name} if retriever is not None else {})}
         while True:
             try:
-                status = await asyncio.to_thread(serve.status)
+                details = await asyncio.to_thread(_serve_details)
             except Exception:
                 logger.debug("reading Serve's status failed", exc_info=True)
             else:
-                for name, replicas in tier_replicas(status, app_name, watched).items():
+                for name, replicas in tier_replicas(details, app_name, watched).items():
                     if name == RETRIEVER:
                         self.retrieval.replicas_seen(replicas.running)
                     else:

@@ -10,9 +10,9 @@ gets a 503 at once), and the number of running replicas is what the router's cap
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-
-from ray.serve.schema import ServeStatus
+from typing import Any
 
 PENDING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 """Replica states that will serve once they get there (scheduled, loading, or being replaced)."""
@@ -42,25 +42,30 @@ class TierReplicas:
 
 
 def _name(value: object) -> str:
+    """An enum's value (the controller's dict holds Serve's enums), or the string itself."""
     return str(getattr(value, "value", value))
 
 
-def tier_replicas(status: ServeStatus, app: str, deployments: dict[str, str]) -> dict[str, TierReplicas]:
-    """`deployments` maps tier -> Serve deployment name; tiers Serve does not list (yet) are left out."""
-    overview = status.applications.get(app)
+def tier_replicas(details: dict[str, Any], app: str, deployments: dict[str, str]) -> dict[str, TierReplicas]:
+    """`details`: Serve's instance details as its controller returns them (the dict behind
+    `serve.status()` and the dashboard's `/api/serve/applications/`; read raw, because building
+    `serve.status()` from it pickles every deployment's request router, which cost the ingress
+    a fifth of its Python time under load). `deployments` maps tier -> Serve deployment name;
+    tiers Serve does not list (yet) are left out."""
+    overview = (details.get("applications") or {}).get(app)
     if overview is None:
         return {}
     out = {}
     for tier, deployment in deployments.items():
-        d = overview.deployments.get(deployment)
+        d = (overview.get("deployments") or {}).get(deployment)
         if d is None:
             continue
-        states = {_name(state): count for state, count in d.replica_states.items()}
+        states = Counter(_name(r.get("state")) for r in d.get("replicas") or [])
         out[tier] = TierReplicas(
-            running=states.get("RUNNING", 0),
-            pending=sum(states.get(s, 0) for s in PENDING_STATES),
-            stopping=states.get("STOPPING", 0),
-            status=_name(d.status),
-            message=d.message,
+            running=states["RUNNING"],
+            pending=sum(states[s] for s in PENDING_STATES),
+            stopping=states["STOPPING"],
+            status=_name(d.get("status", "")),
+            message=d.get("message") or "",
         )
     return out

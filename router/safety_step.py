@@ -309,11 +309,15 @@ class SafetyStep:
                 async with contextlib.aclosing(batches) as source:  # a block stops the tier's stream
                     async for batch in source:
                         started = time.perf_counter()
+                        quiet = all(guards.setdefault(c.index, StreamGuard(self.chain)).quiet(c.text) for c in batch)
                         try:
-                            out, blocked = await asyncio.wait_for(
-                                asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report),
-                                self.timeout_s,
-                            )
+                            if quiet:  # no guard runs: no thread needed (most batches of prose)
+                                out, blocked = self._guard_batch(batch, guards, finished, held, report)
+                            else:
+                                out, blocked = await asyncio.wait_for(
+                                    asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report),
+                                    self.timeout_s,
+                                )
                         except asyncio.TimeoutError:  # undecided: the answer ends here
                             out, blocked = [], Verdict("block", "", [], OUTPUT_TIMEOUT)
                         spent += time.perf_counter() - started

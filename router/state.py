@@ -7,13 +7,16 @@ its first token, or whose poll fails with a dead replica, is marked unhealthy at
 next requests skip it; the next successful poll marks it healthy again. A poll that merely
 times out (a busy replica answers late) changes nothing: the in-flight count still bounds it.
 Serve's own view of each tier's replicas (`tierserve.router.replicas`) comes in beside the polls:
-no running replica marks the tier unhealthy, and the running count sets the tier's capacity.
+no running replica marks the tier unhealthy (unless the tier answered a poll within the last two
+poll intervals: Serve's count lags a replica that has just started), and the running count sets
+the tier's capacity.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -27,7 +30,18 @@ logger = logging.getLogger("tierserve.router")
 
 
 class TierStates:
-    def __init__(self, names: list[str], routing: RoutingConfig, replicas: dict[str, int] | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        routing: RoutingConfig,
+        replicas: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.clock = clock
+        self.answer_window_s = 2 * routing.poll_interval_s
+        """How recent a successful poll outweighs Serve's report of no running replica."""
+        self.answered: dict[str, float] = {}
+        """When each tier last answered a poll (`clock`)."""
         self.views = {
             name: _view(name, routing.tiers.get(name, TierRouting()), (replicas or {}).get(name, 1)) for name in names
         }
@@ -80,16 +94,21 @@ class TierStates:
         if not view.healthy:
             logger.info("tier %s is healthy again", tier)
         view.load, view.healthy = load, True
+        self.answered[tier] = self.clock()
         view.max_model_len = load.max_model_len or view.max_model_len
         self.last_error.pop(tier, None)
         self.without_replicas.discard(tier)
 
     def replicas_seen(self, tier: str, replicas: TierReplicas) -> None:
         """Serve's count of the tier's replicas: none running makes the tier unhealthy until
-        Serve reports one running again (or a load poll succeeds); otherwise the running ones
-        are its capacity. A tier down for a failed request stays down until a poll succeeds."""
+        Serve reports one running again (or a load poll succeeds), unless the tier answered a
+        poll within `answer_window_s` (Serve's count lags a replica that has just started);
+        otherwise the running ones are its capacity. A tier down for a failed request stays
+        down until a poll succeeds."""
         self.replicas[tier] = replicas
         view = self.views[tier]
+        if replicas.running == 0 and self.clock() - self.answered.get(tier, -1e18) <= self.answer_window_s:
+            return
         if replicas.running == 0:
             pending = f", {replicas.pending} pending" if replicas.pending else ""
             detail = f": {replicas.message}" if replicas.message else ""

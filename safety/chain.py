@@ -59,6 +59,13 @@ class GuardChain:
                 break
         return out
 
+    def may_flag(self, text: str, stage: Stage) -> bool:
+        """False only when no guard that checks `stage` can find anything in `text`: each says
+        so with `may_find` (a guard without it always may)."""
+        return any(
+            stage in actions and getattr(guard, "may_find", lambda _: True)(text) for guard, actions in self.guards
+        )
+
     def verdict(self, text: str, flagged: list[Flagged], stage: Stage) -> Verdict:
         """The chain's decision on `text` given its findings (see the module docstring)."""
         findings = [f.finding for f in flagged]
@@ -189,6 +196,11 @@ class StreamGuard:
         self.pending += delta
         return self._release(len(self.pending) - entity_tail(self.pending, self.cap, self.names))
 
+    def quiet(self, delta: str) -> bool:
+        """Whether feeding `delta` (or finishing after it) runs no guard: nothing pending or in
+        `delta` is anything a guard could find (`GuardChain.may_flag`)."""
+        return self.blocked is None and not self.chain.may_flag(self.pending + delta, "output")
+
     def finish(self) -> str:
         """The rest of the text, checked as a whole."""
         if self.blocked is not None:
@@ -201,7 +213,12 @@ class StreamGuard:
         text = self.context + self.pending
         offset = len(self.context)
         boundary = offset + limit
-        flagged = [f for f in self.chain.flagged(text, "output") if f.finding.end > offset]
+        # A finding that matters overlaps the pending text (the text before it was released at a
+        # point nothing can straddle), so pending text no guard could find anything in needs no
+        # analysis.
+        flagged = []
+        if self.chain.may_flag(self.pending, "output"):
+            flagged = [f for f in self.chain.flagged(text, "output") if f.finding.end > offset]
         straddling = True
         while straddling:  # never release part of a finding
             straddling = False

@@ -220,6 +220,12 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {
 }
 """Entity types `PiiGuardConfig.entities` may name without NER, and how each is found."""
 
+MAY_HOLD = regex.compile(r"[^A-Za-z\s,;!?'\"()]|[A-Za-z]{16}")
+"""What every entity type of `RECOGNIZERS` contains: a character other than an ASCII letter,
+white space or `,;!?'"()` (a digit, `@`, `.`, `:`, `/`, `-`, `_`, ...), or a run of 16 letters
+(an access key without digits or separators). Text without either holds none of them, so a
+stream of plain words needs no analysis (`PiiGuard.may_find`)."""
+
 
 _WARMUP_TEXT = (
     "Mail jane@example.com or call +1 212-555-0123; card 4111 1111 1111 1111, IBAN GB82 WEST 1234 "
@@ -281,6 +287,12 @@ class PiiGuard:
     def finds_names(self) -> bool:
         """Whether it looks for names and places, which span several words (a NER model's)."""
         return self.config.ner is not None and any(e not in RECOGNIZERS for e in self._entities)
+
+    def may_find(self, text: str) -> bool:
+        """False only when `text` holds none of the entity types this guard looks for (no
+        analysis needed: see `MAY_HOLD`); names and places can be any words, so a guard that
+        finds them may find them anywhere."""
+        return self.finds_names or MAY_HOLD.search(text) is not None
 
     def detect(self, text: str, stage: Stage) -> list[Finding]:
         """Findings scoring at least `score_threshold`, non-overlapping, by start. The same at

@@ -123,6 +123,32 @@ def test_prose_streams_one_word_behind(pii):
     assert out == ["", "Hello ", "there, ", "how ", "are ", "", "you?"]
 
 
+class Counted:
+    """A real guard whose `detect` calls are counted."""
+
+    def __init__(self, guard):
+        self.guard, self.calls = guard, 0
+
+    def __getattr__(self, name):
+        return getattr(self.guard, name)
+
+    def detect(self, text, stage):
+        self.calls += 1
+        return self.guard.detect(text, stage)
+
+
+def test_plain_words_stream_without_analysis(pii):
+    """Text that none of the PII guard's entity types can occur in (`MAY_HOLD`) is released
+    without running Presidio; a digit, `@` or `.` brings the analysis back."""
+    counted = Counted(pii)
+    chain = GuardChain([(counted, {"output": "redact"})])
+    out, guard = stream(chain, ["The", " answer", " is", " simple,", " really"])
+    assert "".join(out) == "The answer is simple, really" and counted.calls == 0
+    assert guard.quiet(" and plain") and not guard.quiet(" mail " + EMAIL)
+    out, _ = stream(chain, ["Write", " to", " " + EMAIL, " today."])
+    assert "".join(out) == "Write to <EMAIL_ADDRESS> today." and counted.calls > 0
+
+
 def test_an_entity_split_across_chunks_is_still_redacted(pii):
     chain = chain_of(pii, output="redact")
     out, guard = stream(chain, ["Mail jane", ".doe@", "example", ".com", " now, card 4111 ", "1111 1111 ", "1111."])
@@ -139,6 +165,10 @@ def test_a_blocked_entity_stops_the_stream_before_it(pii):
 
 
 VALUES = [EMAIL, CARD, IBAN, IP, "bob@corp.example.org"]
+MORE_VALUES = [
+    *VALUES, "536-22-8726", "(212) 555-0199", "https://example.com/a/b?q=1", "www.example.org",
+    "AKIAIOSFODNN7EXAMPLE", "fe80::1%eth0", "3782 822463 10005",
+]  # fmt: skip
 WORDS = ["The", "answer", "is", "simple,", "really.", "Contact", "us", "at", "or", "with", "card", "number", "—"]
 
 
@@ -163,6 +193,32 @@ def test_streamed_redaction_equals_whole_text_redaction_for_any_chunking(pii, pa
     assert streamed == chain.check(text, "output").text
     for value in VALUES:
         assert value not in streamed
+
+
+class Unfiltered(GuardChain):
+    """The same chain without the prefilter: every release runs the guards."""
+
+    def may_flag(self, text, stage):
+        return True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(WORDS), st.sampled_from(MORE_VALUES)), min_size=1, max_size=14),
+    cuts=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=60),
+)
+def test_skipping_analysis_of_plain_words_changes_nothing_streamed(pii, parts, cuts):
+    """`GuardChain.may_flag` only skips work: a stream comes out the same with every release
+    analysed, for every entity type of the default PII guard."""
+    text = " ".join(parts) + "."
+    chain = chain_of(pii, output="redact")
+    pieces, i, k = [], 0, 0
+    while i < len(text):
+        pieces.append(text[i : i + cuts[k % len(cuts)]])
+        i, k = i + cuts[k % len(cuts)], k + 1
+    filtered, _ = stream(chain, pieces)
+    unfiltered, _ = stream(Unfiltered(chain.guards), pieces)
+    assert filtered == unfiltered
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,7 @@
-"""Serve's view of each tier's replicas, as the router reads it (no Ray cluster: Serve's own
-status types built by hand)."""
+"""Serve's view of each tier's replicas, as the router reads it (no Ray cluster: Serve's
+instance details built from its own schema, in the form its controller returns them)."""
 
-from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
-from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+from ray.serve._private.common import DeploymentStatus, ReplicaState
 
 from tierserve.router.config import RoutingConfig
 from tierserve.router.replicas import TierReplicas, tier_replicas
@@ -11,21 +10,33 @@ from tierserve.router.state import TierStates
 WAITING = "Deployment 'tier-big' has 1 replicas that have taken more than 30s to be scheduled."
 
 
-def status(deployments: dict[str, tuple[DeploymentStatus, dict[ReplicaState, int], str]]) -> ServeStatus:
-    overview = {
-        name: DeploymentStatusOverview(
-            status=s, status_trigger=DeploymentStatusTrigger.UNSPECIFIED, replica_states=states, message=message
-        )
-        for name, (s, states, message) in deployments.items()
+def details(deployments: dict[str, tuple[DeploymentStatus, dict[ReplicaState, int], str]]) -> dict:
+    """Serve's instance details for one app `tierserve`, as its controller returns them (a
+    dict of Serve's enums)."""
+    return {
+        "applications": {
+            "tierserve": {
+                "status": "RUNNING",
+                "deployments": {
+                    name: {
+                        "name": name,
+                        "status": status,
+                        "message": message,
+                        "replicas": [
+                            {"replica_id": f"{name}-{state.value}-{i}", "state": state}
+                            for state, count in states.items()
+                            for i in range(count)
+                        ],
+                    }
+                    for name, (status, states, message) in deployments.items()
+                },
+            }
+        }
     }
-    app = ApplicationStatusOverview(
-        status=ApplicationStatus.RUNNING, message="", last_deployed_time_s=0.0, deployments=overview
-    )
-    return ServeStatus(applications={"tierserve": app})
 
 
 def test_counts_running_pending_and_stopping_replicas_per_tier():
-    s = status(
+    s = details(
         {
             "tier-small": (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 2}, ""),
             "tier-big": (
@@ -65,3 +76,21 @@ def test_no_running_replica_makes_a_tier_unhealthy_until_a_load_poll_succeeds():
     assert not states.views["small"].healthy
     states.polled("small", TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1))
     assert states.views["small"].healthy
+
+
+def test_a_tier_that_answers_polls_stays_healthy_while_serves_count_catches_up():
+    """Right after a replica starts, Serve may still list it as starting while it already
+    answers: a poll answered within two poll intervals outweighs a report of none running."""
+    from tierserve.actors.types import TierLoad
+
+    now = [100.0]
+    states = TierStates(["small"], RoutingConfig(), clock=lambda: now[0])
+    states.polled("small", TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1))
+    starting = TierReplicas(0, 1, 0, "UPDATING", "1 replica has taken more than 30s to initialize")
+    now[0] += 0.3
+    states.replicas_seen("small", starting)
+    view = states.views["small"]
+    assert view.healthy and view.replicas == 1  # capacity untouched by the lagging count
+    now[0] += 1.0  # no poll answered since: Serve's report counts
+    states.replicas_seen("small", starting)
+    assert not states.views["small"].healthy
