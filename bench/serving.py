@@ -144,8 +144,12 @@ GATEWAY_ROLES = ("Serve proxy", "Serve ingress replica", "Serve model replica", 
 (the model replica's process also runs vLLM's frontend, as vLLM's API server does)."""
 
 
-def _matches(needle: str | re.Pattern, cmd: str) -> bool:
-    return needle.search(cmd) is not None if isinstance(needle, re.Pattern) else needle in cmd
+def _role(cmd: str) -> str:
+    """The role (`ROLES`) of the process with this command line, or `other`."""
+    for name, needle in ROLES:
+        if needle.search(cmd) is not None if isinstance(needle, re.Pattern) else needle in cmd:
+            return name
+    return "other"
 
 
 def cpu_times() -> dict[str, float]:
@@ -156,7 +160,7 @@ def cpu_times() -> dict[str, float]:
         times = proc.info["cpu_times"]
         if times is None:
             continue
-        role = next((name for name, needle in ROLES if _matches(needle, cmd)), "other")
+        role = _role(cmd)
         totals[role] = totals.get(role, 0.0) + times.user + times.system
     return totals
 
@@ -219,37 +223,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str = "server") -> None:
-    """Poll `url` until it answers 200; fail early if `proc` exits, or after `timeout` seconds."""
+def wait_http(
+    url: str,
+    proc: subprocess.Popen,
+    timeout: float,
+    what: str = "server",
+    ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+) -> None:
+    """Poll `url` until its answer is `ready` (200 by default); fail early if `proc` exits, or
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
         try:
-            if httpx.get(url, timeout=3).status_code == 200:
+            if ready(httpx.get(url, timeout=10)):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, KeyError, ValueError):
             pass
         time.sleep(1)
     raise TimeoutError(f"{what}: {url} not ready after {timeout:.0f}s")
 
 
-def wait_routed(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll tierserve's `GET /v1/tiers` until its router counts every tier healthy. `/health`
+def routed(response: httpx.Response) -> bool:
+    """Whether tierserve's `GET /v1/tiers` says its router counts every tier healthy. `/health`
     asks the tiers themselves and can pass a moment before the router's own view of a tier that
     has just started does (its first load poll), when a request would still get a 503."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            tiers = httpx.get(url, timeout=10).json()["data"]
-            if tiers and all(t["router"]["healthy"] for t in tiers):
-                return
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}: the router does not count every tier healthy after {timeout:.0f}s")
+    tiers = response.json()["data"]
+    return bool(tiers) and all(t["router"]["healthy"] for t in tiers)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -448,7 +449,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
             try:
                 wait_http(ready, proc, timeout=600)
                 if system in TIERSERVE:  # and its router has seen the tier answer (see below)
-                    wait_routed(f"http://127.0.0.1:{port}/v1/tiers", proc, timeout=120)
+                    wait_http(f"http://127.0.0.1:{port}/v1/tiers", proc, timeout=120, ready=routed)
                 stream = openai_stream(f"http://127.0.0.1:{port}/v1", model)
                 results += asyncio.run(bench_system(system, stream, args))
                 if args.profile and system == "tierserve":
@@ -473,7 +474,7 @@ def profile_gateway(stream: Stream, args: argparse.Namespace, out: Path) -> str:
     pids = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        role = next((name for name, needle in ROLES if _matches(needle, cmd)), None)
+        role = _role(cmd)
         if role in PROFILED:
             pids[role] = proc.info["pid"]
     spy = str(Path(sys.executable).parent / "py-spy")

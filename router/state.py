@@ -107,9 +107,9 @@ class TierStates:
         down until a poll succeeds."""
         self.replicas[tier] = replicas
         view = self.views[tier]
-        if replicas.running == 0 and self.clock() - self.answered.get(tier, -1e18) <= self.answer_window_s:
-            return
         if replicas.running == 0:
+            if self.clock() - self.answered.get(tier, -1e18) <= self.answer_window_s:
+                return  # the tier answers: Serve's count has not caught up with it yet
             pending = f", {replicas.pending} pending" if replicas.pending else ""
             detail = f": {replicas.message}" if replicas.message else ""
             self.failed(tier, f"no running replica ({replicas.status}{pending}){detail}")
