@@ -54,7 +54,8 @@ class SpeculationConfig(BaseModel):
     prompt_lookup_max: int = Field(4, ge=1)
     """ngram: longest suffix looked up."""
     draft_tensor_parallel_size: int | None = Field(None, ge=1)
-    """draft_model on GPU: ranks of the draft, 1 or the target's tensor_parallel_size (vLLM's rule)."""
+    """draft_model: ranks of the draft; vLLM 0.32's draft-model proposer takes only the target's
+    tensor_parallel_size (the default when unset)."""
     disable_above_batch_size: int | None = Field(None, ge=1)
     """Load-aware speculation: vLLM proposes nothing in steps that run more sequences than this,
     where verifying drafts costs more compute than it saves (see docs/speculation.md)."""
@@ -166,10 +167,11 @@ class TierConfig(BaseModel):
                 f"({self.deployment.num_cpus:g}) must be at least tensor_parallel_size ({self.tensor_parallel_size})"
             )
         draft_tp = self.speculative.draft_tensor_parallel_size if self.speculative else None
-        if draft_tp not in (None, 1, self.tensor_parallel_size):
+        if draft_tp not in (None, self.tensor_parallel_size):
             raise ValueError(
-                f"speculative.draft_tensor_parallel_size must be 1 or tensor_parallel_size "
-                f"({self.tensor_parallel_size}), got {draft_tp}"
+                f"speculative.draft_tensor_parallel_size must equal tensor_parallel_size "
+                f"({self.tensor_parallel_size}), got {draft_tp}: vLLM's draft-model proposer shards the draft "
+                "like the target (it refuses other sizes at start-up); leave it unset"
             )
         return self
 

@@ -275,6 +275,7 @@ TIERSERVE = {
     "tierserve, token spans 1/16": {"token_spans": 16},
     "tierserve, token spans all": {"token_spans": "all"},
     "tierserve, direct ingress": {"direct_ingress": True},
+    "tierserve, stream interval 100 ms": {"stream_interval_ms": 100},
 }
 """tierserve's variants: the embedded default (guards on, tracing off), and one change each."""
 
@@ -293,6 +294,8 @@ def one_tier_config(system: str, port: int, receiver_port: int | None) -> Path:
     data.pop("routing", None)  # one tier: nothing to route between
     if "safety" in variant:
         data["safety"] = variant["safety"]
+    if "stream_interval_ms" in variant:
+        data["tiers"][0]["stream_interval_ms"] = variant["stream_interval_ms"]
     if "token_spans" in variant:
         endpoint = f"http://127.0.0.1:{receiver_port}"
         data["telemetry"] = {"exporter": "otlp", "endpoint": endpoint, "token_spans": variant["token_spans"]}
@@ -618,7 +621,9 @@ or a direct `AsyncLLM.generate` loop for the in-process row).
 - tierserve variants: the embedded default has the guards on and tracing off; "guards off"
   turns the guard chain off; "token spans" exports traces over OTLP (to a receiver that
   discards them) with a span for every token or one in 16; "direct ingress" is Serve's
-  `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy, the ingress replica serves HTTP itself.
+  `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy, the ingress replica serves HTTP itself;
+  "stream interval 100 ms" sets the tier's `stream_interval_ms`: after the first chunk, a
+  stream's tokens travel to the ingress at most every 100 ms, several to a message.
 
 """
     cpu = """

@@ -206,10 +206,18 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from tierserve.cluster.plan import plan_nodes
+    from tierserve.cluster.fit import require_fit
+    from tierserve.cluster.plan import pack, plan_nodes, stranded_gpus
 
     config = load_config(args.file)
-    plan_nodes(config)  # every replica fits a node type of the `cluster:` section
+    report = require_fit(config)  # every replica fits a node type, every GPU tier its GPUs' memory
+    if report.fits or report.unchecked:
+        print(report.text())
+    head, groups = plan_nodes(config)
+    for line in pack(config, head, groups, "max"):
+        print(f"at most replicas: {line} (raise the groups' max_workers to let autoscaling reach them)")
+    for line in stranded_gpus(config, groups):
+        print(f"warning: {line}")
     print(f"{args.file}: ok ({len(config.tiers)} tier(s): {', '.join(t.name for t in config.tiers)})")
     return 0
 

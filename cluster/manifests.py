@@ -22,10 +22,11 @@ from tierserve.cluster.config import AppConfig, ConfigError
 from tierserve.cluster.nodes import (
     CLUSTER_NAME,
     CLUSTER_NAME_MAX,
-    RAY_IMAGE,
+    IMAGE,
     RAY_VERSION,
     HeadNode,
     NodeType,
+    Volume,
     WorkerGroup,
 )
 from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
@@ -91,13 +92,44 @@ def _uses_gpus(config: AppConfig) -> bool:
 
 
 def image(config: AppConfig) -> str:
-    return config.cluster.image or (RAY_IMAGE + ("-gpu" if _uses_gpus(config) else ""))
+    return config.cluster.image or f"{IMAGE}-{'gpu' if _uses_gpus(config) else 'cpu'}"
 
 
 def setup_commands(config: AppConfig) -> list[str]:
-    if config.cluster.setup_commands is not None:
-        return list(config.cluster.setup_commands)
-    return [f'pip install "tierserve[{"gpu" if _uses_gpus(config) else "cpu"}]"']
+    return list(config.cluster.setup_commands)
+
+
+def node_paths(config: AppConfig) -> list[tuple[str, str]]:
+    """The absolute paths the deployments read on the nodes, with what reads them: tier and draft
+    checkpoints, the index store, a local embedder. Ids and `embedded:` models are not paths."""
+    out = []
+    for tier in config.tiers:
+        out.append((f"tier {tier.name!r}'s model", tier.model))
+        if tier.speculative is not None and tier.speculative.model:
+            out.append((f"tier {tier.name!r}'s draft", tier.speculative.model))
+    if config.rag.enabled:
+        out += [("rag.store", config.rag.store or ""), ("rag.embedder.model", config.rag.embedder.model)]
+    return [(what, path) for what, path in out if path.startswith("/")]
+
+
+def check_mounts(config: AppConfig, ray_up: bool) -> None:
+    """Every path of `node_paths` on a volume of `cluster.volumes` (one `ray up` can mount, with a
+    host_path, when `ray_up`) or under `cluster.paths_in_image`; ConfigError naming the others."""
+    cluster = config.cluster
+    problems = []
+    for what, path in node_paths(config):
+        if any(path == p or path.startswith(p.rstrip("/") + "/") for p in cluster.paths_in_image):
+            continue
+        volumes = [v for v in cluster.volumes if v.holds(path)]
+        if not volumes:
+            problems.append(f"  {what} {path} is on no volume (cluster.volumes) and not in cluster.paths_in_image")
+        elif ray_up and all(v.host_path is None for v in volumes):
+            names = ", ".join(v.name for v in volumes)
+            problems.append(
+                f"  {what} {path}: ray up cannot mount a PersistentVolumeClaim; give volume {names} a host_path"
+            )
+    if problems:
+        raise ConfigError("cluster: the nodes would not have these paths\n" + "\n".join(problems))
 
 
 def _custom_resources(node: NodeType) -> dict[str, int]:
@@ -129,6 +161,7 @@ def cluster_launcher(config: AppConfig) -> dict[str, Any]:
     tierserve installed by the setup commands, and a node type per node kind. Ray starts with
     `ray.env` in its environment, so Serve's own processes see it too."""
     head, groups = plan_nodes(config)
+    check_mounts(config, ray_up=True)
     env = "".join(f"{k}={shlex.quote(v)} " for k, v in config.ray.env.items())
     head_start = f"ulimit -n 65536; {env}ray start --head --port=6379 --dashboard-host=0.0.0.0"
     head_start += " --autoscaling-config=~/ray_bootstrap_config.yaml"
@@ -152,7 +185,12 @@ def cluster_launcher(config: AppConfig) -> dict[str, Any]:
         "image": image(config),
         "container_name": "ray_container",
         "pull_before_run": True,
-        "run_options": ["--ulimit nofile=65536:65536"],
+        "run_options": ["--ulimit nofile=65536:65536"]
+        + [
+            f"-v {shlex.quote(v.host_path)}:{shlex.quote(v.mount_path)}" + (":ro" if v.read_only else "")
+            for v in config.cluster.volumes
+            if v.host_path is not None
+        ],
     }
     if not local:
         out["head_node_type"] = "head"
@@ -172,9 +210,9 @@ def _ray_start_params(node: NodeType, gpus: int) -> dict[str, str]:
 
 
 def _pod_template(config: AppConfig, node: NodeType, container: str, ports: dict[str, int]) -> dict[str, Any]:
-    limits = {"cpu": str(node.cpus)}
-    if node.memory_gb is not None:
-        limits["memory"] = f"{node.memory_gb:g}Gi"
+    limits = {"cpu": str(node.ray_cpus())}  # what the node can give a pod (nodes.py: less what it keeps)
+    if node.ray_memory_gb() is not None:
+        limits["memory"] = f"{node.ray_memory_gb():g}Gi"
     if isinstance(node, WorkerGroup) and node.gpus:
         limits["nvidia.com/gpu"] = str(node.gpus)
     spec: dict[str, Any] = {"name": container, "image": image(config)}
@@ -185,13 +223,40 @@ def _pod_template(config: AppConfig, node: NodeType, container: str, ports: dict
         spec["env"] = [{"name": k, "value": v} for k, v in config.ray.env.items()]
     spec["ports"] = [{"containerPort": port, "name": name} for name, port in ports.items()]
     spec["resources"] = {"limits": limits, "requests": dict(limits)}
-    return {"spec": {"containers": [spec], **node.pod}}
+    volumes = config.cluster.volumes
+    if volumes:
+        spec["volumeMounts"] = [{"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only} for v in volumes]
+    pod: dict[str, Any] = {"containers": [spec]}
+    if volumes:
+        pod["volumes"] = [_pod_volume(v) for v in volumes]
+    instance = next((node.node_config[k] for k in INSTANCE_TYPE_KEYS if k in node.node_config), None)
+    if instance is not None:  # the node's instance type, a label every cloud's Kubernetes sets
+        pod["nodeSelector"] = {"node.kubernetes.io/instance-type": str(instance)}
+    if isinstance(node, WorkerGroup) and node.gpus:  # GPU node pools are tainted so that only GPU pods land
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for key, value in node.pod.items():  # the node's own pod keys win; its volumes add to tierserve's
+        pod[key] = pod.get(key, []) + value if key == "volumes" else value
+    return {"spec": pod}
+
+
+INSTANCE_TYPE_KEYS = ("InstanceType", "machineType", "vmSize")
+"""Where `ray up`'s node configs name the instance type: AWS, GCP, Azure."""
+
+
+def _pod_volume(volume: Volume) -> dict[str, Any]:
+    if volume.claim_name is not None:
+        return {
+            "name": volume.name,
+            "persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": volume.read_only},
+        }
+    return {"name": volume.name, "hostPath": {"path": volume.host_path, "type": "Directory"}}
 
 
 def ray_service(config: AppConfig) -> dict[str, Any]:
     """KubeRay's RayService: serve.yaml as `serveConfigV2`, the head and one worker group per node kind,
     and the in-tree autoscaler when a worker group may change size."""
     head, groups = plan_nodes(config)
+    check_mounts(config, ray_up=False)
     serve_port = {"serve": config.server.port}
     head_spec: dict[str, Any] = {"rayStartParams": {"dashboard-host": "0.0.0.0", **_ray_start_params(head, 0)}}
     if head.ray_labels():  # KubeRay v1.5+: labels are a field of the group, no longer a rayStartParam
@@ -253,7 +318,11 @@ FILES = {
 
 def render(config: AppConfig, out_dir: str | Path, source: str) -> list[Path]:
     """Write serve.yaml, cluster.yaml and rayservice.yaml for `config` (read from `source`) into
-    `out_dir`; every file is built before any is written, so a bad config writes nothing."""
+    `out_dir`; every file is built before any is written, so a bad config writes nothing, nor one
+    whose GPU tiers cannot start on their GPUs (cluster/fit.py)."""
+    from tierserve.cluster.fit import require_fit
+
+    require_fit(config)
     texts = {name: to_yaml(build(config)) for name, (build, _) in FILES.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

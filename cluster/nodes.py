@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tierserve.actors.placement import accelerator_resource
 
 RAY_VERSION = metadata.version("ray")
-RAY_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
-"""Ray's own image of the installed Ray release (tierserve pins it); `-gpu` is appended when a tier runs on GPUs."""
+IMAGE = f"tierserve:{metadata.version('tierserve')}"
+"""The image the repository's Dockerfile builds (Ray's image of the pinned release with tierserve
+installed); `-cpu` or `-gpu` is appended. Push it where the nodes can pull it and set `cluster.image`."""
 
 ACCELERATOR_LABEL = "ray.io/accelerator-type"
 """The node label Ray sets from the GPU it detects, e.g. 'A100'."""
@@ -28,6 +29,34 @@ CLUSTER_NAME_MAX = 47
 
 GROUP_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 """Worker group names become Kubernetes pod names: lowercase letters, digits and '-'."""
+
+
+DAEMONSET_CPUS = 0.5
+DAEMONSET_MEMORY_GB = 0.5
+EVICTION_MEMORY_GB = 0.1
+
+
+def system_cpus(cpus: int) -> float:
+    """CPUs a node keeps for its system, Kubernetes and per-node agents (GKE's kube-reserved
+    formula: 6% of the first core, 1% of the second, 0.5% of the next two, 0.25% above four;
+    plus `DAEMONSET_CPUS` for DaemonSets such as the GPU device plugin and log agents)."""
+    tiers = [(1, 0.06), (1, 0.01), (2, 0.005), (math.inf, 0.0025)]
+    return _graduated(cpus, tiers) + DAEMONSET_CPUS
+
+
+def system_memory_gb(memory_gb: float) -> float:
+    """Memory a node keeps (GKE's formula: 25% of the first 4 GiB, 20% of the next 4, 10% of the
+    next 8, 6% of the next 112, 2% above 128; plus the kubelet's eviction threshold and DaemonSets)."""
+    tiers = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (math.inf, 0.02)]
+    return _graduated(memory_gb, tiers) + EVICTION_MEMORY_GB + DAEMONSET_MEMORY_GB
+
+
+def _graduated(amount: float, tiers: list[tuple[float, float]]) -> float:
+    out, left = 0.0, amount
+    for size, share in tiers:
+        out += min(left, size) * share
+        left -= min(left, size)
+    return out
 
 
 def _ray_resources(
@@ -47,9 +76,16 @@ class NodeType(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cpus: int = Field(8, ge=1)
-    """Logical CPUs of the node: its CPU resource in `ray up`, its pod's CPU limit on Kubernetes."""
+    """CPUs of the machine (its instance type's vCPUs). Ray gets `ray_cpus` of them: what the system,
+    Kubernetes and per-node agents keep is set aside, so a pod asking for them fits the node."""
     memory_gb: float | None = Field(None, gt=0)
-    """Memory of the node in GiB (the pod's memory limit on Kubernetes); None leaves it to the node."""
+    """Memory of the machine in GiB; Ray and the pod get `ray_memory_gb` of it. None leaves it to
+    the node (and the pod asks for none)."""
+    reserved_cpus: float | None = Field(None, ge=0)
+    """CPUs kept for the system, Kubernetes and DaemonSets; default `system_cpus(cpus)` (about 0.6
+    of 16, 0.8 of 96). Set it from your nodes' allocatable capacity (`kubectl describe node`)."""
+    reserved_memory_gb: float | None = Field(None, ge=0)
+    """Memory kept likewise; default `system_memory_gb(memory_gb)` (6.1 GiB of 64, 30 of 1152)."""
     resources: dict[str, int] = Field(default_factory=dict)
     """Custom Ray resources the node offers (what `ray start --resources` gives), e.g. {"tier_large": 2}."""
     labels: dict[str, str] = Field(default_factory=dict)
@@ -75,9 +111,21 @@ class NodeType(BaseModel):
         validate_node_label_syntax(value)
         return value
 
+    def ray_cpus(self) -> int:
+        """The CPUs Ray and the node's pod get: the machine's less what it keeps, whole CPUs."""
+        kept = self.reserved_cpus if self.reserved_cpus is not None else system_cpus(self.cpus)
+        return max(1, math.floor(self.cpus - kept + 1e-9))
+
+    def ray_memory_gb(self) -> float | None:
+        """The memory Ray and the node's pod get, in GiB rounded down to a half."""
+        if self.memory_gb is None:
+            return None
+        kept = self.reserved_memory_gb if self.reserved_memory_gb is not None else system_memory_gb(self.memory_gb)
+        return max(0.5, math.floor((self.memory_gb - kept) * 2) / 2)
+
     def ray_resources(self) -> dict[str, int]:
         """Ray resources of one such node: CPUs, GPUs, memory in bytes, custom resources."""
-        return _ray_resources(self.cpus, 0, self.memory_gb, None, self.resources)
+        return _ray_resources(self.ray_cpus(), 0, self.ray_memory_gb(), None, self.resources)
 
     def ray_labels(self) -> dict[str, str]:
         """Ray node labels of one such node."""
@@ -101,6 +149,9 @@ class WorkerGroup(NodeType):
     accelerator_type: str | None = None
     """The GPU model ("L4", "A100", ...): the node offers the resource `accelerator_type:<type>` and the
     label ray.io/accelerator-type, as Ray gives a node with that GPU."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one of its GPUs in GiB, for the fit check (cluster/fit.py); default the table's
+    figure for its accelerator_type."""
     min_workers: int = Field(0, ge=0)
     """Nodes of this kind kept running."""
     max_workers: int = Field(1, ge=0)
@@ -115,12 +166,46 @@ class WorkerGroup(NodeType):
         return self
 
     def ray_resources(self) -> dict[str, int]:
-        return _ray_resources(self.cpus, self.gpus, self.memory_gb, self.accelerator_type, self.resources)
+        return _ray_resources(self.ray_cpus(), self.gpus, self.ray_memory_gb(), self.accelerator_type, self.resources)
 
     def ray_labels(self) -> dict[str, str]:
         if self.accelerator_type:
             return {ACCELERATOR_LABEL: self.accelerator_type, **self.labels}
         return dict(self.labels)
+
+
+class Volume(BaseModel):
+    """A directory every node's Ray container mounts at `mount_path`: checkpoints, the index store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=GROUP_NAME, max_length=63)
+    mount_path: str
+    """Where the container sees it; the config's paths (tier models, `rag.store`) lie under it."""
+    host_path: str | None = None
+    """A directory on each machine (a local disk, or an NFS/EFS/FSx mount the machine image or
+    `ray up`'s initialization commands set up): `ray up` mounts it into the container (docker
+    `-v`), KubeRay as a hostPath volume unless `claim_name` is set."""
+    claim_name: str | None = None
+    """KubeRay: a PersistentVolumeClaim (EFS, Filestore, an S3 CSI driver, ...) in the RayService's
+    namespace. `ray up` cannot mount one, so a volume the config's paths need there wants a host_path too."""
+    read_only: bool = True
+    """Checkpoints can be; the index store's volume cannot while `tierserve rag ingest` writes to it."""
+
+    @model_validator(mode="after")
+    def _source(self) -> Volume:
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"mount_path must be absolute, got {self.mount_path!r}")
+        if self.host_path is None and self.claim_name is None:
+            raise ValueError("a volume needs host_path (a directory on each machine) or claim_name (a PVC), or both")
+        return self
+
+    def holds(self, path: str) -> bool:
+        return _under(path, self.mount_path)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class ClusterConfig(BaseModel):
@@ -132,17 +217,26 @@ class ClusterConfig(BaseModel):
     """`ray up` cluster name and RayService name; default the application's `name`. KubeRay wants a
     DNS-1035 label of at most 47 characters."""
     image: str | None = None
-    """Container image of every node; default rayproject/ray:2.60.0-py311, with `-gpu` when a tier runs on GPUs."""
-    setup_commands: list[str] | None = None
-    """Shell commands that install tierserve on each node before Ray starts (`ray up`'s setup_commands;
-    on Kubernetes they run in the Ray container before `ray start`). Default: pip install "tierserve[gpu]"
-    when a tier runs on GPUs, else "tierserve[cpu]". [] when the image already has tierserve."""
+    """Container image of every node; default `tierserve:<version>-gpu` when a tier runs on GPUs, else
+    `-cpu`: the repository's Dockerfile builds them (docs/deployment.md). Set it to where you pushed yours."""
+    setup_commands: list[str] = Field(default_factory=list)
+    """Shell commands run on each node before Ray starts (`ray up`'s setup_commands; on Kubernetes in
+    the Ray container before `ray start`), e.g. installing your wheel into a plain Ray image. tierserve
+    is not on a package index: with an image that lacks it, install it here."""
     provider: dict[str, Any] = Field(default_factory=lambda: {"type": "aws", "region": "us-west-2"})
     """`ray up`'s provider block, passed untouched: set your cloud here. `type: local` (machines you list in
     head_ip / worker_ips) takes one kind of worker node."""
     auth: dict[str, Any] = Field(default_factory=dict)
     """`ray up`'s auth block (ssh_user, ssh_private_key, ...); empty: the provider's defaults."""
     head: HeadNode = Field(default_factory=HeadNode)
+    volumes: list[Volume] = Field(default_factory=list)
+    """Directories every node mounts (checkpoints, the index store); `deploy render` refuses a
+    config whose absolute paths lie on none of them and not under `paths_in_image`."""
+    paths_in_image: list[str] = Field(default_factory=list)
+    """Directories the container image itself holds (checkpoints baked into a custom `image`)."""
+    min_full_context_sequences: int = Field(1, ge=1)
+    """The fit check (cluster/fit.py) refuses a GPU tier whose KV cache holds fewer sequences of
+    its `max_model_len` at once than this; 1 is vLLM's own condition to start."""
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
     """Worker node kinds. Empty: derived from the deployments, one group per GPU tier and per deployment
     the head cannot hold (cluster/plan.py)."""

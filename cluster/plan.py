@@ -3,8 +3,10 @@
 A replica demands resources of the node it lands on: its CPUs and GPUs, custom resources, the
 `accelerator_type:<type>` resource of its accelerator type, and node labels. A GPU tier's replica
 is a placement group of one bundle per rank; under STRICT_PACK the bundles share one node, so
-that node needs all of the replica's GPUs. The check is per replica (can one replica start on
-an empty node of some type?), not the cluster's total capacity, which the autoscaler grows.
+that node needs all of the replica's GPUs. Two checks: can one replica start on an empty node
+of some type, and do all deployments' replicas fit the whole cluster together (`pack`: their
+fewest replicas must, or the config is refused; their most are reported by `tierserve config
+check` when the groups' `max_workers` cannot hold them).
 
 When the `cluster:` section names no worker groups they are derived: every deployment stays on
 the head while the head has room for all of its replicas, and gets a worker group of its own
@@ -49,7 +51,7 @@ def _options_demand(name: str, group: str, options: DeploymentOptions) -> Demand
     return Demand(name, group, need, options.replica_bounds(), dict(options.label_selector), options.accelerator_type)
 
 
-def _tier_demand(tier: TierConfig) -> Demand:
+def tier_demand(tier: TierConfig) -> Demand:
     name, group = f"tier {tier.name!r}", f"tier-{tier.name.replace('_', '-')}"
     if tier.accelerator == "cpu":
         return _options_demand(name, group, tier.deployment)
@@ -76,7 +78,7 @@ def demands(config: AppConfig) -> list[Demand]:
     out = [_options_demand("the ingress", "ingress", config.ingress.deployment)]
     if config.rag.enabled:
         out.append(_options_demand("the retriever", "retriever", config.rag.deployment))
-    return out + [_tier_demand(tier) for tier in config.tiers]
+    return out + [tier_demand(tier) for tier in config.tiers]
 
 
 def label_matches(selector: str, value: str | None) -> bool:
@@ -125,9 +127,12 @@ def _group_for(demand: Demand) -> WorkerGroup:
     accelerator = accelerator_resource(demand.accelerator_type) if demand.accelerator_type else None
     custom = {k: math.ceil(v) for k, v in demand.need.items() if k not in ("CPU", "GPU", accelerator)}
     gpus = math.ceil(demand.need.get("GPU", 0))
+    cpus = max(1, math.ceil(demand.need.get("CPU", 0)))
+    while NodeType(cpus=cpus).ray_cpus() < demand.need.get("CPU", 0):  # the machine also keeps some
+        cpus += 1
     return WorkerGroup(
         name=demand.group,
-        cpus=max(1, math.ceil(demand.need.get("CPU", 0))),
+        cpus=cpus,
         gpus=max(gpus, 1) if demand.accelerator_type else gpus,
         accelerator_type=demand.accelerator_type,
         resources=custom,
@@ -151,9 +156,80 @@ def derive_worker_groups(head: HeadNode, wanted: list[Demand]) -> list[WorkerGro
     return groups
 
 
+def _pieces(config: AppConfig) -> list[tuple[Demand, list[dict[str, float]]]]:
+    """Each deployment's demand with what one replica places on nodes: one piece, or one per
+    rank bundle for a GPU tier whose bundles may go to different nodes (not STRICT_PACK)."""
+    out = []
+    tiers = {f"tier {t.name!r}": t for t in config.tiers}
+    for demand in demands(config):
+        tier = tiers.get(demand.name)
+        spread = tier is not None and tier.accelerator == "gpu" and tier.placement_strategy != "STRICT_PACK"
+        out.append((demand, rank_bundles(tier) if spread else [demand.need]))
+    return out
+
+
+def pack(config: AppConfig, head: HeadNode, groups: list[WorkerGroup], at: str) -> list[str]:
+    """Place every replica of every deployment (its fewest replicas, `at="min"`, or its most,
+    `at="max"`) on the cluster at its largest (the head and `max_workers` nodes of each group),
+    the largest replicas first, each piece on the first node with the labels and the room it
+    asks for. Returns a line per deployment whose replicas did not all fit; empty when all did."""
+    nodes: list[tuple[NodeType, dict[str, float]]] = [(head, dict(head.ray_resources()))]
+    for group in groups:
+        nodes += [(group, dict(group.ray_resources())) for _ in range(group.max_workers)]
+    replicas = []
+    for demand, pieces in _pieces(config):
+        count = demand.replicas[0] if at == "min" else demand.replicas[1]
+        replicas += [(demand, pieces)] * count
+    replicas.sort(key=lambda r: (-sum(p.get("GPU", 0) for p in r[1]), -sum(p.get("CPU", 0) for p in r[1])))
+    missing: dict[str, list[int]] = {}
+    for demand, pieces in replicas:
+        taken = []  # (free, piece) placed so far, given back if the replica does not fit whole
+        for piece in pieces:
+            for node, free in nodes:
+                labels = node.ray_labels()
+                if all(label_matches(v, labels.get(k)) for k, v in demand.label_selector.items()) and all(
+                    amount <= free.get(key, 0) + 1e-9 for key, amount in piece.items()
+                ):
+                    for key, amount in piece.items():
+                        free[key] -= amount
+                    taken.append((free, piece))
+                    break
+        placed = len(taken) == len(pieces)
+        if not placed:
+            for free, piece in taken:
+                for key, amount in piece.items():
+                    free[key] += amount
+        count = missing.setdefault(demand.name, [0, 0])
+        count[0] += not placed
+        count[1] += 1
+    return [f"{name}: {lost} of {total} replicas find no room" for name, (lost, total) in missing.items() if lost]
+
+
+def stranded_gpus(config: AppConfig, groups: list[WorkerGroup]) -> list[str]:
+    """CPU deployments asking for part of a GPU on a group whose GPUs a GPU tier takes whole: the
+    rest of that GPU is then of no use to the tier (its replica needs whole GPUs)."""
+    gpu_tiers = [tier_demand(t) for t in config.tiers if t.accelerator == "gpu"]
+    out = []
+    for demand in demands(config):
+        part = demand.need.get("GPU", 0)
+        if not 0 < part < 1:
+            continue
+        for group in groups:
+            shared = [t.name for t in gpu_tiers if group.gpus and not shortfall(t, group)]
+            if group.gpus and shared and not shortfall(demand, group):
+                out.append(
+                    f"{demand.name} asks for {part:g} GPU and may land on {group.name}, whose GPUs "
+                    f"{' and '.join(shared)} {'takes' if len(shared) == 1 else 'take'} whole: pin it elsewhere "
+                    "(accelerator_type, label_selector, "
+                    "resources) or run it on CPUs"
+                )
+    return out
+
+
 def plan_nodes(config: AppConfig) -> tuple[HeadNode, list[WorkerGroup]]:
     """The head and the worker groups of the cluster; ConfigError naming each deployment that fits
-    no node type and what each node type lacks for it."""
+    no node type and what each node type lacks for it, or the deployments whose fewest replicas
+    do not fit the whole cluster together (`pack`)."""
     head, wanted = config.cluster.head, demands(config)
     groups = config.cluster.worker_groups or derive_worker_groups(head, wanted)
     nodes = [("head", head), *((group.name, group) for group in groups)]
@@ -165,4 +241,10 @@ def plan_nodes(config: AppConfig) -> tuple[HeadNode, list[WorkerGroup]]:
             problems.append(f"  {demand.name} fits no node type:\n" + "\n".join(where))
     if problems:
         raise ConfigError("cluster: a replica cannot be placed\n" + "\n".join(problems))
+    crowded = pack(config, head, groups, "min")
+    if crowded:
+        raise ConfigError(
+            "cluster: the deployments' fewest replicas do not fit on the head and every group's max_workers "
+            "nodes together\n  " + "\n  ".join(crowded)
+        )
     return head, groups

@@ -50,7 +50,7 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert small.name == tier_deployment_name("llama-8b")
     assert small._deployment_config.autoscaling_config.max_replicas == 8
     assert small.ray_actor_options["num_cpus"] == 4 and "num_gpus" not in small.ray_actor_options
-    assert small._replica_config.placement_group_bundles == [{"GPU": 1, "accelerator_type:L4": 0.001, "CPU": 4}]
+    assert small._replica_config.placement_group_bundles == [{"GPU": 1, "accelerator_type:L40S": 0.001, "CPU": 4}]
     tier_config, cache, tier_telemetry = small.init_args
     assert tier_telemetry == config.telemetry
     assert tier_config.engine["max_model_len"] == 16384
@@ -60,16 +60,16 @@ def test_each_tier_is_its_own_deployment_with_its_options():
     assert rag == config.rag and rag.routes["chat"].index == "handbook"
     shared = bound(retriever)
     assert shared.name == RETRIEVER_NAME and shared.num_replicas == 2
-    assert shared.ray_actor_options["num_gpus"] == 0.1
+    assert shared.ray_actor_options["num_cpus"] == 2 and not shared.ray_actor_options.get("num_gpus")
     assert shared.init_args == (config.rag, config.model_cache, config.telemetry)
 
     large = bound(handles["llama-70b"])
     assert large._deployment_config.autoscaling_config.max_replicas == 2
     rank = {"GPU": 1, "accelerator_type:A100": 0.001}
     first = {**rank, "CPU": 8, "tier_large": 1}
-    assert large._replica_config.placement_group_bundles == [first, rank, rank, rank]
+    assert large._replica_config.placement_group_bundles == [first] + [rank] * 7
     assert large._replica_config.placement_group_strategy == "STRICT_PACK"
-    assert large._replica_config.placement_group_bundle_label_selector == [{"pool": "large"}] * 4
+    assert large._replica_config.placement_group_bundle_label_selector == [{"pool": "large"}] * 8
 
 
 def test_builder_takes_the_config_inline():

