@@ -661,6 +661,13 @@ the run.
   much each system's serving processes take from the cores the model needs.
 - Ray Serve LLM runs the same engine behind the same kind of hops, with its own batching of
   streamed chunks.
+- "stream interval 100 ms" lets a stream's tokens travel to the ingress several to a message.
+  At these engine speeds (a token every 50-75 ms per stream) a message carries one or two, which
+  does not pay for the latency it adds to every chunk: keep `stream_interval_ms` at 0 here and
+  try it where an engine produces tokens faster than the gateway relays them.
+- The input guards cost per request (Presidio and the injection classifier's embedding of the
+  prompt, tens of milliseconds), so per output token they weigh more on short answers like these
+  64-token ones; "guards off" shows tierserve without them.
 """
     doc.write_text(header + table(results) + cpu + cpu_table(results) + "\n" + reading)
     if profile is not None:

@@ -57,13 +57,17 @@ def test_the_fit_estimate_matches_vllms_kv_cache(llm, checkpoint):
 
 
 def test_faiss_searches_on_the_gpu_as_on_the_cpu():
+    """tierserve's own move of a flat index to the GPU (rag/indexes.py `to_gpu`, what the retriever
+    does on opening an index): it lands there and finds what the CPU index finds."""
     faiss = pytest.importorskip("faiss")
     if faiss.get_num_gpus() == 0:
         pytest.skip("faiss without GPU support (install faiss-gpu)")
+    from tierserve.rag.indexes import to_gpu
+
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((10_000, 384)).astype("float32")
     queries = rng.standard_normal((16, 384)).astype("float32")
     cpu = faiss.IndexFlatIP(384)
     cpu.add(vectors)
-    gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
-    assert (cpu.search(queries, 5)[1] == gpu.search(queries, 5)[1]).all()
+    gpu, on_gpu = to_gpu(cpu, "flat", None)
+    assert on_gpu and (cpu.search(queries, 5)[1] == gpu.search(queries, 5)[1]).all()
