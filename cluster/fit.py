@@ -24,6 +24,7 @@ should keep a margin above `min_full_context_sequences` full sequences.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from tierserve.cluster.config import AppConfig, ConfigError
 from tierserve.cluster.nodes import WorkerGroup
 
 GIB = 2**30
+logger = logging.getLogger("tierserve.cluster")
 
 ACCELERATOR_MEMORY_GIB: dict[str, float] = {
     "T4": 15.0,
@@ -171,7 +173,11 @@ def model_shape(model: str) -> ModelShape | None:
 
     path = Path(model)
     if (path / "config.json").is_file():
-        return ModelShape.from_hf_config(AutoConfig.from_pretrained(path), str(path / "config.json"))
+        try:
+            return ModelShape.from_hf_config(AutoConfig.from_pretrained(path), str(path / "config.json"))
+        except Exception as exc:  # an architecture transformers cannot build here (remote code, say)
+            logger.warning("fit check: cannot read %s/config.json (%s); not checked", path, exc)
+            return None
     known = KNOWN_CHECKPOINTS.get(path.name.lower())
     if known is None:
         return None

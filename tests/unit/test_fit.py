@@ -126,6 +126,8 @@ def test_the_checkpoints_config_json_is_read(tmp_path):
     assert shape.parameters == expected and shape.embedding_parameters == 2 * 1000 * 64
     assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype) == (3, 2, 16, "float16")
     assert model_shape(str(tmp_path / "absent")) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert model_shape(str(tmp_path)) is None  # listed as not checked, not a crash
 
 
 def test_known_checkpoints_have_their_published_sizes():
