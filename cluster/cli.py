@@ -210,10 +210,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from tierserve.cluster.plan import pack, plan_nodes, stranded_gpus
 
     config = load_config(args.file)
-    report = require_fit(config)  # every replica fits a node type, every GPU tier its GPUs' memory
+    head, groups = plan_nodes(config)  # every replica fits a node type, the fewest fit together
+    report = require_fit(config, groups)  # every GPU tier fits its GPUs' memory
     if report.fits or report.unchecked:
         print(report.text())
-    head, groups = plan_nodes(config)
     for line in pack(config, head, groups, "max"):
         print(f"at most replicas: {line} (raise the groups' max_workers to let autoscaling reach them)")
     for line in stranded_gpus(config, groups):

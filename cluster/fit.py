@@ -33,6 +33,7 @@ from typing import Any
 from tierserve.actors.config import TierConfig
 from tierserve.cluster.config import AppConfig, ConfigError
 from tierserve.cluster.nodes import WorkerGroup
+from tierserve.cluster.plan import shortfall, tier_demand
 
 GIB = 2**30
 logger = logging.getLogger("tierserve.cluster")
@@ -190,7 +191,7 @@ def _dtype_bytes(dtype: str, shape: ModelShape) -> float:
     """Bytes of one weight in the engine's dtype: 'auto' keeps a 16-bit checkpoint's and runs a
     float32 one in bfloat16 (vLLM's rule on GPUs)."""
     if dtype == "auto":
-        return 2 if DTYPE_BYTES.get(shape.dtype, 2) == 4 else DTYPE_BYTES.get(shape.dtype, 2)
+        return min(2, DTYPE_BYTES.get(shape.dtype, 2))
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"engine.dtype {dtype!r} is not one of {', '.join(sorted(DTYPE_BYTES))} or auto")
     return DTYPE_BYTES[dtype]
@@ -372,8 +373,6 @@ def check_fit(
     """The fit of each GPU tier on each worker group whose nodes Ray may place it on (`groups`,
     as `plan_nodes` returns them). `shapes` maps model paths to their shape (tests pass their
     own); missing ones are looked up with `model_shape`."""
-    from tierserve.cluster.plan import shortfall, tier_demand
-
     shapes = dict(shapes or {})
 
     def shape_of(model: str) -> ModelShape | None:
@@ -422,12 +421,9 @@ def check_fit(
     return report
 
 
-def require_fit(config: AppConfig) -> FitReport:
-    """The fit report of the config's cluster (`plan_nodes`' node types); ConfigError with the
-    report when a GPU tier cannot start on a node type Ray may place it on."""
-    from tierserve.cluster.plan import plan_nodes
-
-    _, groups = plan_nodes(config)
+def require_fit(config: AppConfig, groups: list[WorkerGroup]) -> FitReport:
+    """The fit report on the cluster's worker groups (as `plan_nodes` returns them); ConfigError
+    with the report when a GPU tier cannot start on a node type Ray may place it on."""
     report = check_fit(config, groups)
     if not report.ok:
         raise ConfigError("a GPU tier's engine cannot start (vLLM would refuse):\n" + report.text())

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from tierserve.cluster.config import AppConfig, ConfigError
+from tierserve.cluster.fit import require_fit
 from tierserve.cluster.nodes import (
     CLUSTER_NAME,
     CLUSTER_NAME_MAX,
@@ -28,6 +29,7 @@ from tierserve.cluster.nodes import (
     NodeType,
     Volume,
     WorkerGroup,
+    under,
 )
 from tierserve.cluster.ops import INGRESS_NAME, RETRIEVER_NAME, tier_deployment_name
 from tierserve.cluster.plan import plan_nodes
@@ -118,7 +120,7 @@ def check_mounts(config: AppConfig, ray_up: bool) -> None:
     cluster = config.cluster
     problems = []
     for what, path in node_paths(config):
-        if any(path == p or path.startswith(p.rstrip("/") + "/") for p in cluster.paths_in_image):
+        if any(under(path, root) for root in cluster.paths_in_image):
             continue
         volumes = [v for v in cluster.volumes if v.holds(path)]
         if not volumes:
@@ -223,11 +225,10 @@ def _pod_template(config: AppConfig, node: NodeType, container: str, ports: dict
         spec["env"] = [{"name": k, "value": v} for k, v in config.ray.env.items()]
     spec["ports"] = [{"containerPort": port, "name": name} for name, port in ports.items()]
     spec["resources"] = {"limits": limits, "requests": dict(limits)}
+    pod: dict[str, Any] = {"containers": [spec]}
     volumes = config.cluster.volumes
     if volumes:
         spec["volumeMounts"] = [{"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only} for v in volumes]
-    pod: dict[str, Any] = {"containers": [spec]}
-    if volumes:
         pod["volumes"] = [_pod_volume(v) for v in volumes]
     instance = next((node.node_config[k] for k in INSTANCE_TYPE_KEYS if k in node.node_config), None)
     if instance is not None:  # the node's instance type, a label every cloud's Kubernetes sets
@@ -320,9 +321,7 @@ def render(config: AppConfig, out_dir: str | Path, source: str) -> list[Path]:
     """Write serve.yaml, cluster.yaml and rayservice.yaml for `config` (read from `source`) into
     `out_dir`; every file is built before any is written, so a bad config writes nothing, nor one
     whose GPU tiers cannot start on their GPUs (cluster/fit.py)."""
-    from tierserve.cluster.fit import require_fit
-
-    require_fit(config)
+    require_fit(config, plan_nodes(config)[1])
     texts = {name: to_yaml(build(config)) for name, (build, _) in FILES.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -201,10 +201,11 @@ class Volume(BaseModel):
         return self
 
     def holds(self, path: str) -> bool:
-        return _under(path, self.mount_path)
+        return under(path, self.mount_path)
 
 
-def _under(path: str, root: str) -> bool:
+def under(path: str, root: str) -> bool:
+    """Whether `path` is the directory `root` or lies below it."""
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 

@@ -21,6 +21,7 @@ from tierserve.cluster.fit import (
 )
 from tierserve.cluster.manifests import render
 from tierserve.cluster.nodes import WorkerGroup
+from tierserve.cluster.plan import plan_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,7 +155,7 @@ def test_70b_at_tp4_on_40gb_a100s_is_refused_with_its_numbers():
         [{"name": "a100", "cpus": 96, "gpus": 8, "accelerator_type": "A100"}],
     )
     with pytest.raises(ConfigError) as refused:
-        require_fit(config)
+        require_fit(config, plan_nodes(config)[1])
     text = str(refused.value)
     # 70.55e9 bf16 parameters over 4 ranks: 32.85 GiB of the 36 GiB usable (0.9 x 40 GiB)
     assert "does not fit" in text and "weights        32.85 GiB per GPU" in text and "usable         36.00" in text
@@ -185,7 +186,8 @@ def test_a_draft_with_another_vocabulary_is_refused():
 
 
 def test_the_shipped_gpu_config_fits_and_its_check_prints_the_report():
-    report = require_fit(load_config(REPO / "configs" / "gpu.yaml", check_engine=False))
+    config = load_config(REPO / "configs" / "gpu.yaml", check_engine=False)
+    report = require_fit(config, plan_nodes(config)[1])
     assert report.ok and {(f.tier, f.node) for f in report.fits} == {("llama-8b", "l40s"), ("llama-70b", "a100")}
     out = subprocess.run(
         [sys.executable, "-m", "tierserve.cluster.cli", "config", "check", str(REPO / "configs" / "gpu.yaml")],
