@@ -334,7 +334,9 @@ def _suggestions(tier: TierConfig, fit: Fit, shape: ModelShape, draft: ModelShap
     if longest >= 1024:
         out.append(f"engine.max_model_len {longest} (or less) fits at tensor_parallel_size {fit.ranks}")
     for ranks in (2, 4, 8, 16):
-        if ranks > fit.ranks and shape.kv_heads % ranks in (0, shape.kv_heads) and estimate(*args, ranks=ranks).ok:
+        # vLLM shards KV heads evenly, or replicates them when the ranks are a multiple of them
+        shardable = shape.kv_heads % ranks == 0 or ranks % shape.kv_heads == 0
+        if ranks > fit.ranks and shardable and estimate(*args, ranks=ranks).ok:
             out.append(f"tensor_parallel_size {ranks} fits (the draft's too)")
             break
     larger = sorted((gib, name) for name, gib in ACCELERATOR_MEMORY_GIB.items() if gib > fit.gpu_gib)

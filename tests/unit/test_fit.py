@@ -207,3 +207,13 @@ def test_render_writes_nothing_for_a_tier_that_cannot_start(tmp_path):
     with pytest.raises(ConfigError, match="cannot start"):
         render(config, tmp_path / "out", "test")
     assert not (tmp_path / "out").exists()
+
+
+def test_more_ranks_are_suggested_only_where_vllm_can_shard_the_kv_heads():
+    """6 KV heads split over 2 ranks, not over 4 or 8 (neither divides nor is a multiple of 6)."""
+    six = ModelShape(**{**ROUND.__dict__, "kv_heads": 6, "parameters": 12 * 2**30})  # 24 GiB of bf16 weights
+    for gib, expected in [(16, "tensor_parallel_size 2 fits"), (8, None)]:
+        config = app(gpu_tier(max_model_len=8192), [{"name": "g", "gpus": 8, "gpu_memory_gb": gib}])
+        (fit,) = check_fit(config, config.cluster.worker_groups, {"/m": six}).fits
+        tp = [s for s in fit.suggestions if s.startswith("tensor_parallel_size")]
+        assert not fit.ok and tp == ([f"{expected} (the draft's too)"] if expected else [])
