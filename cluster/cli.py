@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 
 from tierserve.cluster.config import AppConfig, ConfigError, load_config, model_cache_dir
+from tierserve.cluster.key_commands import add_key_commands
 from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError
 from tierserve.cluster.rag_commands import add_rag_commands
 
@@ -227,8 +228,11 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
     from tierserve.cluster.manifests import render
 
     source = args.config or "the embedded config"
-    for path in render(load_config(args.config), args.out, source):
+    config = load_config(args.config)
+    for path in render(config, args.out, source):
         print(f"wrote {path}")
+    if not config.ingress.auth.enabled:
+        print("note: ingress.auth is on in these files (a cluster serves beyond this machine): docs/security.md")
     return 0
 
 
@@ -241,6 +245,12 @@ def cmd_deploy_apply(args: argparse.Namespace) -> int:
     from tierserve.cluster.ops import ServeAdmin, format_status, status_rows
 
     config = load_config(args.config)
+    if not config.ingress.auth.enabled:
+        print(
+            "tierserve: warning: ingress.auth.enabled is false: anyone who reaches the cluster's HTTP port "
+            "may use every tier (docs/security.md)",
+            file=sys.stderr,
+        )
     admin = ServeAdmin(args.address)
     sent = time.time()
     admin.deploy(serve_config(config))
@@ -434,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_router_calibrate)
 
     add_rag_commands(sub)
+    add_key_commands(sub)
     return p
 
 

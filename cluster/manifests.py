@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -37,6 +38,20 @@ from tierserve.core.config import DeploymentOptions
 
 IMPORT_PATH = "tierserve.cluster.app:build_app"
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+RAY_TOKEN_FILE = "~/.ray/auth_token"
+"""Where Ray's clients and `ray start` look for its token (`ray get-auth-token --generate` writes it)."""
+RAY_TOKEN_ENV = {"RAY_AUTH_MODE": "token"}
+"""Ray's token authentication, on every node of a rendered cluster."""
+
+
+def for_cluster(config: AppConfig) -> AppConfig:
+    """The config as a cluster deploy runs it: API keys on (`ingress.auth.enabled`), whatever the
+    config says, since a cluster serves beyond one machine (docs/security.md)."""
+    auth = config.ingress.auth
+    if auth.enabled:
+        return config
+    ingress = config.ingress.model_copy(update={"auth": auth.model_copy(update={"enabled": True})})
+    return config.model_copy(update={"ingress": ingress})
 
 
 def app_args(config: AppConfig) -> dict[str, Any]:
@@ -111,6 +126,9 @@ def node_paths(config: AppConfig) -> list[tuple[str, str]]:
             out.append((f"tier {tier.name!r}'s draft", tier.speculative.model))
     if config.rag.enabled:
         out += [("rag.store", config.rag.store or ""), ("rag.embedder.model", config.rag.embedder.model)]
+    auth = config.ingress.auth
+    if auth.enabled:
+        out += [("ingress.auth.store", auth.store or ""), ("ingress.auth.audit_log", auth.audit_log or "")]
     return [(what, path) for what, path in out if path.startswith("/")]
 
 
@@ -164,8 +182,9 @@ def cluster_launcher(config: AppConfig) -> dict[str, Any]:
     `ray.env` in its environment, so Serve's own processes see it too."""
     head, groups = plan_nodes(config)
     check_mounts(config, ray_up=True)
-    env = "".join(f"{k}={shlex.quote(v)} " for k, v in config.ray.env.items())
-    head_start = f"ulimit -n 65536; {env}ray start --head --port=6379 --dashboard-host=0.0.0.0"
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in {**config.ray.env, **RAY_TOKEN_ENV}.items())
+    dashboard = shlex.quote(config.cluster.dashboard_host)
+    head_start = f"ulimit -n 65536; {env}ray start --head --port=6379 --dashboard-host={dashboard}"
     head_start += " --autoscaling-config=~/ray_bootstrap_config.yaml"
     worker_start = f"ulimit -n 65536; {env}ray start --address=$RAY_HEAD_IP:6379"
     out: dict[str, Any] = {"cluster_name": cluster_name(config)}
@@ -197,6 +216,10 @@ def cluster_launcher(config: AppConfig) -> dict[str, Any]:
     if not local:
         out["head_node_type"] = "head"
         out["available_node_types"] = {"head": _node_type(head), **{g.name: _node_type(g) for g in groups}}
+    # Ray's token, generated on the machine that runs `ray up` (`ray get-auth-token --generate`),
+    # copied to every node; the server secret API keys are hashed with lies beside the key store,
+    # on a shared volume (docs/security.md).
+    out["file_mounts"] = {RAY_TOKEN_FILE: RAY_TOKEN_FILE}
     out["setup_commands"] = setup_commands(config)
     out["head_start_ray_commands"] = ["ray stop", head_start]
     out["worker_start_ray_commands"] = ["ray stop", worker_start]
@@ -221,8 +244,15 @@ def _pod_template(config: AppConfig, node: NodeType, container: str, ports: dict
     setup = setup_commands(config)
     if setup:  # KubeRay runs the container's args, then `&& ray start ...`
         spec["args"] = [" && ".join(setup)]
-    if config.ray.env:
-        spec["env"] = [{"name": k, "value": v} for k, v in config.ray.env.items()]
+    secrets = config.cluster.secrets
+    spec["env"] = [{"name": k, "value": v} for k, v in {**config.ray.env, **RAY_TOKEN_ENV}.items()]
+    spec["env"] += [  # references to the secrets, never their values
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": secrets.ray_token, "key": "auth_token"}}},
+        {
+            "name": config.ingress.auth.secret_env,
+            "valueFrom": {"secretKeyRef": {"name": secrets.tierserve, "key": "server-secret"}},
+        },
+    ]
     spec["ports"] = [{"containerPort": port, "name": name} for name, port in ports.items()]
     spec["resources"] = {"limits": limits, "requests": dict(limits)}
     pod: dict[str, Any] = {"containers": [spec]}
@@ -310,7 +340,8 @@ def to_yaml(data: dict[str, Any]) -> str:
 FILES = {
     "serve.yaml": (
         serve_config,
-        "Ray Serve config. On a running Ray cluster: serve deploy serve.yaml --address http://HEAD:8265",
+        "Ray Serve config. On a running Ray cluster: serve deploy serve.yaml --address http://127.0.0.1:8265 "
+        "(the dashboard through `ray dashboard cluster.yaml`, or `kubectl port-forward`)",
     ),
     "cluster.yaml": (cluster_launcher, "Ray cluster launcher config: ray up cluster.yaml, then deploy serve.yaml"),
     "rayservice.yaml": (ray_service, "KubeRay RayService: kubectl apply -f rayservice.yaml"),
@@ -320,7 +351,9 @@ FILES = {
 def render(config: AppConfig, out_dir: str | Path, source: str) -> list[Path]:
     """Write serve.yaml, cluster.yaml and rayservice.yaml for `config` (read from `source`) into
     `out_dir`; every file is built before any is written, so a bad config writes nothing, nor one
-    whose GPU tiers cannot start on their GPUs (cluster/fit.py)."""
+    whose GPU tiers cannot start on their GPUs (cluster/fit.py). API keys are on in them
+    (`for_cluster`); the files are readable by their owner only."""
+    config = for_cluster(config)
     require_fit(config, plan_nodes(config)[1])
     texts = {name: to_yaml(build(config)) for name, (build, _) in FILES.items()}
     out = Path(out_dir)
@@ -328,6 +361,10 @@ def render(config: AppConfig, out_dir: str | Path, source: str) -> list[Path]:
     written = []
     for name, (_, what) in FILES.items():
         header = f"# {what}\n# Written by `tierserve deploy render` from {source}: edit that file and render again.\n"
-        (out / name).write_text(header + texts[name])
+        path = out / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+        with os.fdopen(fd, "w") as f:
+            f.write(header + texts[name])
         written.append(out / name)
     return written

@@ -209,6 +209,18 @@ def under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+class ClusterSecrets(BaseModel):
+    """Names of the Kubernetes secrets a RayService reads; create them before `kubectl apply`
+    (docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_token: str = Field("ray-auth-token", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Ray's token (key `auth_token`): Ray's token authentication is on in every pod."""
+    tierserve: str = Field("tierserve-auth", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """The server secret API keys are hashed with (key `server-secret`), as `ingress.auth.secret_env`."""
+
+
 class ClusterConfig(BaseModel):
     """The cluster `tierserve deploy render` writes deploy files for (docs/deployment.md)."""
 
@@ -238,6 +250,13 @@ class ClusterConfig(BaseModel):
     min_full_context_sequences: int = Field(1, ge=1)
     """The fit check (cluster/fit.py) refuses a GPU tier whose KV cache holds fewer sequences of
     its `max_model_len` at once than this; 1 is vLLM's own condition to start."""
+    dashboard_host: str = "127.0.0.1"
+    """Where `ray up`'s head binds Ray's dashboard and Jobs API (which run code for whoever reaches
+    them): localhost, reached through `ray dashboard cluster.yaml`'s SSH tunnel. KubeRay's operator
+    must reach the dashboard from outside the pod, so the RayService binds it to the pod's
+    interfaces and relies on Ray's token auth and the cluster's network policy."""
+    secrets: ClusterSecrets = Field(default_factory=lambda: ClusterSecrets())
+    """The Kubernetes secrets the RayService reads (the files hold references, never values)."""
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
     """Worker node kinds. Empty: derived from the deployments, one group per GPU tier and per deployment
     the head cannot hold (cluster/plan.py)."""

@@ -287,10 +287,13 @@ class ServeAdmin:
         raise OpsError(f"{app!r} is not running after {timeout_s:g}s: {last}")
 
 
-def ingress_tiers(url: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """The ingress's `GET /v1/tiers` at `url` (the service's base, e.g. http://127.0.0.1:8000)."""
+def ingress_tiers(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> list[dict[str, Any]]:
+    """The ingress's `GET /v1/tiers` at `url` (the service's base, e.g. http://127.0.0.1:8000),
+    with an admin-scope API key when auth is on (default `$TIERSERVE_API_KEY`)."""
+    api_key = api_key or os.environ.get("TIERSERVE_API_KEY")
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        r = httpx.get(url.rstrip("/").removesuffix("/v1") + "/v1/tiers", timeout=timeout_s)
+        r = httpx.get(url.rstrip("/").removesuffix("/v1") + "/v1/tiers", timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
         raise OpsError(f"cannot reach tierserve at {url}: {exc}") from None
     if r.status_code != 200:

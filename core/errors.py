@@ -103,3 +103,38 @@ class RequestTimeout(TierServeError):
     status_code = 504
     error_type = "timeout_error"
     default_code = "timeout"
+
+
+class Unauthenticated(TierServeError):
+    """No API key, or one that is unknown, revoked or malformed (401)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(TierServeError):
+    """The API key is valid but may not do this: a tier it may not use, an admin route (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
+class RateLimited(TierServeError):
+    """A per-key limit is reached (requests or tokens per minute, concurrent streams, or too many
+    failed authentications); retry after `retry_after_s` (429)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+    default_retry_after_s = 1.0
+
+
+class QuotaExceeded(TierServeError):
+    """The API key spent its budget for the period (429, OpenAI's `insufficient_quota`); it
+    renews when the period does (`retry_after_s`)."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"

@@ -25,16 +25,9 @@ from tierserve.rag.grounding import Grounding, grounding, sentences
 from tierserve.rag.metrics import RetrieverMetrics
 from tierserve.rag.snapshot import IndexMismatch, IndexNotFound, IndexSnapshot
 from tierserve.rag.store import IndexStore
-from tierserve.rag.types import Hit, Retrieval, RetrievalQuery
+from tierserve.rag.types import Hit, IndexUnavailable, Retrieval, RetrievalQuery
 
 logger = logging.getLogger("tierserve.rag")
-
-
-class IndexUnavailable(TierServeError):
-    """The request names an index the store does not have (404)."""
-
-    status_code = 404
-    default_code = "index_not_found"
 
 
 class IndexConflict(TierServeError):
@@ -105,16 +98,15 @@ class Retriever:
                 return loaded.snapshot
             current = self.store.current(name)
             if current is None:
-                known = ", ".join(self.store.names()) or "none"
-                raise IndexUnavailable(f"no index named {name!r} (indexes: {known})", "retrieval.index")
+                raise IndexUnavailable.named(name)
             if loaded is not None and loaded.snapshot.version == current:
                 loaded.checked = time.monotonic()
                 return loaded.snapshot
             try:
                 snapshot = await asyncio.to_thread(self.store.open, name, self.config.index.use_gpu)
                 snapshot.manifest.check_embedder(self.embedder.signature, self.embedder.dimension)
-            except IndexNotFound as exc:
-                raise IndexUnavailable(str(exc), "retrieval.index") from None
+            except IndexNotFound:
+                raise IndexUnavailable.named(name) from None
             except IndexMismatch as exc:
                 raise IndexConflict(str(exc), "retrieval.index") from None
             if loaded is not None:

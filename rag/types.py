@@ -13,6 +13,21 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from tierserve.core.errors import TierServeError
+
+
+class IndexUnavailable(TierServeError):
+    """The request names an index the store does not have, or one its API key may not read: the
+    two answers are the same (404), so a caller learns no index's name from it."""
+
+    status_code = 404
+    default_code = "index_not_found"
+
+    @classmethod
+    def named(cls, name: str) -> IndexUnavailable:
+        return cls(f"no index named {name!r}", "retrieval.index")
+
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """What SQLite (the chunk table a filter is matched in) can bind as an integer."""
 

@@ -35,6 +35,51 @@ class RequestLimits(BaseModel):
     """Token ids in `stop_token_ids`."""
 
 
+class FailedAuthLimit(BaseModel):
+    """How many failed authentications one client address may make in a window before it is
+    refused with 429 `too_many_failed_authentications` (its keys are not checked) until the
+    window ends: guessing keys is slowed to this rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_failures: int = Field(10, ge=1)
+    window_s: float = Field(60.0, gt=0)
+    max_clients: int = Field(10_000, ge=1)
+    """Client addresses remembered at once (the oldest are forgotten first): bounded memory."""
+
+
+class AuthConfig(BaseModel):
+    """Who may call: API keys checked at the ingress (docs/security.md). Off only in the
+    embedded config (a warning at start); `tierserve deploy render` turns it on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    """Require `Authorization: Bearer <key>` on every route but `/health` (and `api_key=` on
+    handle calls); the admin routes (`/v1/tiers`, `/v1/indexes`, `/docs`, `/openapi.json`)
+    need a key with the admin scope."""
+    store: str | None = None
+    """The key store (SQLite file) that `tierserve keys` writes and the ingress reads; default
+    `<model cache>/auth/keys.db`. Every ingress replica must see the same file."""
+    secret_env: str = "TIERSERVE_AUTH_SECRET"
+    """The environment variable holding the server secret that keys are hashed with (HMAC);
+    when it is unset, the secret is read from `secret_file`."""
+    secret_file: str | None = None
+    """The server secret's file; default `keys.secret` beside the store, created (mode 0600) by
+    the first `tierserve keys create` or ingress start that finds none."""
+    refresh_s: float = Field(2.0, gt=0)
+    """How often the ingress rereads the store (revocations, new keys) and records the usage
+    that budgets count: a revoked key stops working within this time."""
+    failed: FailedAuthLimit = Field(default_factory=FailedAuthLimit)
+    audit: bool = True
+    """One JSON line per request: key id, tier, reason, tokens, cost, latency, guard findings by
+    type, outcome, a keyed hash of the prompt; never its text."""
+    audit_log: str | None = None
+    """Where the audit lines go: a file (appended, mode 0600, each line written through: reopen
+    it after rotating), `stderr` (the replica process's own, for a log collector), or None:
+    `audit.jsonl` beside the key store."""
+
+
 class IngressConfig(BaseModel):
     """The OpenAI-compatible front door."""
 
@@ -42,6 +87,8 @@ class IngressConfig(BaseModel):
 
     limits: RequestLimits = Field(default_factory=RequestLimits)
     """Bounds on one request (checked first, before any work is spent on it)."""
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys, per-key limits and the audit log (docs/security.md)."""
 
     default_tier: str | None = None
     """The tier `model: auto` goes to; the first tier when unset."""

@@ -1,5 +1,6 @@
-"""The OpenAI HTTP surface's plumbing: the FastAPI app the ingress deployment serves, its body
-limit, its error responses in the OpenAI schema, and server-sent events.
+"""The OpenAI HTTP surface's plumbing: the FastAPI app the ingress deployment serves, its gate
+(API keys, the admin scope, the audit line), its body limit, its error responses in the OpenAI
+schema, and server-sent events.
 
 The routes themselves are the `Ingress` deployment's methods (`tierserve.router.ingress`); what
 a request goes through is `tierserve.router.pipeline`.
@@ -22,6 +23,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierserve.core.errors import TierServeError
+from tierserve.router.access import ANONYMOUS, Access, Principal
+from tierserve.router.audit import Auditor, AuditRecord
 from tierserve.router.config import RequestLimits
 from tierserve.router.pipeline import new_request_id
 from tierserve.router.protocol import body_too_large, validation_error
@@ -65,6 +68,103 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
+
+ADMIN_ROUTES = ("/v1/tiers", "/v1/indexes", "/docs", "/openapi.json")
+"""Routes (and what lies under them) that need the admin scope when auth is on."""
+OPEN_ROUTES = ("/health",)
+"""Routes anyone may call; what they tell depends on the key (`/health`: up or down only)."""
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The request's path under the application's route prefix."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
+
+
+def bearer(scope: dict[str, Any]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if any."""
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class Gate:
+    """ASGI middleware in front of every route (outside the body limit): who is calling, whether
+    they may call this route, and the request's audit line when its response ends.
+
+    With auth on, every route but `OPEN_ROUTES` needs a valid API key (401 with
+    `WWW-Authenticate: Bearer` otherwise, before the body is read) and `ADMIN_ROUTES` the admin
+    scope (403); an unknown path needs a key too, so the anonymous learn no route. The caller's
+    `Principal` and the `AuditRecord` go to the route in `request.state` (`principal_of`,
+    `audit_of`)."""
+
+    access: Access | None = None
+    auditor: Auditor | None = None
+    """Both set by the `Ingress` constructor (one per replica process)."""
+
+    def __init__(self, asgi: Any):
+        self.asgi = asgi
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        access, auditor = Gate.access, Gate.auditor
+        if scope["type"] != "http" or access is None or auditor is None:
+            return await self.asgi(scope, receive, send)
+        path = route_path(scope)
+        client = (scope.get("client") or ("",))[0] or ""
+        record = AuditRecord(f"{scope.get('method', '')} {path}", client)
+        state = scope.setdefault("state", {})
+        state["audit"] = record
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            try:
+                principal = self._principal(access, scope, path, client)
+            except TierServeError as exc:
+                record.failed(exc.status_code, exc.code)
+                headers = {"www-authenticate": "Bearer"} if exc.status_code == 401 else None
+                return await error_response(exc, headers)(scope, receive, sent)
+            if principal is not None:
+                record.key_id, record.key_name = principal.key_id, principal.name if principal.key_id else None
+            state["principal"] = principal
+            await self.asgi(scope, receive, sent)
+        finally:
+            auditor.write(record)
+
+    @staticmethod
+    def _principal(access: Access, scope: dict[str, Any], path: str, client: str) -> Principal | None:
+        token = bearer(scope)
+        if path in OPEN_ROUTES:
+            if not access.enabled:
+                return ANONYMOUS
+            try:
+                return access.authenticate(token, client) if token else None
+            except TierServeError:
+                return None
+        principal = access.authenticate(token, client)
+        if any(path == r or path.startswith(r + "/") for r in ADMIN_ROUTES):
+            principal.require_admin(path)
+        return principal
+
+
+app.add_middleware(Gate)
+
+
+def principal_of(request: Request) -> Principal | None:
+    """The caller the `Gate` let in (None: anonymous on an open route)."""
+    return getattr(request.state, "principal", ANONYMOUS)
+
+
+def audit_of(request: Request) -> AuditRecord:
+    """The request's audit line (a detached one when no `Gate` made it)."""
+    record = getattr(request.state, "audit", None)
+    return record if record is not None else AuditRecord(f"{request.method} {request.url.path}")
+
 
 _fastapi_openapi = app.openapi
 
@@ -112,28 +212,35 @@ def internal_error(exc: BaseException, where: str) -> dict[str, Any]:
     }
 
 
+def refused(request: Request, exc: TierServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error response for a request, its code noted on the request's audit line."""
+    audit_of(request).failed(exc.status_code, exc.code)
+    return error_response(exc, headers)
+
+
 @app.exception_handler(RequestValidationError)
-async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(list(exc.errors())))
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return refused(request, validation_error(list(exc.errors())))
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     err = TierServeError(str(exc.detail), None, _HTTP_CODES.get(exc.status_code))
     err.status_code = exc.status_code
-    return error_response(err, getattr(exc, "headers", None))
+    return refused(request, err, getattr(exc, "headers", None))
 
 
 @app.exception_handler(TierServeError)
-async def _on_user_error(_: Request, exc: TierServeError) -> JSONResponse:
-    return error_response(exc)
+async def _on_user_error(request: Request, exc: TierServeError) -> JSONResponse:
+    return refused(request, exc)
 
 
 @app.exception_handler(Exception)
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    audit_of(request).failed(500, "internal_error")
     return JSONResponse(internal_error(exc, f"{request.method} {request.url.path}"), status_code=500)
 
 

@@ -2,7 +2,9 @@
 
 Both front doors share one code path: each HTTP route validates the body and calls the same
 public method a `DeploymentHandle` caller uses (`chat`, `chat_stream`, `complete`,
-`complete_stream`, `list_models`, `health`). The ingress turns an OpenAI request into a
+`complete_stream`, `list_models`, `health`); with auth on, HTTP callers send their API key as
+`Authorization: Bearer` (the `Gate` checks it before the route runs) and handle callers as
+`api_key=`, and both go through the same checks (`tierserve.router.access`). The ingress turns an OpenAI request into a
 `GenerateRequest`, streams batches of `TokenChunk`s from the tier's deployment and formats them
 as OpenAI objects. A stream is primed before any HTTP header goes out, so an error raised before
 the first token (bad prompt, context overflow, dead tier) is a proper 4xx/5xx response; an
@@ -15,7 +17,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,9 +35,22 @@ from ray.serve.handle import DeploymentHandle
 from tierserve.core.errors import ServiceUnavailable, TierServeError
 from tierserve.core.telemetry import TelemetryConfig, setup_telemetry
 from tierserve.rag.config import RagConfig
+from tierserve.router.access import Access, Principal
+from tierserve.router.audit import Auditor, AuditRecord
 from tierserve.router.config import IngressConfig, RoutingConfig
 from tierserve.router.handles import TierHandles, tier_error
-from tierserve.router.http import BodyLimit, app, ending, error_response, request_id, sse
+from tierserve.router.http import (
+    BodyLimit,
+    Gate,
+    app,
+    audit_of,
+    ending,
+    principal_of,
+    refused,
+    request_id,
+    sse,
+)
+from tierserve.router.keys import open_store, store_path
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.pipeline import Pipeline
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, error_responses, validation_error
@@ -57,6 +73,8 @@ R = TypeVar("R", bound=BaseModel)
 
 RETRIEVER = " retriever"
 """The retriever among the deployments whose replicas the ingress watches (no tier has this name)."""
+INGRESS = " ingress"
+"""The ingress itself among them: per-key limits are split among its replicas."""
 
 
 def _coerce(request: R | dict[str, Any], model: type[R]) -> R:
@@ -101,10 +119,24 @@ class Ingress:
         setup_telemetry(telemetry or TelemetryConfig(), "ingress")
         self.config = config
         BodyLimit.max_body_bytes = config.limits.max_body_bytes
+        auth = config.auth
+        store = open_store(auth, model_cache) if auth.enabled else None
+        self.access = Access(auth, store)
+        self.metrics = IngressMetrics()
+        audit_log = None
+        if auth.audit:
+            audit_log = auth.audit_log or str(store_path(auth, model_cache).with_name("audit.jsonl"))
+        self.auditor = Auditor(audit_log, store.server_secret if store is not None else None, self.metrics.by_key)
+        Gate.access, Gate.auditor = self.access, self.auditor
+        if not auth.enabled:
+            logger.warning(
+                "auth is off (ingress.auth.enabled: false): anyone who can reach this service may use "
+                "every tier and index, read /v1/tiers and spend without limit; turn it on before "
+                "exposing the port (docs/security.md)"
+            )
         self.directory = TierDirectory(tiers, config.default_tier)
         self.handles = handles
         self.created = int(time.time())
-        self.metrics = IngressMetrics()
         self.router = Router(
             routing or RoutingConfig(),
             list(self.directory.tiers),
@@ -125,6 +157,7 @@ class Ingress:
             metrics=self.metrics,
             start_tier=TierHandles(handles).stream,
             request_id=request_id,
+            access=self.access,
         )
         self._pollers: list[asyncio.Task] = []
         self._ensure_polling()
@@ -144,13 +177,23 @@ class Ingress:
             lambda tier: self.handles[tier].load.remote(), self.router.config.poll_interval_s, _dead_tier
         )
         self._pollers = [loop.create_task(loads), loop.create_task(self._watch_replicas())]
+        if self.access.store is not None:
+            self._pollers.append(loop.create_task(self._refresh_keys()))
+
+    async def _refresh_keys(self) -> None:
+        """Reread the key store (revocations, budgets) and record this replica's spending."""
+        while True:
+            await self.access.refresh()
+            await asyncio.sleep(self.config.auth.refresh_s)
 
     async def _watch_replicas(self) -> None:
         """Feed Serve's count of each tier's replicas to the router (`tierserve.router.replicas`)."""
-        app_name = serve.get_replica_context().app_name
+        context = serve.get_replica_context()
+        app_name = context.app_name
         deployments = {tier: handle.deployment_name for tier, handle in self.handles.items()}
         retriever = self.retrieval.retriever
         watched = {**deployments, **({RETRIEVER: retriever.deployment_name} if retriever is not None else {})}
+        watched[INGRESS] = context.deployment
         while True:
             try:
                 details = await asyncio.to_thread(_serve_details)
@@ -158,53 +201,94 @@ class Ingress:
                 logger.debug("reading Serve's status failed", exc_info=True)
             else:
                 for name, replicas in tier_replicas(details, app_name, watched).items():
-                    if name == RETRIEVER:
+                    if name == INGRESS:
+                        self.access.replicas = max(1, replicas.running)
+                    elif name == RETRIEVER:
                         self.retrieval.replicas_seen(replicas.running)
                     else:
                         self.router.states.replicas_seen(name, replicas)
             await asyncio.sleep(self.config.replicas_poll_interval_s)
 
     # ----- Python handle API -------------------------------------------------------------
+    # With auth on, each method takes the caller's API key as `api_key=` and applies the same
+    # checks as the HTTP routes (typed errors: `Unauthenticated`, `PermissionDenied`,
+    # `RateLimited`, `QuotaExceeded`); each call writes one audit line.
 
-    async def chat(self, request: ChatCompletionRequest | dict[str, Any]) -> ChatCompletion:
+    @contextmanager
+    def _caller(self, method: str, api_key: str | None) -> Iterator[tuple[Principal, AuditRecord]]:
+        """A handle call's principal and audit line, written when the call ends."""
+        record = AuditRecord(f"handle {method}", "handle")
+        try:
+            principal = self.access.authenticate(api_key, "handle")
+            record.key_id, record.key_name = principal.key_id, principal.name if principal.key_id else None
+            yield principal, record
+            record.status = record.status or 200
+        except TierServeError as exc:
+            record.failed(exc.status_code, exc.code)
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+                record.failed(500, "internal_error")
+            raise
+        finally:
+            self.auditor.write(record)
+
+    async def chat(self, request: ChatCompletionRequest | dict[str, Any], api_key: str | None = None) -> ChatCompletion:
         """A whole chat completion (`stream` is ignored). The `tierserve` extra field says which
         tier served it, why, and what it cost; an overloaded service raises `Overloaded`."""
-        with request_span("tierserve.chat") as span:
-            body = _coerce(request, ChatCompletionRequest)
-            return await self._whole(body, ChatStreamFormatter, span)
+        with request_span("tierserve.chat") as span, self._caller("chat", api_key) as (principal, audit):
+            body = self._accept(_coerce(request, ChatCompletionRequest), audit)
+            return await self._whole(body, ChatStreamFormatter, span, principal, audit)
 
-    async def chat_stream(self, request: ChatCompletionRequest | dict[str, Any]) -> AsyncIterator[ChatCompletionChunk]:
+    async def chat_stream(
+        self, request: ChatCompletionRequest | dict[str, Any], api_key: str | None = None
+    ) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
-        with request_span("tierserve.chat_stream") as span:
-            body = _coerce(request, ChatCompletionRequest)
-            async for batch in await self._stream(body, ChatStreamFormatter, span):
+        with request_span("tierserve.chat_stream") as span, self._caller("chat_stream", api_key) as (principal, audit):
+            body = self._accept(_coerce(request, ChatCompletionRequest), audit)
+            async for batch in await self._stream(body, ChatStreamFormatter, span, principal, audit):
                 for item in batch:
                     yield item
 
-    async def complete(self, request: CompletionRequest | dict[str, Any]) -> Completion:
+    async def complete(self, request: CompletionRequest | dict[str, Any], api_key: str | None = None) -> Completion:
         """A whole text completion (`stream` is ignored)."""
-        with request_span("tierserve.complete") as span:
-            body = _coerce(request, CompletionRequest)
-            return await self._whole(body, CompletionStreamFormatter, span)
+        with request_span("tierserve.complete") as span, self._caller("complete", api_key) as (principal, audit):
+            body = self._accept(_coerce(request, CompletionRequest), audit)
+            return await self._whole(body, CompletionStreamFormatter, span, principal, audit)
 
-    async def complete_stream(self, request: CompletionRequest | dict[str, Any]) -> AsyncIterator[Completion]:
+    async def complete_stream(
+        self, request: CompletionRequest | dict[str, Any], api_key: str | None = None
+    ) -> AsyncIterator[Completion]:
         """A text completion as streamed `text_completion` objects (call with `stream=True`)."""
-        with request_span("tierserve.complete_stream") as span:
-            body = _coerce(request, CompletionRequest)
-            async for batch in await self._stream(body, CompletionStreamFormatter, span):
+        with (
+            request_span("tierserve.complete_stream") as span,
+            self._caller("complete_stream", api_key) as (principal, audit),
+        ):
+            body = self._accept(_coerce(request, CompletionRequest), audit)
+            async for batch in await self._stream(body, CompletionStreamFormatter, span, principal, audit):
                 for item in batch:
                     yield item
 
-    async def list_models(self) -> list[Model]:
-        """`auto` and every tier, as OpenAI model objects."""
+    async def list_models(self, api_key: str | None = None) -> list[Model]:
+        """`auto` and every tier the caller's key may use, as OpenAI model objects."""
+        with self._caller("list_models", api_key) as (principal, _):
+            return self._models(principal)
+
+    def _models(self, principal: Principal | None) -> list[Model]:
         return [
-            Model(id=m, object="model", created=self.created, owned_by="tierserve") for m in self.directory.model_ids()
+            Model(id=m, object="model", created=self.created, owned_by="tierserve")
+            for m in self.directory.model_ids()
+            if principal is not None and principal.may_use(m)
         ]
 
-    async def health(self) -> dict[str, str]:
+    async def health(self, api_key: str | None = None) -> dict[str, str]:
         """Each tier's health: 'ok' or why it cannot serve now (a replica that restarts its
-        engine passes Serve's health check but is not ready)."""
+        engine passes Serve's health check but is not ready). Admin scope."""
+        with self._caller("health", api_key) as (principal, _):
+            principal.require_admin("each tier's health")
+            return await self._health()
 
+    async def _health(self) -> dict[str, str]:
         async def check(name: str) -> str:
             try:
                 await asyncio.wait_for(self.handles[name].ready.remote(), self.config.health_timeout_s)
@@ -217,10 +301,15 @@ class Ingress:
         names = list(self.directory.tiers)
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
 
-    async def tiers(self) -> list[dict[str, Any]]:
+    async def tiers(self, api_key: str | None = None) -> list[dict[str, Any]]:
         """Each tier's info, counters (of the replica that answers), its replicas as Serve
         reports them and the router's view of it. A tier that does not answer within
-        `health_timeout_s` (no running replica, say) is listed with `error` and no info."""
+        `health_timeout_s` (no running replica, say) is listed with `error` and no info. Admin scope."""
+        with self._caller("tiers", api_key) as (principal, _):
+            principal.require_admin("/v1/tiers")
+            return await self._tiers()
+
+    async def _tiers(self) -> list[dict[str, Any]]:
         self._ensure_polling()
         views = {v.name: v for v in self.router.states.snapshot()}
 
@@ -255,19 +344,24 @@ class Ingress:
 
         return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
 
-    async def indexes(self) -> list[dict[str, Any]]:
-        """The retrieval indexes with their published version's manifest (none without RAG)."""
+    async def indexes(self, api_key: str | None = None) -> list[dict[str, Any]]:
+        """The retrieval indexes with their published version's manifest (none without RAG). Admin scope."""
+        with self._caller("indexes", api_key) as (principal, _):
+            principal.require_admin("/v1/indexes")
+            return await self._indexes()
+
+    async def _indexes(self) -> list[dict[str, Any]]:
         if self.retrieval.retriever is None:
             return []
         return await self.retrieval.indexes()
 
-    # ----- HTTP routes -------------------------------------------------------------------
+    # ----- HTTP routes (the `Gate` has checked the key and the admin scope) -------------
 
     @app.post(
         "/v1/chat/completions",
         responses={
             200: {"model": ChatCompletion, "content": {"text/event-stream": {}}, "description": "JSON, or SSE"},
-            **error_responses(400, 404, 413, 429, 500, 503, 504),
+            **error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
         },
     )
     async def _http_chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -277,35 +371,47 @@ class Ingress:
         "/v1/completions",
         responses={
             200: {"model": Completion, "content": {"text/event-stream": {}}, "description": "JSON, or SSE"},
-            **error_responses(400, 404, 413, 429, 500, 503, 504),
+            **error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
         },
     )
     async def _http_complete(self, body: CompletionRequest, request: Request) -> Response:
         return await self._http_traced(request, body, CompletionStreamFormatter)
 
-    @app.get("/v1/models", responses=error_responses(500))
-    async def _http_models(self) -> JSONResponse:
-        models = await self.list_models()
+    @app.get("/v1/models", responses=error_responses(401, 429, 500))
+    async def _http_models(self, request: Request) -> JSONResponse:
+        models = self._models(principal_of(request))
         return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]})
 
-    @app.get("/v1/tiers", responses=error_responses(500))
+    @app.get("/v1/tiers", responses=error_responses(401, 403, 429, 500))
     async def _http_tiers(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": await self.tiers()})
+        return JSONResponse({"object": "list", "data": await self._tiers()})
 
-    @app.get("/v1/indexes", responses=error_responses(500, 503, 504))
+    @app.get("/v1/indexes", responses=error_responses(401, 403, 429, 500, 503, 504))
     async def _http_indexes(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": await self.indexes()})
+        return JSONResponse({"object": "list", "data": await self._indexes()})
 
     @app.get("/health", responses={503: {"description": "No tier can serve"}, **error_responses(500)})
-    async def _http_health(self) -> JSONResponse:
+    async def _http_health(self, request: Request) -> JSONResponse:
         """200 while at least one tier can serve (`status`: `ok`, or `degraded` with the tiers
-        that cannot named), 503 when none can: what a load balancer should probe."""
-        tiers = await self.health()
+        that cannot named), 503 when none can: what a load balancer should probe. With auth on,
+        only a key with the admin scope is told which tiers: others get the status alone."""
+        tiers = await self._health()
         serving = [name for name, state in tiers.items() if state == "ok"]
         status = "ok" if len(serving) == len(tiers) else ("degraded" if serving else "unavailable")
-        return JSONResponse({"status": status, "serving": serving, "tiers": tiers}, status_code=200 if serving else 503)
+        principal = principal_of(request)
+        body: dict[str, Any] = {"status": status}
+        if principal is not None and principal.admin:
+            body.update(serving=serving, tiers=tiers)
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     # ----- shared internals --------------------------------------------------------------
+
+    @staticmethod
+    def _accept(body: R, audit: AuditRecord) -> R:
+        """The parsed request, noted on its audit line (model, prompt fingerprint)."""
+        audit.model = body.model  # type: ignore[attr-defined]
+        audit.prompt_sha256 = Gate.auditor.fingerprint(body) if Gate.auditor is not None else None
+        return body
 
     async def _http_traced(
         self, request: Request, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter]
@@ -315,13 +421,17 @@ class Ingress:
         route = getattr(request.scope.get("route"), "path", request.url.path)
         span = http_span(request.method, route, request.url.path, request.headers)
         headers = response_headers(span)
+        audit = audit_of(request)
+        principal = principal_of(request)
+        assert principal is not None  # the Gate lets no anonymous caller reach this route
+        self._accept(body, audit)
         try:
             with trace.use_span(span, end_on_exit=False):
-                response = await self._http_reply(body, formatter, span, request.headers)
+                response = await self._http_reply(body, formatter, span, request.headers, principal, audit)
         except TierServeError as exc:
             end_with_status(span, exc.status_code, exc)
             self.metrics.error(exc.code, exc.status_code)
-            return error_response(exc, headers)
+            return refused(request, exc, headers)
         except Exception as exc:
             end_with_status(span, 500, exc)
             self.metrics.error("internal_error", 500)
@@ -339,6 +449,8 @@ class Ingress:
         formatter: type[StreamFormatter],
         span: trace.Span,
         headers: Any,
+        principal: Principal,
+        audit: AuditRecord,
     ) -> Response:
         """SSE for `stream: true` (opened before any header goes out, so errors before the
         first token are plain HTTP errors), else JSON; routing facts in the headers. The request
@@ -346,19 +458,29 @@ class Ingress:
         self._ensure_polling()
         body = body.with_headers(headers)
         if body.stream:
-            ctx, stream = await self.pipeline.stream(body, formatter, span)
+            ctx, stream = await self.pipeline.stream(body, formatter, span, principal, audit)
             return StreamingResponse(sse(stream), media_type="text/event-stream", headers=ctx.headers())
-        ctx, whole = await self.pipeline.whole(body, formatter, span)
+        ctx, whole = await self.pipeline.whole(body, formatter, span, principal, audit)
         return JSONResponse(whole.model_dump(exclude_unset=True), headers=ctx.headers())
 
     async def _stream(
-        self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        principal: Principal,
+        audit: AuditRecord,
     ) -> AsyncIterator[list[BaseModel]]:
         self._ensure_polling()
-        return (await self.pipeline.stream(body, formatter, span))[1]
+        return (await self.pipeline.stream(body, formatter, span, principal, audit))[1]
 
     async def _whole(
-        self, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter], span: trace.Span
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        formatter: type[StreamFormatter],
+        span: trace.Span,
+        principal: Principal,
+        audit: AuditRecord,
     ) -> BaseModel:
         self._ensure_polling()
-        return (await self.pipeline.whole(body, formatter, span))[1]
+        return (await self.pipeline.whole(body, formatter, span, principal, audit))[1]

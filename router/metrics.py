@@ -71,6 +71,24 @@ class IngressMetrics:
             "tierserve_estimated_cost", "Estimated cost of served requests, from the tiers' prices.", tag_keys=("tier",)
         )
 
+        self.key_requests: Any = Counter(
+            "tierserve_key_requests",
+            "Requests by API key id (`none`: no valid key, or auth off) and HTTP status.",
+            tag_keys=("key_id", "status"),
+        )
+        self.key_tokens: Any = Counter(
+            "tierserve_key_tokens", "Tokens by API key id: prompt or completion.", tag_keys=("key_id", "kind")
+        )
+        self.key_cost: Any = Counter(
+            "tierserve_key_cost", "Estimated cost by API key id, from the tiers' prices.", tag_keys=("key_id",)
+        )
+        self.key_refusals: Any = Counter(
+            "tierserve_key_refusals",
+            "Requests refused (4xx/5xx) by API key id and error code: invalid_api_key, rate_limit_exceeded, "
+            "insufficient_quota, model_not_allowed, overloaded, ...",
+            tag_keys=("key_id", "code"),
+        )
+
     def decided(self, tier: str, reason: str, complexity: float | None) -> None:
         self.routing.inc(1, {"tier": tier, "reason": reason})
         if complexity is not None:
@@ -109,6 +127,19 @@ class IngressMetrics:
         self.slo.inc(1, {"sla_class": routed.sla.name or "none", "tier": tier, "outcome": slo})
         if routed.cost:
             self.cost.inc(routed.cost, {"tier": tier})
+
+    def by_key(self, line: dict[str, Any]) -> None:
+        """Count one request's audit line (`tierserve.router.audit`) under its key id (never the key)."""
+        key = line.get("key_id") or "none"
+        status = line.get("status")
+        self.key_requests.inc(1, {"key_id": key, "status": str(status)})
+        if status is not None and status >= 400:
+            self.key_refusals.inc(1, {"key_id": key, "code": line.get("code") or str(status)})
+        for kind in ("prompt", "completion"):
+            if line.get(f"{kind}_tokens"):
+                self.key_tokens.inc(line[f"{kind}_tokens"], {"key_id": key, "kind": kind})
+        if line.get("cost"):
+            self.key_cost.inc(line["cost"], {"key_id": key})
 
     def error(self, code: str | None, status: int) -> None:
         self.errors.inc(1, {"code": code or "unknown", "status": str(status)})

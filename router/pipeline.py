@@ -5,7 +5,8 @@ from its HTTP routes and handle methods, and a function that starts a request on
 deployment's handle call). Each request's state is one `RequestContext`, which the steps'
 results fill in. In order, for one request:
 
-1. limits (`check_limits` in `router/protocol.py`), before anything is spent on it;
+1. limits (`check_limits` in `router/protocol.py`), before anything is spent on it, and the
+   caller's key (`Access.admit`: the tiers and indexes it may use, its rate limits and budget);
 2. route (`Router.plan`): where it may go, its place reserved on the first choice, or shed at once;
 3. input guards (`SafetyStep.check_input`), which may keep checking while 4-5 run;
 4. retrieval (`RetrievalStep`), its passages guarded and added to the prompt;
@@ -26,9 +27,12 @@ from opentelemetry import trace
 from pydantic import BaseModel
 
 from tierserve.actors.types import GenerateRequest, TokenChunk
-from tierserve.core.errors import TierServeError
-from tierserve.core.streams import observed, outcome_of
+from tierserve.core.errors import PermissionDenied, TierServeError
+from tierserve.core.streams import Outcome, StreamObserver, observed, outcome_of
 from tierserve.rag.config import RetrievalOptions
+from tierserve.rag.types import IndexUnavailable
+from tierserve.router.access import ANONYMOUS, Access, Lease, Principal
+from tierserve.router.audit import AuditRecord
 from tierserve.router.config import IngressConfig
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, check_limits
@@ -69,6 +73,10 @@ class RequestContext:
     safety: SafetyReport = dataclasses.field(default_factory=SafetyReport)
     batches: AsyncIterator[list[TokenChunk]] | None = None
     """The tier's batches, observed and guarded, once the request has started on a tier."""
+    principal: Principal = ANONYMOUS
+    """Who is calling: the API key's id and policy."""
+    outcome: Outcome | None = None
+    """How the started request's stream ended, once it has."""
 
     @property
     def chat(self) -> bool:
@@ -99,8 +107,10 @@ class Pipeline:
         metrics: IngressMetrics,
         start_tier: TierStarter,
         request_id: Callable[[str], str] = new_request_id,
+        access: Access | None = None,
     ):
         self.config = config
+        self.access = access or Access(config.auth.model_copy(update={"enabled": False}), None)
         self.directory = directory
         self.router = router
         self.retrieval = retrieval
@@ -114,10 +124,12 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
+        principal: Principal = ANONYMOUS,
+        audit: AuditRecord | None = None,
     ) -> tuple[RequestContext, AsyncIterator[list[BaseModel]]]:
         """The request's context, and its answer as a stream of lists of OpenAI objects (the
         last object carries the `tierserve` field). Errors before the first token raise here."""
-        ctx = await self._open(body, formatter, span)
+        ctx = await self._open(body, formatter, span, principal, audit)
         routed, retrieved, batches = ctx.routed, ctx.retrieved, ctx.batches
         assert routed is not None and batches is not None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -143,10 +155,12 @@ class Pipeline:
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
+        principal: Principal = ANONYMOUS,
+        audit: AuditRecord | None = None,
     ) -> tuple[RequestContext, BaseModel]:
         """The request's context, and its whole answer folded from the stream, with the
         `tierserve` field."""
-        ctx = await self._open(body, formatter, span)
+        ctx = await self._open(body, formatter, span, principal, audit)
         routed, batches = ctx.routed, ctx.batches
         assert routed is not None and batches is not None
         built = CompletionBuilder(body.n)
@@ -168,7 +182,7 @@ class Pipeline:
         if ctx.retrieval is not None:
             passage_tokens = (ctx.retrieval.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40)
         named = None if body.model == AUTO else self.directory.resolve(body.model)
-        routed = await self.router.plan(body, named, passage_tokens)
+        routed = await self.router.plan(body, named, passage_tokens, self._routable(ctx.principal))
         decision = routed.decision
         route_span(ctx.span, body.model, routed)
         if not decision.choices:
@@ -177,26 +191,48 @@ class Pipeline:
         self.metrics.decided(decision.choices[0].tier, decision.reason, routed.features.complexity)
         return routed
 
+    def _routable(self, principal: Principal) -> set[str] | None:
+        """The tiers `model: auto` may go to for this caller: the tiers its key names (None: all)."""
+        named = {t for t in principal.policy.tiers or () if t != AUTO}
+        if not named:
+            return None
+        routable = named & set(self.directory.tiers)
+        if not routable:
+            raise PermissionDenied("this API key may use no tier of this service", "model", "model_not_allowed")
+        return routable
+
     async def _open(
         self,
         body: ChatCompletionRequest | CompletionRequest,
         formatter: type[StreamFormatter],
         span: trace.Span,
+        principal: Principal,
+        audit: AuditRecord | None,
     ) -> RequestContext:
         """Route the request, guard its text, retrieve its passages if it uses retrieval (and
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
         check_limits(body, self.config.limits)  # before anything is spent on the request
-        ctx = RequestContext(body, formatter, span, self.request_id(formatter.id_prefix))
-        ctx.retrieval = self.retrieval.options(body, "chat" if ctx.chat else "completions")
-        # Routed first, so an overloaded service sheds at once, before guards and retrieval.
-        ctx.routed = await self._plan(ctx)
+        ctx = RequestContext(body, formatter, span, self.request_id(formatter.id_prefix), principal=principal)
+        if audit is not None:
+            audit.ctx = ctx
+        lease = self.access.admit(principal, body.model)
         try:
-            await self._start(ctx)
-        finally:
-            self.router.release(ctx.routed)  # the place `plan` held, if the request never started
+            ctx.retrieval = self.retrieval.options(body, "chat" if ctx.chat else "completions")
+            index = ctx.retrieval.index if ctx.retrieval is not None else None
+            if index is not None and not principal.may_read(index):
+                raise IndexUnavailable.named(index)  # as if it did not exist
+            # Routed first, so an overloaded service sheds at once, before guards and retrieval.
+            ctx.routed = await self._plan(ctx)
+            try:
+                await self._start(ctx, lease)
+            finally:
+                self.router.release(ctx.routed)  # the place `plan` held, if the request never started
+        except BaseException:
+            lease.end()
+            raise
         return ctx
 
-    async def _start(self, ctx: RequestContext) -> None:
+    async def _start(self, ctx: RequestContext, lease: Lease) -> None:
         """`_open` once routed: input guards, retrieval, and the tier's first tokens."""
         body, span, routed = ctx.body, ctx.span, ctx.routed
         assert routed is not None
@@ -229,7 +265,8 @@ class Pipeline:
         finally:
             guarded.cancel()
         span.set_attribute("tierserve.tier", routed.tier or "")
-        watched = observed(batches, [self.metrics.request(routed, ctx.entry, self.router.cost)], started=routed.arrived)
+        observers = [self.metrics.request(routed, ctx.entry, self.router.cost), _Spent(ctx, lease)]
+        watched = observed(batches, observers, started=routed.arrived)
         ctx.batches = self.safety.guard_output(watched, ctx.safety, span)
 
     def _extension(self, ctx: RequestContext) -> dict[str, Any]:
@@ -242,3 +279,21 @@ class Pipeline:
         if self.safety.chain is not None:
             extension["safety"] = ctx.safety.extension()
         return extension
+
+
+class _Spent(StreamObserver[list[TokenChunk]]):
+    """The end of a started request: its outcome on the context, and its tokens and cost
+    charged to its key (`Lease.end`, which also frees its place among the key's requests).
+    Listed after the metrics' observer, which reads the usage and prices it."""
+
+    __slots__ = ("ctx", "lease")
+
+    def __init__(self, ctx: RequestContext, lease: Lease):
+        self.ctx, self.lease = ctx, lease
+
+    def end(self, outcome: Outcome, error: BaseException | None, elapsed_s: float) -> None:
+        self.ctx.outcome = outcome
+        routed = self.ctx.routed
+        usage = routed.usage if routed is not None else None
+        cost = (routed.cost or 0.0) if routed is not None else 0.0
+        self.lease.end(usage.total_tokens if usage is not None else 0, cost)

@@ -288,9 +288,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of a route that answers these error statuses."""
     why = {
         400: "Invalid request: the field is named in `param`",
-        404: "Unknown model or index",
+        401: "No API key, or not a valid one (auth on)",
+        403: "The API key may not use this model or route",
+        404: "Unknown model or index (or an index the API key may not read)",
         413: "Request body over `ingress.limits.max_body_bytes`",
-        429: "Every tier that could serve it is full (with `Retry-After`)",
+        429: "Every tier that could serve it is full, a limit of the API key is reached (with `Retry-After`), "
+        "or its budget is spent",
         500: "Unexpected error (the message carries the request id)",
         503: "No tier (or the retriever) can serve it now (with `Retry-After`)",
         504: "No first token, or no retriever answer, in time",

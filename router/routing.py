@@ -31,7 +31,7 @@ from tierserve.core.errors import (
     TierServeError,
 )
 from tierserve.router.config import RoutingConfig
-from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla, decide
+from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla, TierView, decide
 from tierserve.router.state import TierStates
 
 logger = logging.getLogger("tierserve.router")
@@ -177,10 +177,13 @@ class Router:
             return self.scorer.score(text, turns).value
         return (await asyncio.to_thread(self.scorer.score, text, turns)).value
 
-    async def plan(self, body: Any, named_tier: str | None, extra_tokens: int = 0) -> Routed:
+    async def plan(
+        self, body: Any, named_tier: str | None, extra_tokens: int = 0, allowed: set[str] | None = None
+    ) -> Routed:
         """Budget, features and decision for one request (no choices: shed it, `rejection`).
         `extra_tokens`: prompt tokens added after routing (retrieved passages), for the
-        context-length check; complexity is scored on the request's own text."""
+        context-length check; complexity is scored on the request's own text. `allowed`: the
+        tiers the caller's key may use (None: all); `model: auto` is routed among them only."""
         arrived = time.perf_counter()
         sla = self.sla_of(body)
         text, turns = body.routing_text()
@@ -192,12 +195,18 @@ class Router:
         tokens += extra_tokens
         features = RequestFeatures(tokens, body.requested_max_tokens(), None, named_tier)
         shed = self.config.shed_over_budget
-        decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom, shed)
+        default = self.default_tier if allowed is None or self.default_tier in allowed else None
+
+        def views() -> list[TierView]:
+            snapshot = self.states.snapshot()
+            return snapshot if allowed is None else [v for v in snapshot if v.name in allowed]
+
+        decision = decide(features, sla, views(), default, self.config.slo_headroom, shed)
         # Which tiers admit the request does not depend on its complexity, so a request no tier
         # admits is shed before it is scored: under overload, shedding stays cheap.
         if named_tier is None and decision.choices and self.scorer is not None:
             features = replace(features, complexity=await self.complexity(text, turns))
-            decision = decide(features, sla, self.states.snapshot(), self.default_tier, self.config.slo_headroom, shed)
+            decision = decide(features, sla, views(), default, self.config.slo_headroom, shed)
         routed = Routed(decision, sla, features, arrived)
         if decision.choices:  # hold the place now: guards and retrieval still run before it starts
             routed.reserved = decision.choices[0].tier

@@ -15,7 +15,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from tierserve.cluster.app import build_app
 from tierserve.cluster.config import AppConfig, ConfigError, load_config, parse_config
-from tierserve.cluster.manifests import cluster_launcher, ray_service, render, serve_config
+from tierserve.cluster.manifests import cluster_launcher, for_cluster, ray_service, render, serve_config
 from tierserve.cluster.nodes import ClusterConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,14 +45,15 @@ def test_checked_in_files_are_current(tmp_path, name):
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_serve_config_passes_serves_schema_and_carries_the_config(name):
-    config, raw = example(name), checked_in(name, "serve.yaml")
+    config, raw = for_cluster(example(name)), checked_in(name, "serve.yaml")
     assert set(raw) <= set(ServeDeploySchema.model_fields)  # the schema itself lets unknown keys through
     schema = ServeDeploySchema.model_validate(raw)
     assert schema.proxy_location.value == "EveryNode"
     assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", config.server.port)
     (app,) = schema.applications
     assert app.import_path == "tierserve.cluster.app:build_app" and app.runtime_env == {"env_vars": config.ray.env}
-    # Inline, the config reads back as itself (less the cluster section, which only deploy files use).
+    # Inline, the config reads back as itself with API keys on (less the cluster section, which
+    # only deploy files use).
     assert parse_config(app.args["tierserve"], check_engine=False) == config.model_copy(
         update={"cluster": ClusterConfig()}
     )
@@ -86,7 +87,7 @@ def test_gpu_cluster_node_types_carry_accelerators_labels_and_resources():
 def test_rayservice_has_the_crds_fields_and_the_same_nodes_as_ray_up(name):
     service = checked_in(name, "rayservice.yaml")
     jsonschema.validate(service, CRD_SCHEMA)
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config(example(name))
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config(for_cluster(example(name)))
     # Ray's autoscaler reads the RayCluster into node types as `ray up` declares them.
     cluster = service["spec"]["rayClusterConfig"]
     ray_cr = {"metadata": {"name": service["metadata"]["name"], "namespace": "default"}, "spec": cluster}
@@ -205,3 +206,38 @@ def test_paths_on_no_volume_are_refused():
     config.cluster.worker_groups[0].pod.update(extra)
     (worker,) = ray_service(config)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert [v["name"] for v in worker["template"]["spec"]["volumes"]] == ["models", "scratch"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_rendered_clusters_have_api_keys_and_rays_token_auth_and_hold_no_secret(name, tmp_path):
+    """API keys on (the embedded config has them off, for one machine only), Ray's token auth on
+    every node, the dashboard on localhost for ray up, secrets by reference only, files 0600."""
+    import stat
+
+    config = example(name)
+    paths = render(config, tmp_path, f"configs/{name}.yaml")
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    served = yaml.safe_load((tmp_path / "serve.yaml").read_text())["applications"][0]["args"]["tierserve"]
+    assert served["ingress"]["auth"]["enabled"] is True
+    assert parse_config(served).ingress.auth.enabled
+    launcher = yaml.safe_load((tmp_path / "cluster.yaml").read_text())
+    for command in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token" in command
+    assert "--dashboard-host=127.0.0.1" in launcher["head_start_ray_commands"][1]
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    cluster = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for spec in specs:
+        (container,) = spec["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"] == {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "auth_token"}},
+        }
+        assert env["TIERSERVE_AUTH_SECRET"]["valueFrom"]["secretKeyRef"] == {
+            "name": "tierserve-auth",
+            "key": "server-secret",
+        }
+        assert all("value" not in e for n, e in env.items() if n in ("RAY_AUTH_TOKEN", "TIERSERVE_AUTH_SECRET"))
