@@ -134,6 +134,8 @@ class Access:
         self._failures: OrderedDict[str, _Failures] = OrderedDict()
         self._spent: dict[tuple[str, str], tuple[int, float]] = {}
         """Spending not yet in the store: {(key id, period): (tokens, cost)}."""
+        self._flushing: dict[tuple[str, str], tuple[int, float]] = {}
+        """Spending being written to the store now."""
         self._used: dict[str, tuple[int, float]] = {}
         """Each budgeted key's spending this period, as the store last said (every replica's)."""
         self._refreshing: asyncio.Lock | None = None
@@ -145,27 +147,17 @@ class Access:
         return self.config.enabled
 
     # ----- the store ---------------------------------------------------------------------
+    # The store's I/O runs in a thread (`_exchange`); what it reads and what it could not write
+    # are taken in and given back on the event loop (`_begin`, `_end`), where requests change
+    # the spending, so no request's charge is lost or counted twice.
 
     def reload(self) -> None:
-        """Write this replica's spending to the store and read the keys and budgets back."""
-        assert self.store is not None
-        spent, self._spent = self._spent, {}
-        try:
-            self.store.record(spent)
-        except Exception:
-            for k, (t, c) in spent.items():  # keep it for the next try: nothing is lost
-                t0, c0 = self._spent.get(k, (0, 0.0))
-                self._spent[k] = (t0 + t, c0 + c)
-            raise
-        keys = self.store.keys()
-        now = self.wall()
-        periods = {k.id: period_of(k.policy.budget, now)[0] for k in keys.values() if k.policy.budget is not None}
-        self._used = self.store.usage(periods)
-        self._keys = keys
-        self._loaded = self.clock()
+        """Record this replica's spending in the store and read the keys and budgets back."""
+        spent = self._begin()
+        self._end(spent, *self._exchange(spent))
 
     async def refresh(self) -> None:
-        """`reload` when `refresh_s` has passed (in a thread; one at a time)."""
+        """`reload` when `refresh_s` has passed, its I/O in a thread; one at a time."""
         if self.store is None or self.clock() - self._loaded < self.config.refresh_s:
             return
         if self._refreshing is None:
@@ -173,35 +165,75 @@ class Access:
         if self._refreshing.locked():
             return
         async with self._refreshing:
-            try:
-                await asyncio.to_thread(self.reload)
-            except Exception:
-                logger.exception("reading the key store %s failed; using the keys read before", self.store.path)
-                self._loaded = self.clock()
+            spent = self._begin()
+            self._end(spent, *await asyncio.to_thread(self._exchange, spent))
+
+    def _begin(self) -> dict[tuple[str, str], tuple[int, float]]:
+        spent, self._spent = self._spent, {}
+        self._flushing = spent  # still counted by budgets until the store's total includes it
+        return spent
+
+    def _exchange(
+        self, spent: dict[tuple[str, str], tuple[int, float]]
+    ) -> tuple[bool, dict[str, ApiKey] | None, dict[str, tuple[int, float]] | None]:
+        """Write `spent`, read the keys and this period's spending; each part may fail alone."""
+        assert self.store is not None
+        recorded = True
+        try:
+            self.store.record(spent)
+        except Exception:
+            recorded = False
+            logger.exception("recording spending in the key store %s failed; kept for the next try", self.store.path)
+        try:
+            keys = self.store.keys()
+            now = self.wall()
+            budgeted = {k.id: period_of(k.policy.budget, now)[0] for k in keys.values() if k.policy.budget is not None}
+            return recorded, keys, self.store.usage(budgeted)
+        except Exception:
+            logger.exception("reading the key store %s failed; using the keys read before", self.store.path)
+            return recorded, None, None
+
+    def _end(
+        self,
+        spent: dict[tuple[str, str], tuple[int, float]],
+        recorded: bool,
+        keys: dict[str, ApiKey] | None,
+        used: dict[str, tuple[int, float]] | None,
+    ) -> None:
+        self._flushing = {}
+        if not recorded:
+            _add(self._spent, spent)  # nothing is lost: written with the next refresh
+        if keys is not None and used is not None:
+            self._keys, self._used = keys, used
+        elif recorded:  # in the store now, but not yet in the total last read
+            for (key_id, _), (t, c) in spent.items():
+                t0, c0 = self._used.get(key_id, (0, 0.0))
+                self._used[key_id] = (t0 + t, c0 + c)
+        self._loaded = self.clock()
 
     # ----- authentication ----------------------------------------------------------------
 
     def authenticate(self, token: str | None, client: str = "") -> Principal:
-        """The key's principal; 401 if missing or unknown, 429 after too many failures."""
+        """The key's principal, else 401; past `auth.failed.max_failures` failures from the
+        client's address in a window, its failures are answered 429 with `Retry-After`. A valid
+        key is let in from any address: a flood of bad keys from behind a shared address (a load
+        balancer, every handle caller) locks out no one."""
         if not self.enabled:
             return ANONYMOUS
+        parsed = parse_token(token) if token else None
+        key = self._keys.get(parsed[0]) if parsed else None
+        secret = self.store.server_secret if self.store is not None else b""
+        if key is not None and key.revoked is None and parsed is not None and matches(key, secret, parsed[1]):
+            return Principal(key.id, key.name, key.policy)
         self._throttled(client)
+        self._failed(client)
         if not token:
-            self._failed(client)
             raise Unauthenticated(
                 "no API key: send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)",
                 None,
                 "missing_api_key",
             )
-        parsed = parse_token(token)
-        key = self._keys.get(parsed[0]) if parsed else None
-        secret = self.store.server_secret if self.store is not None else b""
-        if parsed is None or key is None or key.revoked is not None or not matches(key, secret, parsed[1]):
-            self._failed(client)
-            raise Unauthenticated("the API key is not valid (unknown, revoked or malformed)")
-        # A success does not clear the address's failures: a valid key must not reset the count
-        # for the guesses made beside it.
-        return Principal(key.id, key.name, key.policy)
+        raise Unauthenticated("the API key is not valid (unknown, revoked or malformed)")
 
     def _throttled(self, client: str) -> None:
         seen = self._failures.get(client)
@@ -272,8 +304,9 @@ class Access:
         assert budget is not None and principal.key_id is not None
         period, ends = period_of(budget, self.wall())
         tokens, cost = self._used.get(principal.key_id, (0, 0.0))
-        t, c = self._spent.get((principal.key_id, period), (0, 0.0))
-        tokens, cost = tokens + t, cost + c
+        for pending in (self._spent, self._flushing):
+            t, c = pending.get((principal.key_id, period), (0, 0.0))
+            tokens, cost = tokens + t, cost + c
         if (budget.tokens is not None and tokens >= budget.tokens) or (budget.cost is not None and cost >= budget.cost):
             raise QuotaExceeded(
                 f"this API key spent its {budget.period}'s budget ({tokens} tokens, cost {cost:.4g}); "
@@ -290,15 +323,15 @@ class Access:
         shape = (policy.requests_per_minute, policy.tokens_per_minute, self.replicas)
         state = self._state.get(principal.key_id)  # type: ignore[arg-type]
         if state is None or state.shape != shape:
+            # New limits (the policy, or the replicas sharing it, changed): new buckets, which
+            # keep what the old ones had spent.
             now = self.clock()
-            in_flight = state.in_flight if state is not None else 0
-            state = _KeyState(in_flight=in_flight, shape=shape)
+            old = state or _KeyState()
+            state = _KeyState(in_flight=old.in_flight, shape=shape)
             if policy.requests_per_minute is not None:
-                rpm = self._share(policy.requests_per_minute)
-                state.requests = TokenBucket(max(1.0, rpm), rpm / 60, now)
+                state.requests = _bucket(self._share(policy.requests_per_minute), now, old.requests)
             if policy.tokens_per_minute is not None:
-                tpm = self._share(policy.tokens_per_minute)
-                state.tokens = TokenBucket(max(1.0, tpm), tpm / 60, now)
+                state.tokens = _bucket(self._share(policy.tokens_per_minute), now, old.tokens)
             self._state[principal.key_id] = state  # type: ignore[index]
         return state
 
@@ -311,11 +344,24 @@ class Access:
         budget = principal.policy.budget
         if budget is not None and (tokens or cost):
             period = period_of(budget, self.wall())[0]
-            key = (principal.key_id, period)
-            t, c = self._spent.get(key, (0, 0.0))  # type: ignore[arg-type]
-            self._spent[key] = (t + tokens, c + cost)  # type: ignore[index]
+            _add(self._spent, {(principal.key_id, period): (tokens, cost)})  # type: ignore[dict-item]
 
     def in_flight(self, key_id: str) -> int:
         """Requests of the key in progress on this replica."""
         state = self._state.get(key_id)
         return state.in_flight if state is not None else 0
+
+
+def _bucket(per_minute: float, now: float, old: TokenBucket | None) -> TokenBucket:
+    """A bucket of a minute's worth (at least 1), refilled over the minute; as spent as `old`."""
+    bucket = TokenBucket(max(1.0, per_minute), per_minute / 60, now)
+    if old is not None:
+        old.refill(now)
+        bucket.level = min(bucket.capacity, bucket.capacity - (old.capacity - old.level))
+    return bucket
+
+
+def _add(into: dict[tuple[str, str], tuple[int, float]], more: dict[tuple[str, str], tuple[int, float]]) -> None:
+    for k, (t, c) in more.items():
+        t0, c0 = into.get(k, (0, 0.0))
+        into[k] = (t0 + t, c0 + c)

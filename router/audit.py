@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger("tierserve.audit")
+"""The lines, and nothing else: its handler is the audit log's."""
+_log = logging.getLogger("tierserve.ingress")
 
 
 def _setup(destination: str) -> None:
@@ -77,17 +79,22 @@ class Auditor:
         text = body.model_dump_json(include={"messages", "prompt"})
         return hmac.new(self.secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
-    def write(self, record: AuditRecord) -> None:
-        """Log the request's line, once."""
+    def close(self, record: AuditRecord) -> None:
+        """The request is over: run its closers and write its line, once."""
         if record.written:
             return
         record.written = True
+        for close in record.closers:
+            try:
+                close()
+            except Exception:
+                _log.exception("closing a request failed")
         fields = record.fields()
         if self.observe is not None:
             try:
                 self.observe(fields)
             except Exception:
-                logger.exception("counting a request by key failed")
+                _log.exception("counting a request by key failed")
         if self.enabled:
             logger.info(json.dumps(fields, separators=(",", ":")))
 
@@ -110,6 +117,9 @@ class AuditRecord:
     ctx: Any = None
     """The pipeline's `RequestContext` of the request, once it has one: tier, usage, guards'
     findings (typed loosely: the audit line is below the pipeline)."""
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    """Run when the request is over, before its line is written: what it holds is given back
+    (its key's place), however it ended."""
     written: bool = False
 
     def failed(self, status: int, code: str | None) -> None:

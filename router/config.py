@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 from tierserve.core.config import DeploymentOptions
 
@@ -71,6 +71,10 @@ class AuthConfig(BaseModel):
     """How often the ingress rereads the store (revocations, new keys) and records the usage
     that budgets count: a revoked key stops working within this time."""
     failed: FailedAuthLimit = Field(default_factory=FailedAuthLimit)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    """Load balancers in front of Serve's proxy (IP networks): behind them the caller's address,
+    which failed authentications are counted by and the audit line names, is the last one in
+    `X-Forwarded-For` that is not theirs. Empty: the TCP peer, whatever the headers say."""
     audit: bool = True
     """One JSON line per request: key id, tier, reason, tokens, cost, latency, guard findings by
     type, outcome, a keyed hash of the prompt; never its text."""

@@ -8,6 +8,7 @@ a request goes through is `tierserve.router.pipeline`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -112,7 +113,7 @@ class Gate:
         if scope["type"] != "http" or access is None or auditor is None:
             return await self.asgi(scope, receive, send)
         path = route_path(scope)
-        client = (scope.get("client") or ("",))[0] or ""
+        client = client_address(scope, access.config.trusted_proxies)
         record = AuditRecord(f"{scope.get('method', '')} {path}", client)
         state = scope.setdefault("state", {})
         state["audit"] = record
@@ -133,8 +134,11 @@ class Gate:
                 record.key_id, record.key_name = principal.key_id, principal.name if principal.key_id else None
             state["principal"] = principal
             await self.asgi(scope, receive, sent)
+        except Exception:
+            record.failed(500, "internal_error")  # FastAPI's handler of the unexpected runs outside
+            raise
         finally:
-            auditor.write(record)
+            auditor.close(record)
 
     @staticmethod
     def _principal(access: Access, scope: dict[str, Any], path: str, client: str) -> Principal | None:
@@ -156,8 +160,36 @@ app.add_middleware(Gate)
 
 
 def principal_of(request: Request) -> Principal | None:
-    """The caller the `Gate` let in (None: anonymous on an open route)."""
-    return getattr(request.state, "principal", ANONYMOUS)
+    """The caller the `Gate` let in (`ANONYMOUS` when auth is off); None: nobody known (an open
+    route without a valid key), which gets nothing more than the anonymous."""
+    return getattr(request.state, "principal", None)
+
+
+def client_address(scope: dict[str, Any], trusted: list[Any]) -> str:
+    """The caller's address: the TCP peer, or when the peer is one of the `trusted` proxies (IP
+    networks), the last address in `X-Forwarded-For` that is not (what a client sends there
+    itself is only believed past a proxy it cannot be)."""
+    peer = (scope.get("client") or ("",))[0] or ""
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = [
+        part.strip()
+        for name, value in scope.get("headers") or ()
+        if name == b"x-forwarded-for"
+        for part in value.decode("latin-1").split(",")
+    ]
+    for address in reversed(forwarded):
+        if not _within(address, trusted):
+            return address
+    return peer
+
+
+def _within(address: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def audit_of(request: Request) -> AuditRecord:

@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
-from tierserve.core.errors import ServiceUnavailable, TierServeError
+from tierserve.core.errors import ServiceUnavailable, TierServeError, Unauthenticated
 from tierserve.core.telemetry import TelemetryConfig, setup_telemetry
 from tierserve.rag.config import RagConfig
 from tierserve.router.access import Access, Principal
@@ -231,7 +231,7 @@ class Ingress:
                 record.failed(500, "internal_error")
             raise
         finally:
-            self.auditor.write(record)
+            self.auditor.close(record)
 
     async def chat(self, request: ChatCompletionRequest | dict[str, Any], api_key: str | None = None) -> ChatCompletion:
         """A whole chat completion (`stream` is ignored). The `tierserve` extra field says which
@@ -423,7 +423,9 @@ class Ingress:
         headers = response_headers(span)
         audit = audit_of(request)
         principal = principal_of(request)
-        assert principal is not None  # the Gate lets no anonymous caller reach this route
+        if principal is None:  # the Gate lets no one unknown reach this route; fail closed if it did not run
+            end_with_status(span, 401)
+            return refused(request, Unauthenticated("no API key", None, "missing_api_key"), headers)
         self._accept(body, audit)
         try:
             with trace.use_span(span, end_on_exit=False):

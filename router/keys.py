@@ -6,9 +6,11 @@ stored only as `HMAC-SHA256(server secret, salt + secret)` with a salt of its ow
 store without the server secret gives nothing to test guesses against; with it, a guess still
 has to find 256 random bits. Checking a key is one HMAC and a constant-time compare.
 
-The store is one SQLite file (WAL mode): keys, and the tokens and cost each key spent per
-budget period, which every ingress replica adds to and reads, so budgets hold across replicas
-and restarts. Plain code: no Ray, no HTTP (`tierserve.router.access` uses it at the ingress).
+The store is one SQLite file: keys, and the tokens and cost each key spent per budget
+period, which every ingress replica adds to and reads, so budgets hold across replicas and
+restarts. It keeps SQLite's rollback journal (not WAL, which needs the readers and writers on
+one host), so replicas on several nodes may share it on a file system with working POSIX locks.
+Plain code: no Ray, no HTTP (`tierserve.router.access` uses it at the ingress).
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def load_server_secret(env: str, path: Path, create: bool = True) -> bytes:
     """The server secret: `$env` when set, else the file, made (0600) when missing and `create`."""
     value = os.environ.get(env)
     if value:
+        if len(value) < 32:
+            raise ValueError(f"${env} holds a server secret shorter than 32 characters")
         return value.encode()
     if not path.exists():
         if not create:
@@ -182,7 +186,6 @@ class KeyStore:
     def _db(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=10)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             with db:
                 yield db
         finally:
@@ -213,6 +216,15 @@ class KeyStore:
         if not done:
             raise KeyError(f"no active key {key_id!r}")
         return f"{PREFIX}-{key_id}-{secret}"
+
+    def update(self, key_id: str, policy: KeyPolicy) -> None:
+        """A new policy for an active key (its secret unchanged)."""
+        with self._db() as db:
+            done = db.execute(
+                "UPDATE keys SET policy = ? WHERE id = ? AND revoked IS NULL", (policy.model_dump_json(), key_id)
+            ).rowcount
+        if not done:
+            raise KeyError(f"no active key {key_id!r}")
 
     def revoke(self, key_id: str) -> None:
         with self._db() as db:
@@ -261,6 +273,12 @@ def store_path(config: AuthConfig, model_cache: str | Path | None) -> Path:
 def open_store(config: AuthConfig, model_cache: str | Path | None) -> KeyStore:
     """The key store `auth` names, with its server secret (`auth.secret_env`, else
     `auth.secret_file`, else `keys.secret` beside the store, made if missing)."""
-    path = store_path(config, model_cache)
-    secret_file = Path(config.secret_file).expanduser() if config.secret_file else path.with_name("keys.secret")
-    return KeyStore(path, load_server_secret(config.secret_env, secret_file))
+    secret = load_server_secret(config.secret_env, secret_file(config, model_cache))
+    return KeyStore(store_path(config, model_cache), secret)
+
+
+def secret_file(config: AuthConfig, model_cache: str | Path | None) -> Path:
+    """`auth.secret_file`, else `keys.secret` beside the store."""
+    if config.secret_file:
+        return Path(config.secret_file).expanduser()
+    return store_path(config, model_cache).with_name("keys.secret")

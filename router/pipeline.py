@@ -75,6 +75,8 @@ class RequestContext:
     """The tier's batches, observed and guarded, once the request has started on a tier."""
     principal: Principal = ANONYMOUS
     """Who is calling: the API key's id and policy."""
+    lease: Lease | None = None
+    """The request's hold on its key's limits (`Access.admit`), given back when it ends."""
     outcome: Outcome | None = None
     """How the started request's stream ended, once it has."""
 
@@ -213,14 +215,19 @@ class Pipeline:
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
         check_limits(body, self.config.limits)  # before anything is spent on the request
         ctx = RequestContext(body, formatter, span, self.request_id(formatter.id_prefix), principal=principal)
+        lease = ctx.lease = self.access.admit(principal, body.model)
         if audit is not None:
             audit.ctx = ctx
-        lease = self.access.admit(principal, body.model)
+            # However the request ends, even with a stream never started: its place is given back.
+            audit.closers.append(lease.end)
         try:
             ctx.retrieval = self.retrieval.options(body, "chat" if ctx.chat else "completions")
             index = ctx.retrieval.index if ctx.retrieval is not None else None
             if index is not None and not principal.may_read(index):
-                raise IndexUnavailable.named(index)  # as if it did not exist
+                if isinstance(body.retrieval, RetrievalOptions) and body.retrieval.index is not None:
+                    raise IndexUnavailable.named(index)  # as if it did not exist
+                # A default the caller did not name is not named back.
+                raise IndexUnavailable("no index this API key may read serves this request", "retrieval")
             # Routed first, so an overloaded service sheds at once, before guards and retrieval.
             ctx.routed = await self._plan(ctx)
             try:
@@ -265,7 +272,7 @@ class Pipeline:
         finally:
             guarded.cancel()
         span.set_attribute("tierserve.tier", routed.tier or "")
-        observers = [self.metrics.request(routed, ctx.entry, self.router.cost), _Spent(ctx, lease)]
+        observers = [self.metrics.request(routed, ctx.entry, self.router.cost), _Spent(ctx, lease, self.router.price)]
         watched = observed(batches, observers, started=routed.arrived)
         ctx.batches = self.safety.guard_output(watched, ctx.safety, span)
 
@@ -284,16 +291,27 @@ class Pipeline:
 class _Spent(StreamObserver[list[TokenChunk]]):
     """The end of a started request: its outcome on the context, and its tokens and cost
     charged to its key (`Lease.end`, which also frees its place among the key's requests).
-    Listed after the metrics' observer, which reads the usage and prices it."""
+    A stream that ends early (the client left, the tier failed) carries no usage: it is charged
+    the tokens generated so far and its prompt's estimated tokens, so leaving early does not
+    escape the key's limits."""
 
-    __slots__ = ("ctx", "lease")
+    __slots__ = ("ctx", "lease", "price", "generated")
 
-    def __init__(self, ctx: RequestContext, lease: Lease):
-        self.ctx, self.lease = ctx, lease
+    def __init__(self, ctx: RequestContext, lease: Lease, price: Callable[[str, int, int], float]):
+        self.ctx, self.lease, self.price = ctx, lease, price
+        self.generated = 0
+
+    def item(self, batch: list[TokenChunk], now: float) -> None:
+        for chunk in batch:
+            self.generated += len(chunk.token_ids)
 
     def end(self, outcome: Outcome, error: BaseException | None, elapsed_s: float) -> None:
         self.ctx.outcome = outcome
         routed = self.ctx.routed
-        usage = routed.usage if routed is not None else None
-        cost = (routed.cost or 0.0) if routed is not None else 0.0
-        self.lease.end(usage.total_tokens if usage is not None else 0, cost)
+        assert routed is not None
+        if routed.usage is not None:
+            prompt, completion = routed.usage.prompt_tokens, routed.usage.completion_tokens
+        else:
+            prompt, completion = routed.features.prompt_tokens, self.generated
+        cost = self.price(routed.tier, prompt, completion) if routed.tier is not None else 0.0
+        self.lease.end(prompt + completion, cost)

@@ -224,8 +224,11 @@ class Router:
         """The request's cost on the tier that served it, from its usage and the tier's prices."""
         if routed.usage is None or routed.tier is None:
             return None
-        view = self.states.views[routed.tier]
-        return view.cost.of(routed.usage.prompt_tokens, routed.usage.completion_tokens)
+        return self.price(routed.tier, routed.usage.prompt_tokens, routed.usage.completion_tokens)
+
+    def price(self, tier: str, prompt_tokens: int, completion_tokens: int) -> float:
+        """What these tokens cost on `tier`, at its prices (`routing.tiers.<tier>.cost`)."""
+        return self.states.views[tier].cost.of(prompt_tokens, completion_tokens)
 
     def rejection(self, decision: Decision) -> TierServeError:
         refused = ", ".join(f"{t}: {why}" for t, why in decision.refused.items())
