@@ -74,8 +74,11 @@ class Auditor:
         if destination is not None:
             _setup(destination)
 
-    def fingerprint(self, body: Any) -> str:
-        """HMAC-SHA256 of what the caller sent as the prompt (messages, or prompt)."""
+    def fingerprint(self, body: Any) -> str | None:
+        """HMAC-SHA256 of what the caller sent as the prompt (messages, or prompt); None when no
+        line is written (it is not computed)."""
+        if not self.enabled:
+            return None
         text = body.model_dump_json(include={"messages", "prompt"})
         return hmac.new(self.secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 

@@ -104,3 +104,13 @@ def wait_for(predicate, timeout: float, interval: float = 0.2):
         time.sleep(interval)
         value = predicate()
     return value
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A real OTLP/HTTP receiver for an app whose `telemetry` points at it (one per module)."""
+    from .otlp_receiver import OtlpReceiver
+
+    r = OtlpReceiver()
+    yield r
+    r.close()

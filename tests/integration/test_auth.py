@@ -19,8 +19,7 @@ from openai import OpenAI
 from tierserve.core.errors import PermissionDenied, QuotaExceeded, RateLimited, Unauthenticated, unwrap_error
 
 from .conftest import wait_for
-from .otlp_receiver import OtlpReceiver
-from .tiny_models import build_tiny_llama
+from .tiny_models import build_tiny_llama, tiny_tier
 
 pytestmark = pytest.mark.integration
 
@@ -32,22 +31,6 @@ CORPUS = {
     "alpha": ("apollo.md", "# Apollo\n\nThe Apollo project's launch code word is BLUEBIRD.\n"),
     "beta": ("zephyr.md", "# Zephyr\n\nThe Zephyr team's release train leaves every Friday.\n"),
 }
-
-
-def tier(name: str, model) -> dict:
-    return {
-        "name": name,
-        "model": str(model),
-        "engine": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 4},
-        "deployment": {"num_cpus": 1, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
-    }
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = OtlpReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def authed(app, receiver, tmp_path_factory):
     config = parse_config(
         {
             "name": APP,
-            "tiers": [tier("one", tiny), tier("two", tiny)],
+            "tiers": [tiny_tier("one", tiny, 4), tiny_tier("two", tiny, 4)],
             "ingress": {
                 "deployment": {"num_cpus": 0},
                 "auth": {

@@ -16,31 +16,13 @@ import secrets
 import pytest
 from openai import OpenAI
 
-from .otlp_receiver import OtlpReceiver
-from .tiny_models import build_tiny_llama
+from .tiny_models import build_tiny_llama, tiny_tier
 
 pytestmark = pytest.mark.integration
 
 APP = "traced"
 SERVER = 2  # OTLP SpanKind values
 ECHO = [{"role": "user", "content": "Repeat exactly: one two three four, one two three four."}]
-
-
-def tier(name: str, model, **fields) -> dict:
-    return {
-        "name": name,
-        "model": str(model),
-        "engine": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 8},
-        "deployment": {"num_cpus": 1, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
-        **fields,
-    }
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = OtlpReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +41,8 @@ def traced(app, receiver, tmp_path_factory):
         {
             "name": APP,
             "tiers": [
-                tier("traced", target, speculative={"method": "ngram", "num_speculative_tokens": 3}),
-                tier("sampled", target, token_spans=4),
+                tiny_tier("traced", target, speculative={"method": "ngram", "num_speculative_tokens": 3}),
+                tiny_tier("sampled", target, token_spans=4),
             ],
             "ingress": {"deployment": {"num_cpus": 0}},
             "rag": {"enabled": True, "deployment": {"num_cpus": 0}},

@@ -90,3 +90,15 @@ def build_tiny_qwen2(out: Path, texts: list[str], *, vocab: int, hidden: int, la
     Qwen2ForCausalLM(config).save_pretrained(out)
     GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     return out
+
+
+def tiny_tier(name: str, model: Path, max_num_seqs: int = 8, **fields: object) -> dict:
+    """A tier config of a tiny checkpoint: float32, eager, 512 tokens of context, one logical CPU
+    and 1 GiB of KV cache."""
+    return {
+        "name": name,
+        "model": str(model),
+        "engine": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": max_num_seqs},
+        "deployment": {"num_cpus": 1, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        **fields,
+    }

@@ -269,11 +269,11 @@ def test_spending_the_store_could_not_take_is_kept_for_the_next_refresh(store, m
     assert store.usage({principal.key_id: period}) == {principal.key_id: (40, 0.0)}
 
 
-def test_the_audit_line_holds_no_prompt_text_and_a_stable_keyed_fingerprint():
+def test_the_audit_line_holds_no_prompt_text_and_a_stable_keyed_fingerprint(tmp_path):
     from tierserve.router.protocol import ChatCompletionRequest
 
     lines = []
-    auditor = Auditor(None, b"s" * 32, observe=lines.append)
+    auditor = Auditor(str(tmp_path / "audit.jsonl"), b"s" * 32, observe=lines.append)
     body = ChatCompletionRequest.model_validate(
         {"model": "auto", "messages": [{"role": "user", "content": "mail jane.doe@example.com"}]}
     )
@@ -288,7 +288,11 @@ def test_the_audit_line_holds_no_prompt_text_and_a_stable_keyed_fingerprint():
     (line,) = lines
     assert "jane.doe" not in json.dumps(line)
     assert line["key_id"] == "abc" and line["status"] == 429 and line["code"] == "rate_limit_exceeded"
-    assert line["prompt_sha256"] == auditor.fingerprint(body) != Auditor(None, b"t" * 32).fingerprint(body)
+    other = Auditor(str(tmp_path / "other.jsonl"), b"t" * 32)
+    assert line["prompt_sha256"] == auditor.fingerprint(body) != other.fingerprint(body)
+    assert Auditor(None, b"s" * 32).fingerprint(body) is None  # no line, no fingerprint
+    written = (tmp_path / "other.jsonl").read_text() + (tmp_path / "audit.jsonl").read_text()
+    assert json.loads(written.splitlines()[-1])["key_id"] == "abc" and "jane.doe" not in written
 
 
 def test_keys_are_reread_even_when_spending_cannot_be_written(store, monkeypatch):
