@@ -87,6 +87,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print("starting tierserve: each tier's engine loads and warms up (a minute or more)", flush=True)
     serve.run(build_application(config), name=config.name, route_prefix="/")
     print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
+    auth = config.ingress.auth
+    if not auth.enabled:
+        print(
+            f"warning: API keys are off (ingress.auth.enabled: false): anyone who reaches {server.host}:{server.port} "
+            "may use every tier and index; turn them on before exposing the port (docs/security.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        named = f" --config {args.config}" if args.config else ""
+        print(f"API keys are on: make one with `tierserve keys create{named} --name NAME`", flush=True)
 
     # Explicit handlers: a process started in the background inherits SIGINT as ignored.
     stop = threading.Event()
