@@ -125,6 +125,10 @@ class AuditRecord:
     (its key's place), however it ended."""
     written: bool = False
 
+    def called_by(self, key_id: str | None, name: str) -> None:
+        """The caller's key (none when auth is off: no name either)."""
+        self.key_id, self.key_name = key_id, name if key_id else None
+
     def failed(self, status: int, code: str | None) -> None:
         self.status, self.code = status, code
 

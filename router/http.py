@@ -131,7 +131,7 @@ class Gate:
                 headers = {"www-authenticate": "Bearer"} if exc.status_code == 401 else None
                 return await error_response(exc, headers)(scope, receive, sent)
             if principal is not None:
-                record.key_id, record.key_name = principal.key_id, principal.name if principal.key_id else None
+                record.called_by(principal.key_id, principal.name)
             state["principal"] = principal
             await self.asgi(scope, receive, sent)
         except Exception:

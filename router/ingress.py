@@ -220,7 +220,7 @@ class Ingress:
         record = AuditRecord(f"handle {method}", "handle")
         try:
             principal = self.access.authenticate(api_key, "handle")
-            record.key_id, record.key_name = principal.key_id, principal.name if principal.key_id else None
+            record.called_by(principal.key_id, principal.name)
             yield principal, record
             record.status = record.status or 200
         except TierServeError as exc:
@@ -406,11 +406,10 @@ class Ingress:
 
     # ----- shared internals --------------------------------------------------------------
 
-    @staticmethod
-    def _accept(body: R, audit: AuditRecord) -> R:
+    def _accept(self, body: R, audit: AuditRecord) -> R:
         """The parsed request, noted on its audit line (model, prompt fingerprint)."""
         audit.model = body.model  # type: ignore[attr-defined]
-        audit.prompt_sha256 = Gate.auditor.fingerprint(body) if Gate.auditor is not None else None
+        audit.prompt_sha256 = self.auditor.fingerprint(body)
         return body
 
     async def _http_traced(

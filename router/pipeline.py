@@ -75,8 +75,6 @@ class RequestContext:
     """The tier's batches, observed and guarded, once the request has started on a tier."""
     principal: Principal = ANONYMOUS
     """Who is calling: the API key's id and policy."""
-    lease: Lease | None = None
-    """The request's hold on its key's limits (`Access.admit`), given back when it ends."""
     outcome: Outcome | None = None
     """How the started request's stream ended, once it has."""
 
@@ -215,7 +213,7 @@ class Pipeline:
         guard those), and start it on the first tier that sends tokens (see `Router.open`)."""
         check_limits(body, self.config.limits)  # before anything is spent on the request
         ctx = RequestContext(body, formatter, span, self.request_id(formatter.id_prefix), principal=principal)
-        lease = ctx.lease = self.access.admit(principal, body.model)
+        lease = self.access.admit(principal, body.model)
         if audit is not None:
             audit.ctx = ctx
             # However the request ends, even with a stream never started: its place is given back.
