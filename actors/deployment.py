@@ -20,7 +20,7 @@ from ray import serve
 
 from tierserve.actors.checkpoints import resolve_model
 from tierserve.actors.config import TierConfig
-from tierserve.actors.engine import EngineRestarts, VLLMEngine
+from tierserve.actors.engine import VLLMEngine
 from tierserve.actors.metrics import TierMetrics, sample_forever
 from tierserve.actors.placement import (
     BIND_ENV,
@@ -29,6 +29,7 @@ from tierserve.actors.placement import (
     engine_placement_options,
     release_cpu_binding,
 )
+from tierserve.actors.restarts import EngineRestarts
 from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.tracing import generation_span
 from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStats, TokenChunk

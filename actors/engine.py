@@ -22,6 +22,7 @@ from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, requ
 from tierserve.actors.types import (
     GenerateRequest,
     SamplingOptions,
+    StructuredOutput,
     TierLoad,
     TierStats,
     TokenChunk,
@@ -67,16 +68,35 @@ def context_error(
     return None
 
 
-def request_error(exc: BaseException) -> InvalidRequest | None:
+STRUCTURED_PARAM = "response_format"
+"""The request field an error about the answer's form (a schema vLLM cannot compile) names."""
+
+
+def request_error(exc: BaseException, structured: bool = False) -> InvalidRequest | None:
     """The 400 for an error vLLM raises about the request, wherever it raises it (sampling
     parameters, tokenizer, the engine's `add_request`): its `VLLMClientError`s
     (`VLLMValidationError` names the parameter) and the plain `ValueError`s some of its checks
-    still raise; None for anything else (a bug, or a dead engine)."""
+    still raise; None for anything else (a bug, or a dead engine). On a request with a
+    structured output, an error naming no parameter is about its grammar (`STRUCTURED_PARAM`):
+    vLLM checks the schema when the request is added."""
     from vllm.exceptions import VLLMClientError
 
     if isinstance(exc, (VLLMClientError, ValueError, OverflowError)):
-        return InvalidRequest(str(exc), getattr(exc, "parameter", None))
+        param = getattr(exc, "parameter", None) or (STRUCTURED_PARAM if structured else None)
+        return InvalidRequest(str(exc), param)
     return None
+
+
+def structured_outputs(structured: StructuredOutput | None) -> Any:
+    """vLLM's `StructuredOutputsParams` for the answer's form; None for free text. The engine's
+    `structured_outputs_config` picks the backend (xgrammar, else guidance, by default)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.json_schema is not None:
+        return StructuredOutputsParams(json=structured.json_schema)
+    return StructuredOutputsParams(json_object=True)
 
 
 def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
@@ -95,47 +115,6 @@ def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
             pass
 
     return StepLogger
-
-
-class EngineRestarts:
-    """When a tier's replica restarts its dead engine in place, and when it gives up.
-
-    Serve's health check (every 2 s on the shipped tiers) asks `under_way`. A dead engine is
-    restarted in the replica, up to `limit` times (the tier's `engine_restarts`): a new replica
-    would first start a process and import everything, about 10 s more (docs/reliability.md).
-    While a restart runs the replica passes the check; a restart that fails or outlasts
-    `timeout_s` (`engine_restart_timeout_s`), and a death past the limit, fail it
-    (`ServiceUnavailable`), and Serve replaces the replica."""
-
-    def __init__(self, tier: str, limit: int, timeout_s: float, clock: Callable[[], float] = time.monotonic):
-        self.tier = tier
-        self.limit = limit
-        self.timeout_s = timeout_s
-        self.clock = clock
-        self.count = 0
-        """Restarts begun."""
-        self._task: asyncio.Task | None = None
-        self._began = 0.0
-
-    def under_way(self, engine: VLLMEngine) -> bool:
-        """True while a restart of `engine` runs (begun now if it just died and the limit allows);
-        False when there is none, and the engine's own health decides. Call on the event loop."""
-        if self._task is not None:
-            if not self._task.done():
-                if self.clock() - self._began <= self.timeout_s:
-                    return True
-                raise ServiceUnavailable(f"engine restart for tier {self.tier} is taking too long")
-            task, self._task = self._task, None
-            if task.exception() is not None:
-                raise ServiceUnavailable(f"engine restart for tier {self.tier} failed: {task.exception()}")
-            logger.info("tier %s: engine restarted in %.1f s", self.tier, self.clock() - self._began)
-        if engine.dead and self.count < self.limit:
-            self.count += 1
-            logger.warning("tier %s: engine died; restarting it in place (%d of %d)", self.tier, self.count, self.limit)
-            self._began = self.clock()
-            self._task = asyncio.get_running_loop().create_task(engine.restart())
-            return True
-        return False
 
 
 class VLLMEngine:
@@ -371,10 +350,11 @@ class VLLMEngine:
                 logprobs=options.logprobs,
                 min_tokens=options.min_tokens,
                 ignore_eos=options.ignore_eos,
+                structured_outputs=structured_outputs(options.structured),
                 output_kind=RequestOutputKind.DELTA,
             )
         except Exception as exc:
-            error = request_error(exc)
+            error = request_error(exc, options.structured is not None)
             if error is None:
                 raise
             raise error from exc
@@ -428,6 +408,8 @@ class VLLMEngine:
                 step += 1
                 chunks = []
                 for choice in output.outputs:
+                    if choice.finish_reason == "error":  # the engine failed it (e.g. a grammar it could not build)
+                        raise self._failed_request(request, completion_tokens)
                     completion_tokens += len(choice.token_ids)
                     chunks.append(self._chunk(choice, step, request.sampling.logprobs))
                     if choice.spec_decode_metrics is not None:
@@ -451,7 +433,7 @@ class VLLMEngine:
             raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc
         except Exception as exc:
             outcome = Outcome.FAILED
-            error = request_error(exc)
+            error = request_error(exc, request.sampling.structured is not None)
             if error is None:
                 raise
             raise error from exc
@@ -465,6 +447,12 @@ class VLLMEngine:
                 self._aborted += 1
                 await stream.aclose()  # vLLM aborts a request whose stream is closed early
                 await self._llm.abort(request.request_id)
+
+    def _failed_request(self, request: GenerateRequest, completion_tokens: int) -> InvalidRequest | ServiceUnavailable:
+        """The error for a request the engine ended with finish reason 'error'."""
+        if request.sampling.structured is not None and completion_tokens == 0:
+            return InvalidRequest(f"engine for {self.model} could not decode to this response_format", STRUCTURED_PARAM)
+        return ServiceUnavailable(f"engine for {self.model} failed the request")
 
     def _chunk(self, choice: CompletionOutput, step: int, top_k: int | None) -> TokenChunk:
         return TokenChunk(

@@ -14,6 +14,17 @@ from tierserve.core.types import ChatMessage
 
 
 @dataclass(slots=True)
+class StructuredOutput:
+    """A form the answer must take, enforced while decoding (vLLM's structured outputs): the
+    engine only samples tokens that keep the text a prefix of a valid answer."""
+
+    json_schema: str | None = None
+    """A JSON Schema, as JSON text: the answer is a JSON value valid against it."""
+    json_object: bool = False
+    """The answer is a JSON object, of any shape."""
+
+
+@dataclass(slots=True)
 class SamplingOptions:
     """Sampling parameters, named as in vLLM's `SamplingParams`."""
 
@@ -35,6 +46,8 @@ class SamplingOptions:
     """Return the sampled token's logprob plus this many top alternatives; None returns none."""
     min_tokens: int = 0
     ignore_eos: bool = False
+    structured: StructuredOutput | None = None
+    """The form the answer must take; None: free text."""
 
 
 @dataclass(slots=True)

@@ -110,7 +110,11 @@ def add_key_commands(sub: Any) -> None:
         q.add_argument("--cache-dir")
 
     def policy_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--model", action="append", help="a model it may use (auto or a tier); repeat; default: all")
+        q.add_argument(
+            "--model",
+            action="append",
+            help="a model it may use (auto, a tier, or the embedding model); repeat; default: all",
+        )
         q.add_argument(
             "--index", action="append", help="a retrieval index it may query ('*': all); repeat; default: none"
         )

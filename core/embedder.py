@@ -87,6 +87,18 @@ class Embedder:
     def dimension(self) -> int:
         return self._dimension
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens of one text the model reads (its special tokens included); it truncates the rest."""
+        return int(self._model.max_seq_length)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's length in the model's tokens, special tokens included, untruncated."""
+        if not texts:
+            return []
+        tokenizer = self._model.tokenizer
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """Shape (len(texts), dimension), float32, each row of unit L2 norm."""
         if not texts:

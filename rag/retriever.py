@@ -25,7 +25,7 @@ from tierserve.rag.grounding import Grounding, grounding, sentences
 from tierserve.rag.metrics import RetrieverMetrics
 from tierserve.rag.snapshot import IndexMismatch, IndexNotFound, IndexSnapshot
 from tierserve.rag.store import IndexStore
-from tierserve.rag.types import Hit, IndexUnavailable, Retrieval, RetrievalQuery
+from tierserve.rag.types import Embedded, Hit, IndexUnavailable, InputTooLong, Retrieval, RetrievalQuery
 
 logger = logging.getLogger("tierserve.rag")
 
@@ -145,6 +145,43 @@ class Retriever:
             return Retrieval(
                 query.index, snapshot.version, hits, 1e3 * (embedded - started), 1e3 * (searched - embedded)
             )
+
+    async def embed(self, texts: list[str], trace_context: dict[str, str] | None = None) -> Embedded:
+        """The texts' vectors (`POST /v1/embeddings`), in the caller's trace. A text longer than
+        the embedder reads is refused (`InputTooLong`, naming `input.N`) rather than embedded
+        truncated."""
+        with tracer().start_as_current_span(
+            f"embeddings {self.embedder.name}",
+            context=extract(trace_context or {}),
+            attributes={
+                "gen_ai.operation.name": "embeddings",
+                "gen_ai.request.model": self.embedder.name,
+                "tierserve.embeddings.inputs": len(texts),
+            },
+        ) as span:
+            counts = await asyncio.to_thread(self.embedder.token_counts, texts)
+            limit = self.embedder.max_tokens
+            for i, count in enumerate(counts):
+                if count > limit:
+                    raise InputTooLong(
+                        f"input {i} is {count} tokens long; {self.embedder.name} reads at most {limit} "
+                        "(split the text)",
+                        f"input.{i}" if len(texts) > 1 else "input",
+                    )
+            vectors = await self._encode_together(texts)
+            span.set_attribute("gen_ai.usage.input_tokens", sum(counts))
+            return Embedded(self.embedder.name, vectors, sum(counts))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _encode_together(self, calls: list[list[str]]) -> list[Any]:
+        """The texts of embeddings calls that arrive together, encoded in one batch (the
+        embedder pads a batch to its longest text and runs it at once)."""
+        vectors = await asyncio.to_thread(self.embedder.encode, [text for texts in calls for text in texts])
+        out, start = [], 0
+        for texts in calls:
+            out.append(vectors[start : start + len(texts)])
+            start += len(texts)
+        return out
 
     async def ground(self, answer: str, passages: list[Hit]) -> Grounding:
         """How much of `answer` the passages support (see `tierserve.rag.grounding`)."""

@@ -130,3 +130,20 @@ class Retrieval:
     hits: list[Hit]
     embed_ms: float
     search_ms: float
+
+
+@dataclass(slots=True)
+class Embedded:
+    """Texts' vectors from the retriever's embedder (`POST /v1/embeddings`)."""
+
+    model: str
+    vectors: Any
+    """numpy float32, shape (texts, dimension), each row of unit L2 norm."""
+    tokens: int
+    """The texts' tokens in the embedder's tokenizer, special tokens included."""
+
+
+class InputTooLong(TierServeError):
+    """A text longer than the embedder reads: refused, not silently truncated (400)."""
+
+    default_code = "context_length_exceeded"

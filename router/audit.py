@@ -75,11 +75,12 @@ class Auditor:
             _setup(destination)
 
     def fingerprint(self, body: Any) -> str | None:
-        """HMAC-SHA256 of what the caller sent as the prompt (messages, or prompt); None when no
+        """HMAC-SHA256 of what the caller sent as the prompt (messages, prompt, or embeddings'
+        input); None when no
         line is written (it is not computed)."""
         if not self.enabled:
             return None
-        text = body.model_dump_json(include={"messages", "prompt"})
+        text = body.model_dump_json(include={"messages", "prompt", "input"})
         return hmac.new(self.secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
     def close(self, record: AuditRecord) -> None:
@@ -117,6 +118,8 @@ class AuditRecord:
     status: int | None = None
     code: str | None = None
     outcome: str | None = None
+    prompt_tokens: int | None = None
+    """Tokens read, for a request with no pipeline context (embeddings)."""
     ctx: Any = None
     """The pipeline's `RequestContext` of the request, once it has one: tier, usage, guards'
     findings (typed loosely: the audit line is below the pipeline)."""
@@ -148,6 +151,8 @@ class AuditRecord:
             "latency_ms": round((time.perf_counter() - self.started) * 1e3, 1),
             "prompt_sha256": self.prompt_sha256,
         }
+        if self.prompt_tokens is not None:
+            out["prompt_tokens"] = self.prompt_tokens
         ctx = self.ctx
         if ctx is not None:
             out["request_id"] = ctx.rid

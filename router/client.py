@@ -8,7 +8,7 @@ or another Serve deployment) calls the same ingress methods the HTTP routes use,
     for chunk in client.chat_stream(model="auto", messages=[...]):
         print(chunk.choices[0].delta.content or "", end="")
 
-Async code uses `achat` / `achat_stream` (and `acomplete` / `acomplete_stream`). Arguments are
+Async code uses `achat` / `achat_stream` (and `acomplete` / `acomplete_stream`, `aembeddings`). Arguments are
 the OpenAI request fields; they are validated here, so a bad field raises pydantic's
 `ValidationError` before anything is sent. Errors from the pipeline arrive as the typed
 `TierServeError` subclasses (wrapped by Ray; `unwrap_error` gives the original).
@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from openai.types import Completion, Model
+from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from ray import serve
 
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 
 class TierServeClient:
@@ -47,6 +47,9 @@ class TierServeClient:
     def complete_stream(self, **request: Any) -> Iterator[Completion]:
         yield from self._streaming.complete_stream.remote(CompletionRequest(**request), api_key=self.api_key)
 
+    def embeddings(self, **request: Any) -> CreateEmbeddingResponse:
+        return self.handle.embeddings.remote(EmbeddingRequest(**request), api_key=self.api_key).result()
+
     def models(self) -> list[Model]:
         return self.handle.list_models.remote(api_key=self.api_key).result()
 
@@ -62,6 +65,9 @@ class TierServeClient:
 
     async def acomplete(self, **request: Any) -> Completion:
         return await self.handle.complete.remote(CompletionRequest(**request), api_key=self.api_key)
+
+    async def aembeddings(self, **request: Any) -> CreateEmbeddingResponse:
+        return await self.handle.embeddings.remote(EmbeddingRequest(**request), api_key=self.api_key)
 
     async def acomplete_stream(self, **request: Any) -> AsyncIterator[Completion]:
         async for chunk in self._streaming.complete_stream.remote(CompletionRequest(**request), api_key=self.api_key):

@@ -33,6 +33,12 @@ class RequestLimits(BaseModel):
     """Characters of one stop sequence."""
     max_stop_token_ids: int = Field(64, ge=0)
     """Token ids in `stop_token_ids`."""
+    max_embedding_inputs: int = Field(2048, ge=1)
+    """Texts in one `POST /v1/embeddings` request (OpenAI's limit); `max_prompt_chars` bounds
+    their characters together."""
+    max_schema_chars: int = Field(32_768, ge=2)
+    """Characters of `response_format.json_schema.schema` (as compact JSON): the tier's engine
+    compiles it into a grammar, which takes time and memory that grow with it."""
 
 
 class FailedAuthLimit(BaseModel):

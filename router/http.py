@@ -27,8 +27,9 @@ from tierserve.core.errors import TierServeError
 from tierserve.router.access import ANONYMOUS, Access, Principal
 from tierserve.router.audit import Auditor, AuditRecord
 from tierserve.router.config import RequestLimits
+from tierserve.router.limits import body_too_large
 from tierserve.router.pipeline import new_request_id
-from tierserve.router.protocol import body_too_large, validation_error
+from tierserve.router.protocol import validation_error
 from tierserve.router.tracing import end_with_status
 
 logger = logging.getLogger("tierserve.ingress")

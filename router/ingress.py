@@ -2,7 +2,7 @@
 
 Both front doors share one code path: each HTTP route validates the body and calls the same
 public method a `DeploymentHandle` caller uses (`chat`, `chat_stream`, `complete`,
-`complete_stream`, `list_models`, `health`); with auth on, HTTP callers send their API key as
+`complete_stream`, `embeddings`, `list_models`, `health`); with auth on, HTTP callers send their API key as
 `Authorization: Bearer` (the `Gate` checks it before the route runs) and handle callers as
 `api_key=`, and both go through the same checks (`tierserve.router.access`). The ingress turns an OpenAI request into a
 `GenerateRequest`, streams batches of `TokenChunk`s from the tier's deployment and formats them
@@ -14,17 +14,16 @@ error after that ends the SSE stream with an error event.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from openai.types import Completion, Model
+from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
@@ -53,7 +52,13 @@ from tierserve.router.http import (
 from tierserve.router.keys import open_store, store_path
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.pipeline import Pipeline
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, error_responses, validation_error
+from tierserve.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    error_responses,
+    validation_error,
+)
 from tierserve.router.replicas import tier_replicas
 from tierserve.router.responses import (
     ChatStreamFormatter,
@@ -63,6 +68,7 @@ from tierserve.router.responses import (
 from tierserve.router.retrieval_step import RetrievalStep
 from tierserve.router.routing import Router, primed
 from tierserve.router.safety_step import SafetyStep
+from tierserve.router.status import TierStatus
 from tierserve.router.tiers import TierDirectory, TierEntry
 from tierserve.router.tracing import end_with_status, http_span, request_span, response_headers
 from tierserve.safety.config import SafetyConfig
@@ -159,6 +165,7 @@ class Ingress:
             request_id=request_id,
             access=self.access,
         )
+        self.status = TierStatus(self.directory, handles, self.router.states, config.health_timeout_s)
         self._pollers: list[asyncio.Task] = []
         self._ensure_polling()
 
@@ -269,15 +276,30 @@ class Ingress:
                 for item in batch:
                     yield item
 
+    async def embeddings(
+        self, request: EmbeddingRequest | dict[str, Any], api_key: str | None = None
+    ) -> CreateEmbeddingResponse:
+        """Vectors of the request's texts from the retriever's embedder (the model named
+        `rag.embedder.model`; none without RAG)."""
+        with request_span("tierserve.embeddings") as span, self._caller("embeddings", api_key) as (principal, audit):
+            body = self._accept(_coerce(request, EmbeddingRequest), audit)
+            with trace.use_span(span, end_on_exit=False):
+                return await self.pipeline.embed(body, self._embedding_model(), principal, audit)
+
+    def _embedding_model(self) -> str | None:
+        """The id callers name the retriever's embedder by; None without RAG."""
+        return self.retrieval.config.embedder.model if self.retrieval.retriever is not None else None
+
     async def list_models(self, api_key: str | None = None) -> list[Model]:
-        """`auto` and every tier the caller's key may use, as OpenAI model objects."""
+        """`auto`, every tier and the embedding model the caller's key may use, as OpenAI model objects."""
         with self._caller("list_models", api_key) as (principal, _):
             return self._models(principal)
 
     def _models(self, principal: Principal | None) -> list[Model]:
+        ids = [*self.directory.model_ids(), *filter(None, [self._embedding_model()])]
         return [
             Model(id=m, object="model", created=self.created, owned_by="tierserve")
-            for m in self.directory.model_ids()
+            for m in ids
             if principal is not None and principal.may_use(m)
         ]
 
@@ -286,20 +308,7 @@ class Ingress:
         engine passes Serve's health check but is not ready). Admin scope."""
         with self._caller("health", api_key) as (principal, _):
             principal.require_admin("each tier's health")
-            return await self._health()
-
-    async def _health(self) -> dict[str, str]:
-        async def check(name: str) -> str:
-            try:
-                await asyncio.wait_for(self.handles[name].ready.remote(), self.config.health_timeout_s)
-                return "ok"
-            except asyncio.TimeoutError:
-                return f"no answer within {self.config.health_timeout_s:g}s"
-            except Exception as exc:
-                return str(tier_error(exc, name))
-
-        names = list(self.directory.tiers)
-        return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))
+            return await self.status.health()
 
     async def tiers(self, api_key: str | None = None) -> list[dict[str, Any]]:
         """Each tier's info, counters (of the replica that answers), its replicas as Serve
@@ -307,42 +316,8 @@ class Ingress:
         `health_timeout_s` (no running replica, say) is listed with `error` and no info. Admin scope."""
         with self._caller("tiers", api_key) as (principal, _):
             principal.require_admin("/v1/tiers")
-            return await self._tiers()
-
-    async def _tiers(self) -> list[dict[str, Any]]:
-        self._ensure_polling()
-        views = {v.name: v for v in self.router.states.snapshot()}
-
-        async def one(name: str) -> dict[str, Any]:
-            handle = self.handles[name]
-            view = views[name]
-            replicas = self.router.states.replicas.get(name)
-            router = {
-                "healthy": view.healthy,
-                "in_flight": view.in_flight,
-                "replicas": replicas.as_dict() if replicas is not None else None,
-                "min_complexity": view.min_complexity,
-                "max_queue": view.max_queue,
-                "cost": view.cost.model_dump(),
-                "load": dataclasses.asdict(view.load) if view.load is not None else None,
-                "last_error": self.router.states.last_error.get(name),
-            }
-            entry: dict[str, Any] = {"name": name, "description": self.directory.tiers[name].description}
-            try:
-                info, stats = await asyncio.wait_for(
-                    asyncio.gather(handle.info.remote(), handle.stats.remote()), self.config.health_timeout_s
-                )
-            except asyncio.TimeoutError:
-                return {**entry, "error": f"no answer within {self.config.health_timeout_s:g}s", "router": router}
-            except Exception as exc:
-                return {**entry, "error": str(tier_error(exc, name)), "router": router}
-            counters = dataclasses.asdict(stats)
-            counters["speculation"] = stats.speculation.as_dict() if stats.speculation else None
-            if stats.speculation_control is not None:
-                counters["speculation_control"] = [bucket.as_dict() for bucket in stats.speculation_control]
-            return {**dataclasses.asdict(info), **entry, "stats": counters, "router": router}
-
-        return list(await asyncio.gather(*(one(n) for n in self.directory.tiers)))
+            self._ensure_polling()
+            return await self.status.tiers()
 
     async def indexes(self, api_key: str | None = None) -> list[dict[str, Any]]:
         """The retrieval indexes with their published version's manifest (none without RAG). Admin scope."""
@@ -377,6 +352,20 @@ class Ingress:
     async def _http_complete(self, body: CompletionRequest, request: Request) -> Response:
         return await self._http_traced(request, body, CompletionStreamFormatter)
 
+    @app.post(
+        "/v1/embeddings",
+        responses={
+            200: {"model": CreateEmbeddingResponse},
+            **error_responses(400, 401, 403, 404, 413, 429, 500, 503, 504),
+        },
+    )
+    async def _http_embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+        async def reply(span: trace.Span, principal: Principal, audit: AuditRecord) -> Response:
+            result = await self.pipeline.embed(body, self._embedding_model(), principal, audit)
+            return JSONResponse(result.model_dump(exclude_unset=True, warnings=False))
+
+        return await self._http_in_span(request, body, reply)
+
     @app.get("/v1/models", responses=error_responses(401, 429, 500))
     async def _http_models(self, request: Request) -> JSONResponse:
         models = self._models(principal_of(request))
@@ -384,7 +373,8 @@ class Ingress:
 
     @app.get("/v1/tiers", responses=error_responses(401, 403, 429, 500))
     async def _http_tiers(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": await self._tiers()})
+        self._ensure_polling()
+        return JSONResponse({"object": "list", "data": await self.status.tiers()})
 
     @app.get("/v1/indexes", responses=error_responses(401, 403, 429, 500, 503, 504))
     async def _http_indexes(self) -> JSONResponse:
@@ -395,7 +385,7 @@ class Ingress:
         """200 while at least one tier can serve (`status`: `ok`, or `degraded` with the tiers
         that cannot named), 503 when none can: what a load balancer should probe. With auth on,
         only a key with the admin scope is told which tiers: others get the status alone."""
-        tiers = await self._health()
+        tiers = await self.status.health()
         serving = [name for name, state in tiers.items() if state == "ok"]
         status = "ok" if len(serving) == len(tiers) else ("degraded" if serving else "unavailable")
         principal = principal_of(request)
@@ -415,7 +405,20 @@ class Ingress:
     async def _http_traced(
         self, request: Request, body: ChatCompletionRequest | CompletionRequest, formatter: type[StreamFormatter]
     ) -> Response:
-        """The reply inside the request's span, which a stream ends when it ends; the trace id
+        """A chat or completion's reply (`_http_reply`) inside the request's span."""
+
+        async def reply(span: trace.Span, principal: Principal, audit: AuditRecord) -> Response:
+            return await self._http_reply(body, formatter, span, request.headers, principal, audit)
+
+        return await self._http_in_span(request, body, reply)
+
+    async def _http_in_span(
+        self,
+        request: Request,
+        body: BaseModel,
+        reply: Callable[[trace.Span, Principal, AuditRecord], Awaitable[Response]],
+    ) -> Response:
+        """`reply` inside the request's span, which a stream ends when it ends; the trace id
         goes back in the response headers, errors included."""
         route = getattr(request.scope.get("route"), "path", request.url.path)
         span = http_span(request.method, route, request.url.path, request.headers)
@@ -428,7 +431,7 @@ class Ingress:
         self._accept(body, audit)
         try:
             with trace.use_span(span, end_on_exit=False):
-                response = await self._http_reply(body, formatter, span, request.headers, principal, audit)
+                response = await reply(span, principal, audit)
         except TierServeError as exc:
             end_with_status(span, exc.status_code, exc)
             self.metrics.error(exc.code, exc.status_code)

@@ -23,20 +23,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from openai.types import CreateEmbeddingResponse
 from opentelemetry import trace
 from pydantic import BaseModel
 
 from tierserve.actors.types import GenerateRequest, TokenChunk
-from tierserve.core.errors import PermissionDenied, TierServeError
+from tierserve.core.errors import InvalidRequest, ModelNotFound, PermissionDenied, TierServeError
 from tierserve.core.streams import Outcome, StreamObserver, observed, outcome_of
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import IndexUnavailable
 from tierserve.router.access import ANONYMOUS, Access, Lease, Principal
 from tierserve.router.audit import AuditRecord
 from tierserve.router.config import IngressConfig
+from tierserve.router.limits import check_limits
 from tierserve.router.metrics import IngressMetrics
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, check_limits
-from tierserve.router.responses import ChatStreamFormatter, CompletionBuilder, StreamFormatter
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from tierserve.router.responses import ChatStreamFormatter, CompletionBuilder, StreamFormatter, embeddings_response
 from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_of
 from tierserve.router.routing import Routed, Router
 from tierserve.router.safety_step import ContentBlocked, SafetyReport, SafetyStep
@@ -173,6 +175,30 @@ class Pipeline:
         whole.tierserve = self._extension(ctx)
         return ctx, whole
 
+    async def embed(
+        self, body: EmbeddingRequest, model: str | None, principal: Principal, audit: AuditRecord
+    ) -> CreateEmbeddingResponse:
+        """An embeddings request: its limits, the caller's key, the retriever's embedder (`model`,
+        the name callers use for it; None without RAG), the OpenAI response. Its tokens are
+        charged to the key when the vectors come back."""
+        check_limits(body, self.config.limits)  # before anything is spent on the request
+        if body.model != model:
+            hint = f"; use {model!r}" if model else " (retrieval is off, and with it embeddings)"
+            raise ModelNotFound(f"no embedding model named {body.model!r}{hint}", "model")
+        lease = self.access.admit(principal, body.model)
+        audit.closers.append(lease.end)  # given back however the request ends
+        embedded = await self.retrieval.embed(body.texts())
+        lease.end(embedded.tokens)
+        audit.prompt_tokens = embedded.tokens
+        dimension = embedded.vectors.shape[1]
+        if body.dimensions is not None and body.dimensions != dimension:
+            raise InvalidRequest(
+                f"{model} gives {dimension}-dimensional vectors and cannot shorten them (it is not trained "
+                "to keep meaning in a prefix); leave dimensions out",
+                "dimensions",
+            )
+        return embeddings_response(embedded, body.encoding_format)
+
     async def _plan(self, ctx: RequestContext) -> Routed:
         """Where the request may go, recorded on its span and in the metrics; shed at once if
         nowhere. The passages retrieval may add are counted at their most (top_k full chunks)
@@ -272,7 +298,7 @@ class Pipeline:
         span.set_attribute("tierserve.tier", routed.tier or "")
         observers = [self.metrics.request(routed, ctx.entry, self.router.cost), _Spent(ctx, lease, self.router.price)]
         watched = observed(batches, observers, started=routed.arrived)
-        ctx.batches = self.safety.guard_output(watched, ctx.safety, span)
+        ctx.batches = self.safety.guard_output(watched, ctx.safety, span, body.response_format)
 
     def _extension(self, ctx: RequestContext) -> dict[str, Any]:
         """The response's `tierserve` field: routing facts, and retrieval's and the guards'

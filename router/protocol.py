@@ -8,18 +8,19 @@ fields tierserve understands but cannot honour are refused with a 400 naming the
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tierserve.actors.types import GenerateRequest, SamplingOptions
-from tierserve.core.errors import InvalidRequest, TierServeError
+from tierserve.actors.types import GenerateRequest, SamplingOptions, StructuredOutput
+from tierserve.core.errors import InvalidRequest
 from tierserve.core.types import ChatMessage
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import INT64_MAX, INT64_MIN
-from tierserve.router.config import RequestLimits
+from tierserve.router.structured import answer_problem, check_schema
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -91,6 +92,62 @@ class ChatMessageIn(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the answer must be valid against."""
+
+    model_config = _REQUEST_CONFIG
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """A JSON Schema (draft 2020-12 unless its `$schema` says otherwise); none: any JSON object."""
+    strict: bool | None = None
+    """Accepted for OpenAI's clients; decoding always follows the schema, whatever it says."""
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON valid against a schema. The JSON
+    forms are enforced while decoding (`StructuredOutput`), so the answer parses unless it was
+    cut short (`finish_reason: "length"`) or a guard's redaction broke it (`content_filter`)."""
+
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must be valid against; None when any JSON (or text) will do."""
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema is not None else None
+
+    def check_schema(self) -> None:
+        """Raise `InvalidRequest` naming the schema unless decoding can follow it
+        (`tierserve.router.structured.check_schema`). Called after the limits
+        (`max_schema_chars`) bound its size."""
+        if (schema := self.answer_schema) is not None:
+            check_schema(schema, "response_format.json_schema.schema")
+
+    def problem(self, answer: str) -> str | None:
+        """Why `answer` is not of this form (not JSON, not an object, or invalid against the
+        schema); None when it is. Decoding guarantees the form, so this checks an answer the
+        guards rewrote."""
+        return None if self.type == "text" else answer_problem(answer, self.answer_schema)
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        schema = self.answer_schema
+        if schema is None:
+            return StructuredOutput(json_object=True)
+        return StructuredOutput(json_schema=json.dumps(schema, separators=(",", ":")))
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions, with OpenAI's names and ranges."""
 
@@ -113,6 +170,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: Text | None = Field(None, max_length=256)
     # tierserve's extensions (OpenAI clients send them with `extra_body`); the HTTP headers
     # x-sla-class, x-slo-ttft-ms and x-slo-tpot-ms set the same when the body does not.
@@ -166,6 +224,8 @@ class _SamplingFields(BaseModel):
             raise InvalidRequest(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens"
             )
+        if self.response_format is not None:
+            self.response_format.check_schema()
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
         s = SamplingOptions(max_tokens=max_tokens, n=self.n, seed=self.seed, logprobs=logprobs)
@@ -185,6 +245,7 @@ class _SamplingFields(BaseModel):
         s.stop_token_ids = list(self.stop_token_ids or [])
         s.min_tokens = self.min_tokens
         s.ignore_eos = self.ignore_eos
+        s.structured = self.response_format.structured() if self.response_format is not None else None
         return s
 
 
@@ -196,14 +257,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tool calling is not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -271,6 +329,43 @@ class CompletionRequest(_SamplingFields):
         )
 
 
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: vectors of one text or a list of texts, from the retriever's
+    embedder (the model `GET /v1/models` lists beside the tiers)."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: Text = Field(max_length=256)
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    """`base64`: each vector's little-endian float32 bytes (what the `openai` client asks for)."""
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+    """Accepted only as the embedder's own dimension: its vectors are not trained to be cut short."""
+    user: Text | None = Field(None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, v: Any) -> list[str]:
+        if isinstance(v, str):
+            v = [v]
+        if not v:
+            raise ValueError("input must not be empty")
+        if not all(isinstance(text, str) for text in v):
+            raise ValueError(
+                "token ids are not accepted: the embedder has its own tokenizer; send text (langchain's "
+                "OpenAIEmbeddings: check_embedding_ctx_length=False)"
+            )
+        if any(not text for text in v):
+            raise ValueError("input texts must not be empty")
+        return v
+
+    def texts(self) -> list[str]:
+        return list(self.input)  # type: ignore[arg-type]  # a list of texts once validated
+
+    def check_fields(self) -> None:
+        pass
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -322,77 +417,3 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequest:
             f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, "invalid_json"
         )
     return InvalidRequest(f"{param or 'body'}: {message}" if param else message, param or None)
-
-
-# Request limits (OWASP LLM10, unbounded consumption): what one request may ask for. The
-# pipeline calls `check_limits` on every parsed request before routing, guards, retrieval or
-# tokenization spend anything on it; the body's size is checked earlier still, as it arrives
-# (`tierserve.router.http.BodyLimit`). Each refusal names the limit (its config key under
-# `ingress.limits`) and the field that broke it.
-
-
-class LimitExceeded(InvalidRequest):
-    """A request over one of `ingress.limits` (400)."""
-
-    default_code = "limit_exceeded"
-
-
-class BodyTooLarge(TierServeError):
-    """An HTTP body over `ingress.limits.max_body_bytes` (413)."""
-
-    status_code = 413
-    default_code = "request_too_large"
-
-
-def body_too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"the request body is over ingress.limits.max_body_bytes ({limit} bytes)")
-
-
-def _over(what: str, count: int, limit: int, key: str, param: str) -> LimitExceeded:
-    return LimitExceeded(f"{what} is {count}, over ingress.limits.{key} ({limit})", param)
-
-
-def check_limits(body: Any, limits: RequestLimits) -> None:
-    """Raise `LimitExceeded` for the first limit `body` (a chat or completion request) breaks,
-    then its cross-field checks (`check_fields`)."""
-    messages = getattr(body, "messages", None)
-    if messages is not None:
-        if len(messages) > limits.max_messages:
-            raise _over("the number of messages", len(messages), limits.max_messages, "max_messages", "messages")
-        chars = 0
-        for i, message in enumerate(messages):
-            chars += len(message.text())
-            if chars > limits.max_prompt_chars:
-                raise _over(
-                    "the messages' length in characters",
-                    chars,
-                    limits.max_prompt_chars,
-                    "max_prompt_chars",
-                    f"messages.{i}.content",
-                )
-    else:
-        prompt = body.prompt
-        if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
-            raise _over(
-                "the prompt's length in characters", len(prompt), limits.max_prompt_chars, "max_prompt_chars", "prompt"
-            )
-        if isinstance(prompt, list) and len(prompt) > limits.max_prompt_token_ids:
-            raise _over(
-                "the prompt's length in token ids",
-                len(prompt),
-                limits.max_prompt_token_ids,
-                "max_prompt_token_ids",
-                "prompt",
-            )
-    stop = body.stop or []
-    if len(stop) > limits.max_stop:
-        raise _over("the number of stop sequences", len(stop), limits.max_stop, "max_stop", "stop")
-    for i, sequence in enumerate(stop):
-        if len(sequence) > limits.max_stop_chars:
-            raise _over("a stop sequence's length", len(sequence), limits.max_stop_chars, "max_stop_chars", f"stop.{i}")
-    ids = body.stop_token_ids or []
-    if len(ids) > limits.max_stop_token_ids:
-        raise _over(
-            "the number of stop_token_ids", len(ids), limits.max_stop_token_ids, "max_stop_token_ids", "stop_token_ids"
-        )
-    body.check_fields()

@@ -1,15 +1,16 @@
-"""Token chunks to OpenAI response objects (the `openai` package's own models).
+"""Token chunks (and embeddings) to OpenAI response objects (the `openai` package's own models).
 
 Streaming turns each `TokenChunk` into one chunk object; non-streaming folds all chunks of a
-request into one response with `CompletionBuilder`.
+request into one response with `CompletionBuilder`; `embeddings_response` formats vectors.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterable
 
-from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types import Completion, CompletionChoice, CompletionUsage, CreateEmbeddingResponse, Embedding
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion import ChoiceLogprobs
@@ -18,8 +19,10 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs as CompletionLogprobs
+from openai.types.create_embedding_response import Usage as EmbeddingUsage
 
 from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
+from tierserve.rag.types import Embedded
 
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
@@ -201,3 +204,21 @@ class CompletionBuilder:
             choices=choices,
             usage=usage(self.usage) if self.usage else None,
         )
+
+
+def embeddings_response(embedded: Embedded, encoding_format: str) -> CreateEmbeddingResponse:
+    """OpenAI's embeddings response: each vector as floats, or as base64 of its little-endian
+    float32 bytes (what the `openai` client asks for, and decodes)."""
+    if encoding_format == "base64":
+        data = [
+            Embedding.model_construct(
+                embedding=base64.b64encode(row.astype("<f4").tobytes()).decode(), index=i, object="embedding"
+            )
+            for i, row in enumerate(embedded.vectors)
+        ]
+    else:
+        data = [
+            Embedding(embedding=row.tolist(), index=i, object="embedding") for i, row in enumerate(embedded.vectors)
+        ]
+    usage = EmbeddingUsage(prompt_tokens=embedded.tokens, total_tokens=embedded.tokens)
+    return CreateEmbeddingResponse(data=data, model=embedded.model, object="list", usage=usage)

@@ -27,7 +27,7 @@ from tierserve.core.telemetry import inject, tracer
 from tierserve.rag.config import RagConfig, RetrievalOptions
 from tierserve.rag.grounding import Grounding
 from tierserve.rag.prompt import augment_messages, augment_prompt, cited_numbers
-from tierserve.rag.types import Retrieval, RetrievalQuery
+from tierserve.rag.types import Embedded, Retrieval, RetrievalQuery
 from tierserve.router.handles import handle_error
 
 logger = logging.getLogger("tierserve.ingress")
@@ -109,13 +109,7 @@ class RetrievalStep:
 
     async def retrieve(self, options: RetrievalOptions, question: str, parent: trace.Span) -> Retrieved:
         """The passages for `question`, under a `retrieval {index}` span."""
-        if not self.running:
-            raise ServiceUnavailable(
-                "the retriever is unavailable: Serve reports no running replica (it is being replaced)",
-                "retrieval",
-                "retriever_unavailable",
-                retry_after_s=1.0,
-            )
+        self._require_running("retrieval")
         context = trace.set_span_in_context(parent)
         with tracer().start_as_current_span(
             f"retrieval {options.index}",
@@ -181,7 +175,21 @@ class RetrievalStep:
         """The retriever's indexes with their manifests."""
         return await self._call(self.retriever.indexes.remote())
 
-    async def _call(self, response: Awaitable[T]) -> T:
+    async def embed(self, texts: list[str]) -> Embedded:
+        """The texts' vectors from the retriever's embedder (`POST /v1/embeddings`)."""
+        self._require_running("input")
+        return await self._call(self.retriever.embed.remote(texts, inject()), "input")
+
+    def _require_running(self, param: str) -> None:
+        if not self.running:
+            raise ServiceUnavailable(
+                "the retriever is unavailable: Serve reports no running replica (it is being replaced)",
+                param,
+                "retriever_unavailable",
+                retry_after_s=1.0,
+            )
+
+    async def _call(self, response: Awaitable[T], param: str = "retrieval") -> T:
         """A retriever call's answer within `timeout_s` (504 `retriever_timeout` past it), its
         failures as the user errors they mean (`handle_error`)."""
         try:
@@ -189,14 +197,14 @@ class RetrievalStep:
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"the retriever did not answer within ingress.retriever_timeout_s={self.timeout_s:g}s",
-                "retrieval",
+                param,
                 "retriever_timeout",
             ) from None
         except Exception as exc:
             error = handle_error(
                 exc,
                 "the retriever",
-                "retrieval",
+                param,
                 unavailable_code="retriever_unavailable",
                 full_queue=ServiceUnavailable,
                 retry_after_s=1.0,

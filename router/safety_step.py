@@ -36,6 +36,7 @@ from tierserve.actors.types import GenerateRequest, TokenChunk, TokenLogprob
 from tierserve.core.errors import InvalidRequest, ServiceUnavailable
 from tierserve.core.telemetry import tracer
 from tierserve.rag.types import Hit
+from tierserve.router.protocol import ResponseFormat
 from tierserve.safety.chain import GuardChain, StreamGuard, build_chain
 from tierserve.safety.config import SafetyConfig
 from tierserve.safety.types import Finding, Stage, Verdict
@@ -287,10 +288,16 @@ class SafetyStep:
         return kept
 
     async def guard_output(
-        self, batches: AsyncIterator[list[TokenChunk]], report: SafetyReport, span: trace.Span
+        self,
+        batches: AsyncIterator[list[TokenChunk]],
+        report: SafetyReport,
+        span: trace.Span,
+        form: ResponseFormat | None = None,
     ) -> AsyncIterator[list[TokenChunk]]:
         """The batches with each choice's text guarded (see `StreamGuard`); a block ends every
-        choice with `content_filter` and stops the tier's stream."""
+        choice with `content_filter` and stops the tier's stream. An answer of a JSON `form`
+        that a guard rewrote must still be of that form (redactions land inside strings, but
+        one may replace a number), or its choice ends with `content_filter` instead of `stop`."""
         if not self.active("output"):
             async for batch in batches:
                 yield batch
@@ -299,6 +306,7 @@ class SafetyStep:
         guards: dict[int, StreamGuard] = {}
         finished: set[int] = set()
         held: dict[int, list[TokenLogprob]] = {}
+        answers = _Answers(form) if form is not None and form.type != "text" else None
         with tracer().start_as_current_span(
             "apply_guardrail output",
             context=trace.set_span_in_context(span),
@@ -310,12 +318,16 @@ class SafetyStep:
                     async for batch in source:
                         started = time.perf_counter()
                         quiet = all(guards.setdefault(c.index, StreamGuard(self.chain)).quiet(c.text) for c in batch)
+                        if quiet and answers is not None:  # a rewritten answer's check may be slow (patterns)
+                            quiet = not any(answers.checks(c, guards[c.index]) for c in batch)
                         try:
                             if quiet:  # no guard runs: no thread needed (most batches of prose)
-                                out, blocked = self._guard_batch(batch, guards, finished, held, report)
+                                out, blocked = self._guard_batch(batch, guards, finished, held, report, answers)
                             else:
                                 out, blocked = await asyncio.wait_for(
-                                    asyncio.to_thread(self._guard_batch, batch, guards, finished, held, report),
+                                    asyncio.to_thread(
+                                        self._guard_batch, batch, guards, finished, held, report, answers
+                                    ),
                                     self.timeout_s,
                                 )
                         except asyncio.TimeoutError:  # undecided: the answer ends here
@@ -355,6 +367,7 @@ class SafetyStep:
         finished: set[int],
         held: dict[int, list[TokenLogprob]],
         report: SafetyReport,
+        answers: _Answers | None = None,
     ) -> tuple[list[TokenChunk], Verdict | None]:
         """One batch through each choice's stream guard. Logprobs name the tokens a redaction
         hides, so they are held until their choice ends and returned then only if the guard
@@ -367,12 +380,18 @@ class SafetyStep:
             logprobs = None
             if chunk.logprobs is not None:
                 held.setdefault(chunk.index, []).extend(chunk.logprobs)
-            if chunk.finish_reason is not None:
+            finish_reason = chunk.finish_reason
+            if finish_reason is not None:
                 text += guard.finish()
                 finished.add(chunk.index)
                 if chunk.index in held:
                     logprobs = held.pop(chunk.index) if not guard.findings else None
                     report.logprobs_withheld |= logprobs is None
+            if answers is not None:
+                problem = answers.add(chunk.index, text, finish_reason, bool(guard.findings))
+                if problem is not None:
+                    finish_reason = "content_filter"
+                    report.output_blocked = f"the redacted answer is {problem}"
             if guard.blocked is not None:
                 finished.add(chunk.index)
                 report.logprobs_withheld |= chunk.index in held
@@ -380,5 +399,27 @@ class SafetyStep:
                     dataclasses.replace(chunk, text=text, finish_reason="content_filter", logprobs=None, usage=None)
                 )
                 return out, guard.blocked
-            out.append(dataclasses.replace(chunk, text=text, logprobs=logprobs))
+            out.append(dataclasses.replace(chunk, text=text, logprobs=logprobs, finish_reason=finish_reason))
         return out, None
+
+
+class _Answers:
+    """Each choice's guarded text of a structured answer, checked against its form when the
+    choice ends complete (`stop`) and a guard rewrote it."""
+
+    def __init__(self, form: ResponseFormat):
+        self.form = form
+        self.texts: dict[int, list[str]] = {}
+
+    @staticmethod
+    def checks(chunk: TokenChunk, guard: StreamGuard) -> bool:
+        """Whether `add` will check the form at this chunk (it may, if the choice ends now)."""
+        return chunk.finish_reason == "stop" and bool(guard.findings)
+
+    def add(self, index: int, text: str, finish_reason: str | None, rewritten: bool) -> str | None:
+        """Record `text` of choice `index`; at its end, why it is no longer of the form (None: it is)."""
+        parts = self.texts.setdefault(index, [])
+        parts.append(text)
+        if finish_reason != "stop" or not rewritten:
+            return None
+        return self.form.problem("".join(self.texts.pop(index)))

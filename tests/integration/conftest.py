@@ -16,6 +16,8 @@ APP_NAME = "tierserve-test"
 TIER = "small"
 """The default tier (`model: auto`)."""
 TIERS = ["small", "quality"]
+MODELS = ["auto", *TIERS, "all-MiniLM-L6-v2"]
+"""What `GET /v1/models` lists: `auto`, the tiers, the retriever's embedding model."""
 """Every tier of configs/local.yaml, in order."""
 
 

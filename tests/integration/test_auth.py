@@ -190,6 +190,13 @@ def test_a_key_reaches_only_its_tiers_and_auto_routes_among_them(authed):
     for _ in range(3):
         r = c.completions.with_raw_response.create(model="auto", prompt="Hello", max_tokens=2)
         assert r.headers["x-tierserve-tier"] == "two"  # the default tier `one` is not among its tiers
+    # The embedding model is a model like the tiers: a key uses it only if it names it.
+    with pytest.raises(openai.PermissionDeniedError):
+        c.embeddings.create(model="all-MiniLM-L6-v2", input="hello")
+    _, embedding_key = create_key(store, "--model", "all-MiniLM-L6-v2")
+    e = client(base, embedding_key)
+    assert [m.id for m in e.models.list()] == ["all-MiniLM-L6-v2"]
+    assert len(e.embeddings.create(model="all-MiniLM-L6-v2", input="hello").data[0].embedding) == 384
 
 
 def test_one_key_cannot_read_another_keys_index_nor_tell_it_exists(authed):

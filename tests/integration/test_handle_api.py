@@ -9,7 +9,7 @@ from tierserve.core.errors import ContextLengthExceeded, ModelNotFound, TierServ
 from tierserve.router.client import TierServeClient
 from tierserve.router.protocol import ChatCompletionRequest
 
-from .conftest import TIER, TIERS
+from .conftest import MODELS, TIER, TIERS
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def test_streaming_through_handle(ingress_handle):
 
 
 def test_models_and_health_through_handle(ingress_handle):
-    assert [m.id for m in ingress_handle.list_models.remote().result()] == ["auto", *TIERS]
+    assert [m.id for m in ingress_handle.list_models.remote().result()] == MODELS
     assert ingress_handle.health.remote().result() == {t: "ok" for t in TIERS}
 
 
@@ -68,7 +68,7 @@ def test_typed_client(app):
         for c in client.chat_stream(model="auto", messages=CAPITAL, max_tokens=8, temperature=0)
     )
     assert streamed == reply.choices[0].message.content
-    assert [m.id for m in client.models()] == ["auto", *TIERS] and client.health() == {t: "ok" for t in TIERS}
+    assert [m.id for m in client.models()] == MODELS and client.health() == {t: "ok" for t in TIERS}
     with pytest.raises(ValidationError):
         client.chat(model="auto", messages=[])
 

@@ -5,7 +5,7 @@ import pytest
 
 from tierserve.actors.types import GenerateRequest, SamplingOptions
 
-from .conftest import TIER, TIERS
+from .conftest import MODELS, TIER, TIERS
 
 pytestmark = pytest.mark.integration
 
@@ -13,7 +13,7 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_models_lists_auto_and_tiers(client):
-    assert [m.id for m in client.models.list()] == ["auto", *TIERS]
+    assert [m.id for m in client.models.list()] == MODELS
 
 
 def test_health_reports_each_tier(http):

@@ -17,9 +17,10 @@ from tierserve.actors.fidelity import tier_engine
 from tierserve.cluster.config import load_config, model_cache_dir
 from tierserve.core.telemetry import tracer
 from tierserve.rag.config import RagConfig
+from tierserve.router.limits import LimitExceeded
 from tierserve.router.metrics import IngressMetrics
 from tierserve.router.pipeline import Pipeline
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, LimitExceeded
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from tierserve.router.responses import ChatStreamFormatter, CompletionStreamFormatter
 from tierserve.router.retrieval_step import RetrievalStep
 from tierserve.router.routing import Router

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tierserve.actors.engine import EngineRestarts
+from tierserve.actors.restarts import EngineRestarts
 from tierserve.core.errors import ServiceUnavailable
 
 

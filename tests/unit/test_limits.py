@@ -13,13 +13,8 @@ from pydantic import ValidationError
 
 from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.router.config import RequestLimits
-from tierserve.router.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    LimitExceeded,
-    check_limits,
-    validation_error,
-)
+from tierserve.router.limits import LimitExceeded, check_limits
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -1,10 +1,16 @@
 """OpenAI request validation and the mapping onto a tier's GenerateRequest."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
+from tierserve.actors.types import StructuredOutput
 from tierserve.core.errors import InvalidRequest
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, validation_error
+from tierserve.router.config import RequestLimits
+from tierserve.router.limits import check_limits
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, validation_error
+from tierserve.router.structured import MAX_SCHEMA_NESTING
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -80,7 +86,6 @@ def test_chat_field_errors_name_the_field(fields, param):
     "fields, text",
     [
         ({"tools": [{"type": "function"}]}, "tool calling is not supported"),
-        ({"response_format": {"type": "json_object"}}, "only response_format type 'text'"),
         ({"top_logprobs": 2}, "top_logprobs requires logprobs"),
     ],
 )
@@ -153,3 +158,87 @@ def test_a_bad_budget_header_is_a_400_naming_it(header, value):
     with pytest.raises(InvalidRequest) as caught:
         body.with_headers({header: value})
     assert caught.value.param == header and caught.value.status_code == 400
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "population": {"type": "integer", "minimum": 0}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+def json_schema(schema: object, **extra: object) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, **extra}}
+
+
+def test_response_formats_map_onto_the_tiers_structured_output():
+    def structured(fmt: dict | None, model: type = ChatCompletionRequest) -> StructuredOutput | None:
+        body = {"model": "auto", "response_format": fmt}
+        body |= {"messages": MSG} if model is ChatCompletionRequest else {"prompt": "x"}
+        request = model.model_validate(body)
+        check_limits(request, RequestLimits())
+        return request.to_generate("r").sampling.structured
+
+    assert structured(None) is None and structured({"type": "text"}) is None
+    assert structured({"type": "json_object"}) == StructuredOutput(json_object=True)
+    assert structured(json_schema(CITY, strict=True)) == StructuredOutput(
+        json_schema=json.dumps(CITY, separators=(",", ":"))
+    )
+    assert structured(json_schema(CITY), CompletionRequest).json_schema is not None  # completions too
+    assert structured({"type": "json_schema", "json_schema": {"name": "any"}}) == StructuredOutput(json_object=True)
+    # A property may be named like a keyword decoding cannot enforce.
+    named = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"$ref": "#/$defs/a"}}}
+    assert structured(json_schema(named | {"$defs": {"a": {"type": "integer"}}})).json_schema is not None
+
+
+def deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "fmt, param, text",
+    [
+        ({"type": "xml"}, "response_format.type", "json_schema"),
+        ({"type": "json_schema"}, "response_format", "json_schema is required"),
+        ({"type": "json_schema", "json_schema": {"name": "a b"}}, "response_format.json_schema.name", "pattern"),
+        (json_schema({"type": "strin"}), "response_format.json_schema.schema", "not a valid JSON Schema at type"),
+        (json_schema({"properties": {"a": {"minimum": "x"}}}), "response_format.json_schema.schema", "properties/a"),
+        (json_schema({"maximum": float("inf")}), "response_format.json_schema.schema", "finite"),
+        (json_schema({"description": "\ud800"}), "response_format.json_schema.schema", "surrogate"),
+        (json_schema(deep(MAX_SCHEMA_NESTING)), "response_format.json_schema.schema", "nest more than"),
+        (json_schema({"description": "x" * 40_000}), "response_format.json_schema.schema", "max_schema_chars"),
+        (json_schema([1, 2]), "response_format.json_schema.schema", "dictionary"),
+        # Keywords decoding would ignore (measured on the tiers' backends) are refused, not ignored.
+        (json_schema({"type": "string", "not": {"const": "Paris"}}), "response_format.json_schema.schema", "'not'"),
+        (json_schema({"anyOf": [{"minProperties": 3}]}), "response_format.json_schema.schema", "at anyOf/0"),
+        (json_schema({"$ref": "https://example.com/s.json"}), "response_format.json_schema.schema", "$ref https"),
+    ],
+)
+def test_bad_response_formats_are_400s_naming_the_field(fmt, param, text):
+    body = {"model": "auto", "messages": MSG, "response_format": fmt}
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+        check_limits(request, RequestLimits())
+    except ValidationError as exc:
+        error = validation_error(exc.errors())
+    except InvalidRequest as exc:
+        error = exc
+    else:
+        pytest.fail("accepted")
+    assert error.status_code == 400 and error.param == param and text in error.message, error.message
+
+
+def test_an_answer_is_checked_against_its_form():
+    city = ResponseFormat.model_validate(json_schema(CITY))
+    assert city.problem('{"city": "Paris", "population": 2100000}') is None
+    assert city.problem('{"city": "<LOCATION>"}') is None  # a redaction inside a string keeps the form
+    assert "not JSON" in city.problem('{"city": "Paris", "population": <PHONE_NUMBER>}')
+    assert "at population" in city.problem('{"city": "Paris", "population": "<PHONE_NUMBER>"}')
+    assert "Additional properties" in city.problem('{"city": "Paris", "mayor": "x"}')
+    anything = ResponseFormat(type="json_object")
+    assert anything.problem('{"a": [1, 2]}') is None and anything.problem("[1, 2]") == "not a JSON object"
+    assert ResponseFormat(type="text").problem("free text") is None

@@ -4,13 +4,15 @@ cannot decide in time (a real timeout: a large text against a tiny `safety.timeo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from opentelemetry import trace
 
 from tierserve.actors.types import TokenChunk
 from tierserve.core.errors import InvalidRequest
 from tierserve.rag.types import Hit
-from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from tierserve.router.safety_step import OUTPUT_TIMEOUT, ContentBlocked, GuardTimeout, SafetyReport, SafetyStep
 from tierserve.safety.config import InjectionGuardConfig, PiiGuardConfig, SafetyConfig
 
@@ -93,3 +95,29 @@ async def test_guards_that_cannot_decide_in_time_fail_closed():
     batches = [b async for b in slow.guard_output(answer(), report, SPAN)]
     assert [c.finish_reason for b in batches for c in b] == ["content_filter"]
     assert all(EMAIL not in c.text for b in batches for c in b) and report.output_blocked == OUTPUT_TIMEOUT
+
+
+async def test_a_structured_answer_stays_of_its_form_after_redaction_or_ends_filtered(safety):
+    schema = {"type": "object", "properties": {"contact": {"type": "string"}, "card": {"type": "integer"}}}
+    form = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+
+    async def answer(*parts: str):
+        for i, part in enumerate(parts):
+            yield [TokenChunk(0, part, [i], i + 1, finish_reason="stop" if i == len(parts) - 1 else None)]
+
+    async def guarded(*parts: str) -> tuple[str, str | None, SafetyReport]:
+        report = SafetyReport()
+        chunks = [c async for b in safety.guard_output(answer(*parts), report, SPAN, form) for c in b]
+        return "".join(c.text for c in chunks), chunks[-1].finish_reason, report
+
+    # Redacted inside a string value: still valid JSON of the schema, and it ends as it did.
+    text, finish, report = await guarded('{"contact": "write to ', EMAIL, '"}')
+    assert json.loads(text) == {"contact": "write to <EMAIL_ADDRESS>"} and finish == "stop"
+    assert report.output["EMAIL_ADDRESS"] == 1 and report.output_blocked is None
+    # A card number as a JSON number: its redaction is no integer, so the choice ends filtered.
+    text, finish, report = await guarded('{"card": ', "4111111111111111", "}")
+    assert "4111111111111111" not in text and finish == "content_filter"
+    assert report.output_blocked.startswith("the redacted answer is not JSON")
+    # Nothing redacted: the answer is passed as decoded.
+    text, finish, _ = await guarded('{"contact": "nobody"}')
+    assert finish == "stop" and json.loads(text) == {"contact": "nobody"}

@@ -1,0 +1,106 @@
+"""Request limits (OWASP LLM10, unbounded consumption): what one request may ask for. The
+pipeline calls `check_limits` on every parsed request before routing, guards, retrieval or
+tokenization spend anything on it; the body's size is checked earlier still, as it arrives
+(`tierserve.router.http.BodyLimit`). Each refusal names the limit (its config key under
+`ingress.limits`) and the field that broke it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tierserve.core.errors import InvalidRequest, TierServeError
+from tierserve.router.config import RequestLimits
+from tierserve.router.protocol import EmbeddingRequest
+
+
+class LimitExceeded(InvalidRequest):
+    """A request over one of `ingress.limits` (400)."""
+
+    default_code = "limit_exceeded"
+
+
+class BodyTooLarge(TierServeError):
+    """An HTTP body over `ingress.limits.max_body_bytes` (413)."""
+
+    status_code = 413
+    default_code = "request_too_large"
+
+
+def body_too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the request body is over ingress.limits.max_body_bytes ({limit} bytes)")
+
+
+def _over(what: str, count: int, limit: int, key: str, param: str) -> LimitExceeded:
+    return LimitExceeded(f"{what} is {count}, over ingress.limits.{key} ({limit})", param)
+
+
+def check_limits(body: Any, limits: RequestLimits) -> None:
+    """Raise `LimitExceeded` for the first limit `body` (a chat, completion or embeddings
+    request) breaks, then its cross-field checks (`check_fields`)."""
+    if isinstance(body, EmbeddingRequest):
+        texts = body.texts()
+        most = limits.max_embedding_inputs
+        if len(texts) > most:
+            raise _over("the number of inputs", len(texts), most, "max_embedding_inputs", "input")
+        chars = 0
+        for i, text in enumerate(texts):
+            chars += len(text)
+            if chars > limits.max_prompt_chars:
+                raise _over(
+                    "the inputs' length in characters", chars, limits.max_prompt_chars, "max_prompt_chars", f"input.{i}"
+                )
+        return
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        if len(messages) > limits.max_messages:
+            raise _over("the number of messages", len(messages), limits.max_messages, "max_messages", "messages")
+        chars = 0
+        for i, message in enumerate(messages):
+            chars += len(message.text())
+            if chars > limits.max_prompt_chars:
+                raise _over(
+                    "the messages' length in characters",
+                    chars,
+                    limits.max_prompt_chars,
+                    "max_prompt_chars",
+                    f"messages.{i}.content",
+                )
+    else:
+        prompt = body.prompt
+        if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
+            raise _over(
+                "the prompt's length in characters", len(prompt), limits.max_prompt_chars, "max_prompt_chars", "prompt"
+            )
+        if isinstance(prompt, list) and len(prompt) > limits.max_prompt_token_ids:
+            raise _over(
+                "the prompt's length in token ids",
+                len(prompt),
+                limits.max_prompt_token_ids,
+                "max_prompt_token_ids",
+                "prompt",
+            )
+    fmt = body.response_format
+    if fmt is not None and fmt.answer_schema is not None:
+        chars = len(json.dumps(fmt.answer_schema, separators=(",", ":")))
+        if chars > limits.max_schema_chars:
+            raise _over(
+                "the JSON Schema's length in characters",
+                chars,
+                limits.max_schema_chars,
+                "max_schema_chars",
+                "response_format.json_schema.schema",
+            )
+    stop = body.stop or []
+    if len(stop) > limits.max_stop:
+        raise _over("the number of stop sequences", len(stop), limits.max_stop, "max_stop", "stop")
+    for i, sequence in enumerate(stop):
+        if len(sequence) > limits.max_stop_chars:
+            raise _over("a stop sequence's length", len(sequence), limits.max_stop_chars, "max_stop_chars", f"stop.{i}")
+    ids = body.stop_token_ids or []
+    if len(ids) > limits.max_stop_token_ids:
+        raise _over(
+            "the number of stop_token_ids", len(ids), limits.max_stop_token_ids, "max_stop_token_ids", "stop_token_ids"
+        )
+    body.check_fields()
