@@ -30,7 +30,7 @@ from tierserve.actors.types import (
     TopLogprob,
     Usage,
 )
-from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, TierServeError
 from tierserve.core.streams import Outcome
 
 if TYPE_CHECKING:
@@ -431,11 +431,15 @@ class VLLMEngine:
         except EngineDeadError as exc:
             outcome = Outcome.FAILED
             raise ServiceUnavailable(f"engine for {self.model} died: {exc}") from exc
+        except TierServeError:
+            outcome = Outcome.FAILED  # the engine failed it (`_failed_request`)
+            raise
         except Exception as exc:
-            outcome = Outcome.FAILED
             error = request_error(exc, request.sampling.structured is not None)
             if error is None:
+                outcome = Outcome.FAILED
                 raise
+            outcome = Outcome.REJECTED  # vLLM refused it when it was added (e.g. a schema it cannot compile)
             raise error from exc
         finally:  # CancelledError / GeneratorExit (the caller left) keep outcome CANCELLED
             self._running -= 1
@@ -443,6 +447,8 @@ class VLLMEngine:
                 self._finished += 1
             elif outcome is Outcome.FAILED:
                 self._failed += 1
+            elif outcome is Outcome.REJECTED:
+                self._started -= 1  # it never ran: like a request refused before the engine saw it
             else:
                 self._aborted += 1
                 await stream.aclose()  # vLLM aborts a request whose stream is closed early

@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry import trace
 from ray import serve
 
-from tierserve.core.errors import TierServeError
+from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.core.telemetry import TelemetryConfig, extract, setup_telemetry, tracer
 from tierserve.rag.config import RagConfig
 from tierserve.rag.grounding import Grounding, grounding, sentences
@@ -146,10 +146,19 @@ class Retriever:
                 query.index, snapshot.version, hits, 1e3 * (embedded - started), 1e3 * (searched - embedded)
             )
 
-    async def embed(self, texts: list[str], trace_context: dict[str, str] | None = None) -> Embedded:
+    async def embed(
+        self, texts: list[str], dimensions: int | None = None, trace_context: dict[str, str] | None = None
+    ) -> Embedded:
         """The texts' vectors (`POST /v1/embeddings`), in the caller's trace. A text longer than
         the embedder reads is refused (`InputTooLong`, naming `input.N`) rather than embedded
-        truncated."""
+        truncated; `dimensions` other than the embedder's own is refused (its vectors are not
+        trained to keep their meaning in a prefix)."""
+        if dimensions is not None and dimensions != self.embedder.dimension:
+            raise InvalidRequest(
+                f"{self.embedder.name} gives {self.embedder.dimension}-dimensional vectors and cannot shorten "
+                "them (it is not trained to keep meaning in a prefix); leave dimensions out",
+                "dimensions",
+            )
         with tracer().start_as_current_span(
             f"embeddings {self.embedder.name}",
             context=extract(trace_context or {}),

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from pydantic import BaseModel
 
 from tierserve.actors.types import GenerateRequest, TokenChunk
-from tierserve.core.errors import InvalidRequest, ModelNotFound, PermissionDenied, TierServeError
+from tierserve.core.errors import ModelNotFound, PermissionDenied, TierServeError
 from tierserve.core.streams import Outcome, StreamObserver, observed, outcome_of
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import IndexUnavailable
@@ -187,16 +187,9 @@ class Pipeline:
             raise ModelNotFound(f"no embedding model named {body.model!r}{hint}", "model")
         lease = self.access.admit(principal, body.model)
         audit.closers.append(lease.end)  # given back however the request ends
-        embedded = await self.retrieval.embed(body.texts())
+        embedded = await self.retrieval.embed(body.texts(), body.dimensions)
         lease.end(embedded.tokens)
         audit.prompt_tokens = embedded.tokens
-        dimension = embedded.vectors.shape[1]
-        if body.dimensions is not None and body.dimensions != dimension:
-            raise InvalidRequest(
-                f"{model} gives {dimension}-dimensional vectors and cannot shorten them (it is not trained "
-                "to keep meaning in a prefix); leave dimensions out",
-                "dimensions",
-            )
         return embeddings_response(embedded, body.encoding_format)
 
     async def _plan(self, ctx: RequestContext) -> Routed:

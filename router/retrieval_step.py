@@ -175,10 +175,10 @@ class RetrievalStep:
         """The retriever's indexes with their manifests."""
         return await self._call(self.retriever.indexes.remote())
 
-    async def embed(self, texts: list[str]) -> Embedded:
+    async def embed(self, texts: list[str], dimensions: int | None = None) -> Embedded:
         """The texts' vectors from the retriever's embedder (`POST /v1/embeddings`)."""
         self._require_running("input")
-        return await self._call(self.retriever.embed.remote(texts, inject()), "input")
+        return await self._call(self.retriever.embed.remote(texts, dimensions, inject()), "input")
 
     def _require_running(self, param: str) -> None:
         if not self.running:

@@ -104,7 +104,12 @@ def test_structured_output_through_the_handle_api(ingress_handle):
         ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),  # vLLM refuses it
     ],
 )
-def test_schemas_decoding_cannot_follow_are_400s_naming_the_field(client, schema, text):
+def test_schemas_decoding_cannot_follow_are_400s_naming_the_field(client, http, schema, text):
+    def failed() -> int:
+        (small,) = [t for t in http.get("/v1/tiers").json()["data"] if t["name"] == TIER]
+        return small["stats"]["failed"]
+
+    before = failed()
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model=TIER, messages=QUESTION, response_format=schema_format(schema), max_tokens=8
@@ -112,6 +117,7 @@ def test_schemas_decoding_cannot_follow_are_400s_naming_the_field(client, schema
     error = err.value.body
     assert err.value.status_code == 400 and error["param"].startswith("response_format"), error
     assert text in error["message"]
+    assert failed() == before  # a request the engine refused is the caller's error, not the tier's failure
 
 
 # Decoding writes an e-mail address the guard then redacts: inside a string, where the schema
