@@ -94,6 +94,12 @@ def test_chat_unsupported_features_are_refused(fields, text):
         ChatCompletionRequest.model_validate({"model": "auto", "messages": MSG, **fields})
 
 
+def test_tools_are_refused_naming_the_field():
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate({"model": "auto", "messages": MSG, "tools": [{"type": "function"}]})
+    assert validation_error(err.value.errors()).param == "tools"
+
+
 def test_unknown_fields_are_ignored():
     req = ChatCompletionRequest.model_validate({"model": "auto", "messages": MSG, "parallel_tool_calls": False})
     assert req.model == "auto"
