@@ -367,9 +367,6 @@ class EmbeddingRequest(BaseModel):
     def texts(self) -> list[str]:
         return list(self.input)  # type: ignore[arg-type]  # a list of texts once validated
 
-    def check_fields(self) -> None:
-        pass
-
 
 class ErrorDetail(BaseModel):
     message: str
