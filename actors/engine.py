@@ -31,7 +31,7 @@ from tierserve.actors.types import (
     Usage,
 )
 from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, TierServeError
-from tierserve.core.streams import Outcome
+from tierserve.core.streams import Outcome, outcome_of
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -436,10 +436,10 @@ class VLLMEngine:
             raise
         except Exception as exc:
             error = request_error(exc, request.sampling.structured is not None)
+            # vLLM refused it when it was added (a 4xx, e.g. a schema it cannot compile): REJECTED
+            outcome = outcome_of(error or exc)
             if error is None:
-                outcome = Outcome.FAILED
                 raise
-            outcome = Outcome.REJECTED  # vLLM refused it when it was added (e.g. a schema it cannot compile)
             raise error from exc
         finally:  # CancelledError / GeneratorExit (the caller left) keep outcome CANCELLED
             self._running -= 1

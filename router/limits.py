@@ -7,7 +7,7 @@ tokenization spend anything on it; the body's size is checked earlier still, as 
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from typing import Any
 
 from tierserve.core.errors import InvalidRequest, TierServeError
@@ -36,6 +36,16 @@ def _over(what: str, count: int, limit: int, key: str, param: str) -> LimitExcee
     return LimitExceeded(f"{what} is {count}, over ingress.limits.{key} ({limit})", param)
 
 
+def _check_chars(texts: Iterable[str], limits: RequestLimits, what: str, param: str) -> None:
+    """`max_prompt_chars` over several texts together; `param` (a format with the text's index)
+    names the text that crossed it."""
+    chars = 0
+    for i, text in enumerate(texts):
+        chars += len(text)
+        if chars > limits.max_prompt_chars:
+            raise _over(what, chars, limits.max_prompt_chars, "max_prompt_chars", param.format(i))
+
+
 def check_limits(body: Any, limits: RequestLimits) -> None:
     """Raise `LimitExceeded` for the first limit `body` (a chat, completion or embeddings
     request) breaks, then its cross-field checks (`check_fields`)."""
@@ -44,29 +54,14 @@ def check_limits(body: Any, limits: RequestLimits) -> None:
         most = limits.max_embedding_inputs
         if len(texts) > most:
             raise _over("the number of inputs", len(texts), most, "max_embedding_inputs", "input")
-        chars = 0
-        for i, text in enumerate(texts):
-            chars += len(text)
-            if chars > limits.max_prompt_chars:
-                raise _over(
-                    "the inputs' length in characters", chars, limits.max_prompt_chars, "max_prompt_chars", f"input.{i}"
-                )
+        _check_chars(texts, limits, "the inputs' length in characters", "input.{}")
         return
     messages = getattr(body, "messages", None)
     if messages is not None:
         if len(messages) > limits.max_messages:
             raise _over("the number of messages", len(messages), limits.max_messages, "max_messages", "messages")
-        chars = 0
-        for i, message in enumerate(messages):
-            chars += len(message.text())
-            if chars > limits.max_prompt_chars:
-                raise _over(
-                    "the messages' length in characters",
-                    chars,
-                    limits.max_prompt_chars,
-                    "max_prompt_chars",
-                    f"messages.{i}.content",
-                )
+        texts = (message.text() for message in messages)
+        _check_chars(texts, limits, "the messages' length in characters", "messages.{}.content")
     else:
         prompt = body.prompt
         if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
@@ -82,8 +77,8 @@ def check_limits(body: Any, limits: RequestLimits) -> None:
                 "prompt",
             )
     fmt = body.response_format
-    if fmt is not None and fmt.answer_schema is not None:
-        chars = len(json.dumps(fmt.answer_schema, separators=(",", ":")))
+    if fmt is not None and fmt.schema_json is not None:
+        chars = len(fmt.schema_json)
         if chars > limits.max_schema_chars:
             raise _over(
                 "the JSON Schema's length in characters",

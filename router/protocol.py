@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -139,13 +140,19 @@ class ResponseFormat(BaseModel):
         guards rewrote."""
         return None if self.type == "text" else answer_problem(answer, self.answer_schema)
 
+    @cached_property
+    def schema_json(self) -> str | None:
+        """`answer_schema` as compact JSON text: what the tier compiles, and what
+        `max_schema_chars` measures."""
+        schema = self.answer_schema
+        return None if schema is None else json.dumps(schema, separators=(",", ":"))
+
     def structured(self) -> StructuredOutput | None:
         if self.type == "text":
             return None
-        schema = self.answer_schema
-        if schema is None:
+        if self.schema_json is None:
             return StructuredOutput(json_object=True)
-        return StructuredOutput(json_schema=json.dumps(schema, separators=(",", ":")))
+        return StructuredOutput(json_schema=self.schema_json)
 
 
 class _SamplingFields(BaseModel):

@@ -388,7 +388,7 @@ class SafetyStep:
                     logprobs = held.pop(chunk.index) if not guard.findings else None
                     report.logprobs_withheld |= logprobs is None
             if answers is not None:
-                problem = answers.add(chunk.index, text, finish_reason, bool(guard.findings))
+                problem = answers.add(chunk, text, guard)
                 if problem is not None:
                     finish_reason = "content_filter"
                     report.output_blocked = f"the redacted answer is {problem}"
@@ -416,10 +416,10 @@ class _Answers:
         """Whether `add` will check the form at this chunk (it may, if the choice ends now)."""
         return chunk.finish_reason == "stop" and bool(guard.findings)
 
-    def add(self, index: int, text: str, finish_reason: str | None, rewritten: bool) -> str | None:
-        """Record `text` of choice `index`; at its end, why it is no longer of the form (None: it is)."""
-        parts = self.texts.setdefault(index, [])
-        parts.append(text)
-        if finish_reason != "stop" or not rewritten:
+    def add(self, chunk: TokenChunk, text: str, guard: StreamGuard) -> str | None:
+        """Record `text`, the guarded text of `chunk`'s choice; at its end, why it is no longer
+        of the form (None: it is, or it is not checked)."""
+        self.texts.setdefault(chunk.index, []).append(text)
+        if not self.checks(chunk, guard):
             return None
-        return self.form.problem("".join(self.texts.pop(index)))
+        return self.form.problem("".join(self.texts.pop(chunk.index)))
