@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -109,6 +111,46 @@ class SpeculationConfig(BaseModel):
 _ENGINE_KEYS_OWNED = {"tensor_parallel_size": "tensor_parallel_size", "speculative_config": "speculative"}
 
 
+BUNDLED_TEMPLATES = {"chatml-tools": "templates/chatml-tools.jinja"}
+"""Chat templates tierserve ships, by name, in `tierserve.configs`."""
+
+
+class ToolsConfig(BaseModel):
+    """A tier's tool calling (docs/tools.md); a tier without it refuses requests with tools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parser: str = "hermes"
+    """vLLM's tool-call parser for `tool_choice: auto` (`vllm serve --tool-call-parser` names)."""
+    chat_template: str | None = None
+    """A bundled template's name (`chatml-tools`: ChatML with Hermes-style `<tool_call>` tags), a
+    path to a Jinja file, or None for the model's own template (it must render `tools`)."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        if value is not None and value not in BUNDLED_TEMPLATES and not value.endswith((".jinja", ".j2")):
+            raise ValueError(f"a bundled template ({', '.join(BUNDLED_TEMPLATES)}) or a path to a .jinja file")
+        return value
+
+    def template_text(self) -> str | None:
+        if self.chat_template is None:
+            return None
+        if (bundled := BUNDLED_TEMPLATES.get(self.chat_template)) is not None:
+            return resources.files("tierserve.configs").joinpath(*bundled.split("/")).read_text()
+        return Path(self.chat_template).read_text()
+
+    def parser_class(self) -> Any:
+        """vLLM's parser class; raises `ValueError` for a name vLLM does not know."""
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            return ToolParserManager.get_tool_parser(self.parser)
+        except KeyError:
+            known = ", ".join(sorted(ToolParserManager.list_registered()))
+            raise ValueError(f"unknown tool-call parser {self.parser!r}; vLLM has: {known}") from None
+
+
 class TierConfig(BaseModel):
     """One model tier: a model, the vLLM options to run it, and its Serve deployment."""
 
@@ -137,6 +179,9 @@ class TierConfig(BaseModel):
     """gpu: Ray placement-group strategy of the replica's rank bundles (STRICT_PACK: one node)."""
     speculative: SpeculationConfig | None = None
     """Speculative decoding; None decodes one token per step."""
+    tools: ToolsConfig | None = None
+    """Tool calling (docs/tools.md): the chat template that renders tools and the tool-call
+    parser for `tool_choice: auto`; None: requests with tools go to other tiers."""
     token_spans: TokenSpanSetting | None = None
     """This tier's own `telemetry.token_spans` (a span per token: all, none, or one in N)."""
     engine_restarts: int = Field(3, ge=0, le=100)

@@ -119,6 +119,7 @@ def coalesce(chunks: list[TokenChunk]) -> list[TokenChunk]:
         prev.text += c.text
         prev.token_ids.extend(c.token_ids)
         prev.step, prev.finish_reason, prev.stop_reason = c.step, c.finish_reason, c.stop_reason
+        prev.tool_calls = c.tool_calls or prev.tool_calls
         if c.logprobs is not None:
             prev.logprobs = (prev.logprobs or []) + c.logprobs
     out = list(merged.values())
@@ -156,7 +157,12 @@ class TierDeployment:
             logger.info("tier %s: ranks bound to cores %s", config.name, os.environ[BIND_ENV])
         adaptive = config.speculative.adaptive if config.speculative else None
         self.engine = VLLMEngine(
-            model, engine_options(config, speculation), speculation, config.max_completion_tokens, adaptive
+            model,
+            engine_options(config, speculation),
+            speculation,
+            config.max_completion_tokens,
+            adaptive,
+            config.tools,
         )
         self.engine.start()
         self.metrics = TierMetrics(config.name)
@@ -191,6 +197,7 @@ class TierDeployment:
             tensor_parallel_size=self.config.tensor_parallel_size,
             max_completion_tokens=self.config.max_completion_tokens,
             speculation=self.engine.speculation.describe() if self.engine.speculation else None,
+            tool_parser=self.config.tools.parser if self.config.tools is not None else None,
         )
 
     async def stats(self) -> TierStats:

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from tierserve.actors.adaptive import AdaptiveSpeculation
-from tierserve.actors.config import AdaptiveSpeculationConfig
+from tierserve.actors.config import AdaptiveSpeculationConfig, ToolsConfig
+from tierserve.actors.errors import STRUCTURED_PARAM, context_error, request_error
 from tierserve.actors.latency import LatencyTracker
 from tierserve.actors.speculation import ResolvedSpeculation, StepRecorder, request_speculation
+from tierserve.actors.tools import ToolSupport, uses_tools
 from tierserve.actors.types import (
     GenerateRequest,
     SamplingOptions,
@@ -30,7 +32,7 @@ from tierserve.actors.types import (
     TopLogprob,
     Usage,
 )
-from tierserve.core.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable, TierServeError
+from tierserve.core.errors import InvalidRequest, ServiceUnavailable, TierServeError
 from tierserve.core.streams import Outcome, outcome_of
 
 if TYPE_CHECKING:
@@ -46,45 +48,6 @@ def unknown_engine_options(options: dict[str, Any]) -> list[str]:
 
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     return sorted(set(options) - known - {"model"})
-
-
-def context_error(
-    prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str
-) -> ContextLengthExceeded | None:
-    """The error for a prompt (plus requested completion) that does not fit, else None."""
-    if prompt_tokens >= max_model_len:
-        return ContextLengthExceeded(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{prompt_tokens} tokens, leaving no room for a completion. Please shorten the prompt.",
-            param,
-        )
-    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
-        return ContextLengthExceeded(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the length of the prompt or of max_tokens.",
-            "max_tokens",
-        )
-    return None
-
-
-STRUCTURED_PARAM = "response_format"
-"""The request field an error about the answer's form (a schema vLLM cannot compile) names."""
-
-
-def request_error(exc: BaseException, structured: bool = False) -> InvalidRequest | None:
-    """The 400 for an error vLLM raises about the request, wherever it raises it (sampling
-    parameters, tokenizer, the engine's `add_request`): its `VLLMClientError`s
-    (`VLLMValidationError` names the parameter) and the plain `ValueError`s some of its checks
-    still raise; None for anything else (a bug, or a dead engine). On a request with a
-    structured output, an error naming no parameter is about its grammar (`STRUCTURED_PARAM`):
-    vLLM checks the schema when the request is added."""
-    from vllm.exceptions import VLLMClientError
-
-    if isinstance(exc, (VLLMClientError, ValueError, OverflowError)):
-        param = getattr(exc, "parameter", None) or (STRUCTURED_PARAM if structured else None)
-        return InvalidRequest(str(exc), param)
-    return None
 
 
 def structured_outputs(structured: StructuredOutput | None) -> Any:
@@ -127,8 +90,12 @@ class VLLMEngine:
         speculation: ResolvedSpeculation | None = None,
         max_completion_tokens: int | None = None,
         adaptive: AdaptiveSpeculationConfig | None = None,
+        tools: ToolsConfig | None = None,
     ):
         self.model = model
+        self.tools_config = tools
+        self._tools: ToolSupport | None = None
+        """Built in `start`, with the tokenizer."""
         self.options = dict(options or {})
         self.max_completion_tokens = max_completion_tokens
         self.speculation = speculation
@@ -164,6 +131,8 @@ class VLLMEngine:
         self.latency.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.latency.priority_scheduling = llm.vllm_config.scheduler_config.policy == "priority"
         self._tokenizer = llm.get_tokenizer()
+        if self.tools_config is not None:
+            self._tools = ToolSupport(self.tools_config, self._tokenizer)
         self.max_model_len = llm.model_config.max_model_len
         if self._adaptive is not None:
             self._control = AdaptiveSpeculation(
@@ -312,6 +281,11 @@ class VLLMEngine:
             if any(i < 0 or i >= vocab for i in ids):
                 raise InvalidRequest("prompt contains token ids outside the model's vocabulary", "prompt")
             return ids
+        if request.messages is not None and uses_tools(request.messages, request.tools):
+            if self._tools is None:
+                raise InvalidRequest(f"{self.model} serves no tools on this tier (its config sets no `tools`)", "tools")
+            text = self._tools.render(request.messages, request.tools, request.add_generation_prompt)
+            return self._tokenizer.encode(text, add_special_tokens=False)
         if request.messages is not None:
             turns = [{"role": m.role, "content": m.content} for m in request.messages]
             try:
@@ -325,7 +299,9 @@ class VLLMEngine:
             return self._tokenizer.encode(request.prompt)
         raise InvalidRequest("one of prompt, messages or prompt_token_ids is required", "prompt")
 
-    def sampling_params(self, options: SamplingOptions, prompt_tokens: int) -> SamplingParams:
+    def sampling_params(
+        self, options: SamplingOptions, prompt_tokens: int, skip_special_tokens: bool = True
+    ) -> SamplingParams:
         """vLLM sampling parameters in DELTA mode; `max_tokens` defaults to the room left."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -351,6 +327,7 @@ class VLLMEngine:
                 min_tokens=options.min_tokens,
                 ignore_eos=options.ignore_eos,
                 structured_outputs=structured_outputs(options.structured),
+                skip_special_tokens=skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA,
             )
         except Exception as exc:
@@ -389,7 +366,10 @@ class VLLMEngine:
         cap, asked = self.max_completion_tokens, request.sampling.max_tokens
         if cap is not None and asked is not None and asked > cap:
             raise InvalidRequest(f"max_tokens is {asked}, but this tier generates at most {cap} tokens", "max_tokens")
-        params = self.sampling_params(request.sampling, len(ids))
+        calling = request.tools if request.tools is not None and request.tools.choice != "none" else None
+        # A parser reads the tags of calls, which some models' tokenizers mark special (as vLLM's server does).
+        params = self.sampling_params(request.sampling, len(ids), calling is None or calling.choice != "auto")
+        readers = self._tools.readers(calling, params.n) if calling is not None and self._tools is not None else None
 
         self._started += 1
         self._running += 1
@@ -411,7 +391,8 @@ class VLLMEngine:
                     if choice.finish_reason == "error":  # the engine failed it (e.g. a grammar it could not build)
                         raise self._failed_request(request, completion_tokens)
                     completion_tokens += len(choice.token_ids)
-                    chunks.append(self._chunk(choice, step, request.sampling.logprobs))
+                    chunk = self._chunk(choice, step, request.sampling.logprobs)
+                    chunks.append(readers[choice.index].read(chunk) if readers else chunk)
                     if choice.spec_decode_metrics is not None:
                         spec_metrics[choice.index] = choice.spec_decode_metrics.to_dict()
                 if output.finished and chunks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierserve.core.types import ChatMessage
+from tierserve.core.types import ChatMessage, ToolCall
 
 
 @dataclass(slots=True)
@@ -22,6 +22,22 @@ class StructuredOutput:
     """A JSON Schema, as JSON text: the answer is a JSON value valid against it."""
     json_object: bool = False
     """The answer is a JSON object, of any shape."""
+
+
+@dataclass(slots=True)
+class ToolCalling:
+    """The functions a chat request offers the model, and how it may call them. The tier renders
+    them into the prompt with its tool chat template and reads the calls from the answer."""
+
+    tools: list[dict[str, Any]]
+    """OpenAI's function tools (`{"type": "function", "function": {...}}`), as the template reads them."""
+    choice: str = "auto"
+    """`auto` (the tier's tool-call parser reads the text), `required` (decoding writes a list
+    of `{name, parameters}`), `function` (decoding writes the arguments of `function`), or
+    `none` (no call: the tools stay out of the prompt)."""
+    function: str | None = None
+    parallel: bool = True
+    """Whether one answer may make several calls."""
 
 
 @dataclass(slots=True)
@@ -63,6 +79,8 @@ class GenerateRequest:
     add_generation_prompt: bool = True
     trace_context: dict[str, str] = field(default_factory=dict)
     """W3C trace context carrier, so spans in the tier join the caller's trace."""
+    tools: ToolCalling | None = None
+    """Functions the model may call (chat only)."""
     priority: int = 0
     """vLLM's request priority: on an engine with `scheduling_policy: priority`, lower values
     take a free slot first (and keep their KV cache when a lower priority must give way);
@@ -152,12 +170,15 @@ class TokenChunk:
     step: int
     """How many engine outputs this request had received when this one came (1 = first)."""
     finish_reason: str | None = None
-    """'stop', 'length' or 'abort' on the choice's last chunk."""
+    """'stop', 'length', 'tool_calls' or 'abort' on the choice's last chunk."""
     stop_reason: str | int | None = None
     """The stop string or token id that ended the choice, if one did."""
     logprobs: list[TokenLogprob] | None = None
     usage: Usage | None = None
     """Set on the request's very last chunk only."""
+    tool_calls: list[ToolCall] | None = None
+    """The choice's function calls, whole, on its last chunk; `text` then carries only what the
+    model wrote besides them."""
 
 
 @dataclass(slots=True)
@@ -216,6 +237,8 @@ class TierInfo:
     max_completion_tokens: int | None = None
     speculation: str | None = None
     """How the tier speculates ('draft_model <path>', 'ngram'), None when it does not."""
+    tool_parser: str | None = None
+    """The tool-call parser of a tier that serves tools; None when it serves none."""
 
 
 @dataclass(slots=True)

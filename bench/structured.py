@@ -8,7 +8,9 @@ under each `response_format` kind, one after another in one run:
 - `json_object` (vLLM's xgrammar backend);
 - `json_schema` with an object of strings (xgrammar);
 - `json_schema` whose string has a pattern and length bounds, which xgrammar does not take, so
-  vLLM decodes it with guidance (llguidance).
+  vLLM decodes it with guidance (llguidance);
+- two functions as `tools`: `auto` (free decoding, the hermes parser reading each delta) and
+  `required` (decoding follows the calls' schema), rendered with the bundled tool template.
 
 For each, at concurrency 1 and 8: time to first token, time per output token after the first
 (the grammar's cost per token: the engine core computes each step's token mask, the worker
@@ -65,91 +67,136 @@ PATTERNED = {
     "required": ["answer"],
     "additionalProperties": False,
 }
-KINDS = {
-    "free text": None,
-    "json_object": {"type": "json_object"},
-    "json_schema (xgrammar)": {"type": "json_schema", "json_schema": {"name": "answer", "schema": OBJECT}},
-    "json_schema, pattern + length (guidance)": {
-        "type": "json_schema",
-        "json_schema": {"name": "answer", "schema": PATTERNED},
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look the answer up in an encyclopedia",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "maxLength": 48},
+                    "limit": {"type": "integer", "maximum": 9},
+                },
+                "required": ["query", "limit"],
+                "additionalProperties": False,
+            },
+        },
     },
+    {
+        "type": "function",
+        "function": {
+            "name": "calculate",
+            "description": "Evaluate an arithmetic expression",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string", "maxLength": 32}},
+                "required": ["expression"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+KINDS = {
+    "free text": {},
+    "json_object": {"response_format": {"type": "json_object"}},
+    "json_schema (xgrammar)": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": OBJECT}}
+    },
+    "json_schema, pattern + length (guidance)": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": PATTERNED}}
+    },
+    "tools, auto (hermes parser)": {"tools": TOOLS},
+    "tools, required (xgrammar)": {"tools": TOOLS, "tool_choice": "required"},
 }
+"""Each kind's request fields besides the question. The tool kinds' prompts are longer (the
+functions are rendered into the system turn), so their time to first token is not free text's."""
 
 
-async def one(engine, i: int, fmt: dict | None, tokens: int) -> dict:
+async def one(engine, i: int, fields: dict, tokens: int) -> dict:
     from tierserve.router.protocol import ChatCompletionRequest
 
+    json_answer = "response_format" in fields
     body = {
         "model": "small",
-        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " Answer in JSON." * bool(fmt)}],
+        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " Answer in JSON." * json_answer}],
         "max_tokens": tokens,
         "temperature": 0,
+        **fields,
     }
-    if fmt is not None:
-        body["response_format"] = fmt
     request = ChatCompletionRequest.model_validate(body).to_generate(f"r{i}-{time.monotonic_ns()}")
     start = time.perf_counter()
     first = None
     count = 0
     text = []
+    calls = []
     async for chunk in engine.generate(request):
         if chunk.token_ids and first is None:
             first = time.perf_counter()
         count += len(chunk.token_ids)
         text.append(chunk.text)
+        calls += chunk.tool_calls or []
     end = time.perf_counter()
     return {
         "ttft": (first - start) if first else None,
         "tpot": (end - first) / (count - 1) if first and count > 1 else None,
         "tokens": count,
         "text": "".join(text),
+        "calls": calls,
     }
 
 
-async def run_kind(engine, fmt: dict | None, requests: int, concurrency: int, tokens: int) -> dict:
+def parses(result: dict, fields: dict) -> bool:
+    """A JSON answer that parses, or (tools) calls whose arguments do."""
+    try:
+        if "tools" in fields:
+            return bool(result["calls"]) and all(json.loads(c.arguments) is not None for c in result["calls"])
+        json.loads(result["text"])
+        return True
+    except ValueError:
+        return False
+
+
+async def run_kind(engine, fields: dict, requests: int, concurrency: int, tokens: int) -> dict:
     queue = list(range(requests))
     results: list[dict] = []
 
     async def worker() -> None:
         while queue:
-            results.append(await one(engine, queue.pop(0), fmt, tokens))
+            results.append(await one(engine, queue.pop(0), fields, tokens))
 
     wall0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - wall0
     out_tokens = sum(r["tokens"] for r in results)
-    valid = 0
-    if fmt is not None:
-        for r in results:
-            try:
-                json.loads(r["text"])
-                valid += 1
-            except ValueError:
-                pass
+    valid = sum(parses(r, fields) for r in results)
     return {
         "ttft_ms": statistics.median(r["ttft"] for r in results if r["ttft"]) * 1000,
         "tpot_ms": statistics.mean(r["tpot"] for r in results if r["tpot"]) * 1000,
         "tok_s": out_tokens / wall,
         "mean_tokens": out_tokens / len(results),
-        "parsed": f"{valid}/{len(results)}" if fmt is not None else "-",
+        "parsed": f"{valid}/{len(results)}" if fields else "-",
     }
 
 
 async def measure(requests: int, tokens: int) -> tuple[dict[str, float], list[tuple[str, int, dict]]]:
     from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.actors.config import ToolsConfig
     from tierserve.actors.engine import VLLMEngine
 
     path = prepare_embedded("smollm2-135m-instruct", progress=False)
-    engine = VLLMEngine(str(path), {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 32})
+    options = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 32}
+    engine = VLLMEngine(str(path), options, tools=ToolsConfig(parser="hermes", chat_template="chatml-tools"))
     engine.start()
     try:
         first = {}  # each kind's first request: its grammar compiled (a running tier then has it cached)
-        for name, fmt in KINDS.items():
-            first[name] = (await one(engine, 0, fmt, 8))["ttft"] * 1000
+        for name, fields in KINDS.items():
+            first[name] = (await one(engine, 0, fields, 8))["ttft"] * 1000
         rows = []
         for concurrency in (1, 8):
-            for name, fmt in KINDS.items():
-                rows.append((name, concurrency, await run_kind(engine, fmt, requests, concurrency, tokens)))
+            for name, fields in KINDS.items():
+                rows.append((name, concurrency, await run_kind(engine, fields, requests, concurrency, tokens)))
                 print(name, concurrency, rows[-1][2], flush=True)
         return first, rows
     finally:
@@ -164,7 +211,7 @@ def table(first: dict[str, float], rows: list[tuple[str, int, dict]], requests: 
         f"`max_num_seqs` 32 as on the `small` tier; {requests} greedy chat requests per row, "
         f"at most {tokens} tokens each):",
         "",
-        "| response_format | concurrency | answers that parse | mean tokens | TTFT p50 (ms) | TPOT (ms) "
+        "| kind | concurrency | answers (calls) that parse | mean tokens | TTFT p50 (ms) | TPOT (ms) "
         "| output tok/s | TTFT / free text | TPOT / free text |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -175,7 +222,7 @@ def table(first: dict[str, float], rows: list[tuple[str, int, dict]], requests: 
             f"| {r['tok_s']:.1f} | {r['ttft_ms'] / b['ttft_ms']:.2f}x | {r['tpot_ms'] / b['tpot_ms']:.2f}x |"
         )
     lines += ["", "First request of each kind (its grammar compiled; TTFT, ms, concurrency 1):", ""]
-    lines += ["| response_format | first TTFT (ms) |", "|---|---|"]
+    lines += ["| kind | first TTFT (ms) |", "|---|---|"]
     lines += [f"| {name} | {ms:.1f} |" for name, ms in first.items()]
     return "\n".join(lines)
 

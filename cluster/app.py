@@ -29,7 +29,7 @@ def build_application(config: AppConfig) -> Application:
         )
         for tier in config.tiers
     }
-    entries = [TierEntry(t.name, t.description, t.deployment.max_replicas()) for t in config.tiers]
+    entries = [TierEntry(t.name, t.description, t.deployment.max_replicas(), t.tools is not None) for t in config.tiers]
     retriever = None
     if config.rag.enabled:
         retriever = Retriever.options(name=RETRIEVER_NAME, **config.rag.deployment.serve_options()).bind(

@@ -176,7 +176,8 @@ def parse_config(data: Any, source: str = "<config>", text: str | None = None, c
 
 
 def _check_engine_options(config: AppConfig, data: Any, source: str, root: yaml.Node | None) -> None:
-    """Engine options go to vLLM untouched, so a typo is caught here rather than in a replica."""
+    """Engine options go to vLLM untouched, so a typo is caught here rather than in a replica;
+    so is a tool-call parser vLLM does not have."""
     if importlib.util.find_spec("vllm") is None:  # a config-only install: nothing to check against
         return
     from tierserve.actors.engine import unknown_engine_options
@@ -187,6 +188,12 @@ def _check_engine_options(config: AppConfig, data: Any, source: str, root: yaml.
             loc = ("tiers", i, "engine", key)
             line = _line_of(root, loc)
             lines.append(f"{source}:{line}: {yaml_path(loc)}: not an option of vLLM's AsyncEngineArgs")
+        if tier.tools is not None:
+            try:
+                tier.tools.parser_class()
+            except ValueError as exc:
+                loc = ("tiers", i, "tools", "parser")
+                lines.append(f"{source}:{_line_of(root, loc)}: {yaml_path(loc)}: {exc}")
     if lines:
         raise ConfigError("invalid config\n  " + "\n  ".join(lines))
 

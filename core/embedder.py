@@ -12,9 +12,12 @@ classifier and a FAISS inner-product index expect.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -33,6 +36,18 @@ def resolve_embedder_path(name: str | None) -> str:
             "holding a sentence-transformers model"
         )
     return str(path.resolve())
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a GPU, or a CPU with AVX512-BF16 or AMX.
+    Elsewhere torch emulates it: on an AVX2-only CPU (AMD EPYC) MiniLM embedded 24 segments in
+    2.58 s in bfloat16 against 0.46 s in float32."""
+    import torch
+
+    if device != "cpu":
+        return True
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
 
 
 class Embedder:
@@ -62,7 +77,10 @@ class Embedder:
             self._model.max_seq_length = max_seq_length
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        if dtype == "bfloat16":  # about 2x faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and GPUs
+        if dtype == "bfloat16" and not native_bfloat16(self.device):
+            logger.info("this CPU has no bfloat16 instructions, where it is ~5x slower: embedding in float32")
+            dtype = "float32"  # and the name says so: classifiers are fitted per dtype
+        if dtype == "bfloat16":  # about 2x faster than float32 where the hardware computes it
             self._model.to(torch.bfloat16)
         self.dtype = dtype
         # sentence-transformers 5 renamed the method and warns on the old name, which 3.x and 4.x only have.

@@ -39,6 +39,11 @@ class RequestLimits(BaseModel):
     max_schema_chars: int = Field(32_768, ge=2)
     """Characters of `response_format.json_schema.schema` (as compact JSON): the tier's engine
     compiles it into a grammar, which takes time and memory that grow with it."""
+    max_tools: int = Field(128, ge=0)
+    """Functions in a chat request's `tools` (OpenAI's limit)."""
+    max_tools_chars: int = Field(65_536, ge=2)
+    """Characters of the `tools` together (as compact JSON): they are rendered into the prompt,
+    and a required or named call compiles their parameters into a grammar."""
 
 
 class FailedAuthLimit(BaseModel):
@@ -179,7 +184,8 @@ class ComplexityConfig(BaseModel):
     """Tokens of the prompt the embedder reads (its start and end; the cheap features read all
     of it): the embedding's cost grows with it (docs/benchmarks/routing-quality.md)."""
     embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """The embedder's weights: bfloat16 is about twice as fast on CPUs with bf16 instructions."""
+    """The embedder's weights: bfloat16 is about twice as fast on CPUs with bf16 instructions
+    (AVX512-BF16, AMX); where the CPU has none the embedder uses float32 (`core.embedder.native_bfloat16`)."""
 
 
 class RoutingConfig(BaseModel):

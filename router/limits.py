@@ -60,8 +60,14 @@ def check_limits(body: Any, limits: RequestLimits) -> None:
     if messages is not None:
         if len(messages) > limits.max_messages:
             raise _over("the number of messages", len(messages), limits.max_messages, "max_messages", "messages")
-        texts = (message.text() for message in messages)
+        texts = (message.text() + message.call_text() for message in messages)
         _check_chars(texts, limits, "the messages' length in characters", "messages.{}.content")
+        tools = body.tools or []
+        if len(tools) > limits.max_tools:
+            raise _over("the number of tools", len(tools), limits.max_tools, "max_tools", "tools")
+        chars = sum(len(tool.model_dump_json(exclude_none=True)) for tool in tools)
+        if chars > limits.max_tools_chars:
+            raise _over("the tools' length in characters", chars, limits.max_tools_chars, "max_tools_chars", "tools")
     else:
         prompt = body.prompt
         if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:

@@ -43,6 +43,7 @@ from tierserve.router.retrieval_step import RetrievalStep, Retrieved, question_o
 from tierserve.router.routing import Routed, Router
 from tierserve.router.safety_step import ContentBlocked, SafetyReport, SafetyStep
 from tierserve.router.tiers import AUTO, TierDirectory
+from tierserve.router.tools import function_schemas
 from tierserve.router.tracing import route_span
 
 TierStarter = Callable[[str, GenerateRequest, trace.Span], AsyncIterator[list[TokenChunk]]]
@@ -201,7 +202,10 @@ class Pipeline:
         if ctx.retrieval is not None:
             passage_tokens = (ctx.retrieval.top_k or 0) * (self.retrieval.config.chunking.max_tokens + 40)
         named = None if body.model == AUTO else self.directory.resolve(body.model)
-        routed = await self.router.plan(body, named, passage_tokens, self._routable(ctx.principal))
+        allowed = self._routable(ctx.principal)
+        if isinstance(body, ChatCompletionRequest) and body.uses_tools():
+            allowed = self.directory.serving_tools(allowed, named)
+        routed = await self.router.plan(body, named, passage_tokens, allowed)
         decision = routed.decision
         route_span(ctx.span, body.model, routed)
         if not decision.choices:
@@ -291,7 +295,8 @@ class Pipeline:
         span.set_attribute("tierserve.tier", routed.tier or "")
         observers = [self.metrics.request(routed, ctx.entry, self.router.cost), _Spent(ctx, lease, self.router.price)]
         watched = observed(batches, observers, started=routed.arrived)
-        ctx.batches = self.safety.guard_output(watched, ctx.safety, span, body.response_format)
+        functions = function_schemas(body.tools) if isinstance(body, ChatCompletionRequest) else None
+        ctx.batches = self.safety.guard_output(watched, ctx.safety, span, body.response_format, functions)
 
     def _extension(self, ctx: RequestContext) -> dict[str, Any]:
         """The response's `tierserve` field: routing facts, and retrieval's and the guards'

@@ -14,37 +14,19 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tierserve.actors.types import GenerateRequest, SamplingOptions, StructuredOutput
 from tierserve.core.errors import InvalidRequest
 from tierserve.core.types import ChatMessage
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import INT64_MAX, INT64_MIN
+from tierserve.router.fields import INT32_MAX, REQUEST_CONFIG, Count, Text, TokenId
 from tierserve.router.structured import answer_problem, check_schema
+from tierserve.router.tools import MAX_CALL_ID_CHARS, NamedToolChoice, ToolCallIn, ToolDef, check_tools, tool_calling
 
 MAX_N = 16
 MAX_LOGPROBS = 20
-INT32_MAX = 2**31 - 1
-"""Bound of the integer fields vLLM keeps in 32 bits (token ids, counts); `seed` takes 64."""
-
-
-def _encodable(text: str) -> str:
-    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`) that no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"contains an unpaired UTF-16 surrogate at character {exc.start}") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_encodable)]
-"""A string from the caller: valid Unicode that encodes as UTF-8."""
-Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
-TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
-
-_REQUEST_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
-"""Unknown fields are ignored (as OpenAI-compatible servers do); `1e999` and NaN are refused."""
 
 
 SLA_CLASS_HEADER = "x-sla-class"
@@ -79,11 +61,31 @@ class TextPart(BaseModel):
 
 
 class ChatMessageIn(BaseModel):
-    model_config = _REQUEST_CONFIG
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[Annotated[TextPart, Field(discriminator="type")]] | None = None
     name: Text | None = Field(None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = None
+    """An assistant turn's function calls."""
+    tool_call_id: Text | None = Field(None, max_length=MAX_CALL_ID_CHARS)
+    """A `tool` turn's: the id of the call whose result it carries."""
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message makes tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
+
+    def to_message(self) -> ChatMessage:
+        calls = [call.to_call() for call in self.tool_calls] if self.tool_calls else None
+        return ChatMessage(self.role, self.text(), calls, self.tool_call_id)
+
+    def call_text(self) -> str:
+        """The arguments of this turn's tool calls, which the prompt carries too."""
+        return "".join(call.function.arguments for call in self.tool_calls or ())
 
     def text(self) -> str:
         if self.content is None:
@@ -96,7 +98,7 @@ class ChatMessageIn(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: the schema the answer must be valid against."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = REQUEST_CONFIG
 
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: Text | None = None
@@ -111,7 +113,7 @@ class ResponseFormat(BaseModel):
     forms are enforced while decoding (`StructuredOutput`), so the answer parses unless it was
     cut short (`finish_reason: "length"`) or a guard's redaction broke it (`content_filter`)."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = REQUEST_CONFIG
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -158,7 +160,7 @@ class ResponseFormat(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions, with OpenAI's names and ranges."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = REQUEST_CONFIG
 
     model: Text = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -263,20 +265,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("tool calling is not supported")
-        return v
+    tools: list[ToolDef] | None = None
+    """Functions the model may call (docs/tools.md); only tiers with `tools` set serve them."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    def uses_tools(self) -> bool:
+        """Whether only a tier that serves tools can take it: it offers functions, or its history
+        holds calls or their results (which only a tool chat template renders)."""
+        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.tool_choice is not None and not self.tools:
+            raise InvalidRequest("tool_choice requires tools", "tool_choice")
+        if self.tools:
+            check_tools(self.tools, self.tool_choice)
+            fmt = self.response_format
+            if self.tool_choice != "none" and fmt is not None and fmt.type != "text":
+                raise InvalidRequest(
+                    "response_format cannot be combined with tools the model may call: decoding follows one form; "
+                    "send tool_choice 'none', or describe the answer as a function",
+                    "response_format",
+                )
 
     def routing_text(self) -> tuple[str, int]:
         """The text complexity is scored on (the conversation, last turn last) and the number
@@ -290,11 +307,15 @@ class ChatCompletionRequest(_SamplingFields):
     def to_generate(self, request_id: str) -> GenerateRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return GenerateRequest(
+        request = GenerateRequest(
             request_id=request_id,
             sampling=self._sampling(max_tokens, logprobs),
-            messages=[ChatMessage(m.role, m.text()) for m in self.messages],
+            messages=[m.to_message() for m in self.messages],
         )
+        if self.tools:
+            request.tools, structured = tool_calling(self.tools, self.tool_choice, self.parallel_tool_calls)
+            request.sampling.structured = structured or request.sampling.structured
+        return request
 
 
 class CompletionRequest(_SamplingFields):
@@ -345,7 +366,7 @@ class EmbeddingRequest(BaseModel):
     """`POST /v1/embeddings`: vectors of one text or a list of texts, from the retriever's
     embedder (the model `GET /v1/models` lists beside the tiers)."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = REQUEST_CONFIG
 
     model: Text = Field(max_length=256)
     input: Text | list[Text] | list[TokenId] | list[list[TokenId]]

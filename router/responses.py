@@ -15,16 +15,21 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion import ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall, ChoiceDeltaToolCallFunction
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_message_function_tool_call import (
+    ChatCompletionMessageFunctionToolCall,
+    Function,
+)
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs as CompletionLogprobs
 from openai.types.create_embedding_response import Usage as EmbeddingUsage
 
 from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
+from tierserve.core.types import ToolCall
 from tierserve.rag.types import Embedded
 
-_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter", "tool_calls": "tool_calls"}
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -65,6 +70,19 @@ def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> Completi
         top_logprobs=[{a.token: a.logprob for a in t.top} for t in items],
         text_offset=offsets,
     )
+
+
+def chat_message(text: str, calls: list[ToolCall] | None) -> ChatCompletionMessage:
+    """An answer's message; with tool calls, its content is null unless the model wrote text too."""
+    if not calls:
+        return ChatCompletionMessage(role="assistant", content=text)
+    tool_calls = [
+        ChatCompletionMessageFunctionToolCall(
+            id=call.id, type="function", function=Function(name=call.name, arguments=call.arguments)
+        )
+        for call in calls
+    ]
+    return ChatCompletionMessage(role="assistant", content=text or None, tool_calls=tool_calls)
 
 
 class StreamFormatter:
@@ -113,6 +131,17 @@ class ChatStreamFormatter(StreamFormatter):
 
     def _choice(self, chunk: TokenChunk) -> ChunkChoice:
         delta = ChoiceDelta(content=chunk.text)
+        if chunk.tool_calls:  # whole calls, on the choice's last chunk (see `TokenChunk.tool_calls`)
+            delta.content = chunk.text or None
+            delta.tool_calls = [
+                ChoiceDeltaToolCall(
+                    index=i,
+                    id=call.id,
+                    type="function",
+                    function=ChoiceDeltaToolCallFunction(name=call.name, arguments=call.arguments),
+                )
+                for i, call in enumerate(chunk.tool_calls)
+            ]
         if chunk.index not in self._started:
             self._started.add(chunk.index)
             delta.role = "assistant"
@@ -156,10 +185,13 @@ class CompletionBuilder:
         self.texts = [[] for _ in range(n)]
         self.logprobs: list[list[TokenLogprob] | None] = [None] * n
         self.finish: list[str | None] = [None] * n
+        self.calls: list[list[ToolCall] | None] = [None] * n
         self.usage: Usage | None = None
 
     def add(self, chunk: TokenChunk) -> None:
         self.texts[chunk.index].append(chunk.text)
+        if chunk.tool_calls:
+            self.calls[chunk.index] = chunk.tool_calls
         if chunk.logprobs is not None:
             self.logprobs[chunk.index] = (self.logprobs[chunk.index] or []) + chunk.logprobs
         if chunk.finish_reason is not None:
@@ -171,11 +203,11 @@ class CompletionBuilder:
         choices = [
             ChatChoice(
                 index=i,
-                message=ChatCompletionMessage(role="assistant", content="".join(text)),
+                message=chat_message("".join(text), calls),
                 finish_reason=self.finish[i] or "stop",
                 logprobs=ChoiceLogprobs(content=chat_logprobs(lp)) if lp is not None else None,
             )
-            for i, (text, lp) in enumerate(zip(self.texts, self.logprobs))
+            for i, (text, lp, calls) in enumerate(zip(self.texts, self.logprobs, self.calls))
         ]
         return ChatCompletion(
             id=request_id,

@@ -1,8 +1,9 @@
 """The ingress's side of the guard chain: the request's text, retrieved chunks, the answer.
 
-- **input**: after routing, the guards that redact check every turn of a chat (or a
-  completion's prompt), the guards that refuse its user's and tools' turns (`REFUSAL_ROLES`); a
-  prompt of token ids, which no guard can read, is refused (`safety.token_id_prompts`). A
+- **input**: after routing, the guards that redact check every turn of a chat (and its calls'
+  arguments) or a completion's prompt, the guards that refuse its user's turns (`REFUSAL_ROLES`),
+  and its `tool` turns are checked like retrieved chunks (`WITHHELD`); a prompt of token ids,
+  which no guard can read, is refused (`safety.token_id_prompts`). A
   block is a 400 `content_policy_violation` whose message says why, never what matched; a
   redaction rewrites the text the tier and the retriever see. Guards that redact run first;
   guards that can only refuse (the injection guard) run meanwhile in the background
@@ -37,14 +38,20 @@ from tierserve.core.errors import InvalidRequest, ServiceUnavailable
 from tierserve.core.telemetry import tracer
 from tierserve.rag.types import Hit
 from tierserve.router.protocol import ResponseFormat
+from tierserve.router.tools import guard_call
 from tierserve.safety.chain import GuardChain, StreamGuard, build_chain
 from tierserve.safety.config import SafetyConfig
 from tierserve.safety.types import Finding, Stage, Verdict
 
-REFUSAL_ROLES = ("user", "tool")
-"""Chat turns the guards that refuse (the injection guard) check. System and developer turns are
-the application's own instructions, which an injection guard would take for an attack, and
-assistant turns are the model's own earlier answers; the guards that redact check every turn."""
+REFUSAL_ROLES = ("user",)
+"""Chat turns the guards that refuse (the injection guard) check at the input stage. System and
+developer turns are the application's own instructions, which an injection guard would take for
+an attack, and assistant turns are the model's own earlier answers; `tool` turns are results
+from the outside world, checked like retrieved chunks (`WITHHELD`); the guards that redact
+check every turn."""
+WITHHELD = "[tool result withheld by tierserve's guards: it carried instructions for the model]"
+"""What a `tool` turn says instead of a result a guard blocks at the `retrieved` stage (indirect
+prompt injection, OWASP LLM01): the call stays answered, so the conversation still renders."""
 
 
 HIT_METADATA = ("title", "source", "heading")
@@ -72,6 +79,8 @@ class GuardedInput:
 
     texts: list[str] | None = None
     """One per message (or the prompt), redacted where a guard redacts; None: unchanged."""
+    arguments: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+    """The arguments of the history's calls, by (message, call), redacted as text."""
     pending: asyncio.Task | None = None
     """The guards that can only refuse, still running: awaiting it raises `ContentBlocked` if
     one refuses. Cancel it if the request ends first."""
@@ -100,6 +109,7 @@ class SafetyReport:
     retrieved: Counter = dataclasses.field(default_factory=Counter)
     output: Counter = dataclasses.field(default_factory=Counter)
     retrieved_dropped: int = 0
+    tool_results_withheld: int = 0
     output_blocked: str | None = None
     logprobs_withheld: bool = False
 
@@ -114,6 +124,8 @@ class SafetyReport:
         }
         if self.retrieved_dropped:
             out["retrieved_dropped"] = self.retrieved_dropped
+        if self.tool_results_withheld:
+            out["tool_results_withheld"] = self.tool_results_withheld
         if self.output_blocked:
             out["output_blocked"] = self.output_blocked
         if self.logprobs_withheld:
@@ -188,15 +200,22 @@ class SafetyStep:
         """The request's texts (one per message, or the prompt) after the input guards that
         rewrite text, with the refusing ones started in the background (`GuardedInput.pending`;
         without `overlap_input_checks`, already done). Raises `ContentBlocked` if a guard that ran
-        blocks. The guards that redact check every turn of a chat; those that refuse, the user's
-        and tools' turns (`REFUSAL_ROLES`). A prompt of token ids, which no guard can read, is
-        refused while an input guard is on (`safety.token_id_prompts`)."""
-        if not self.active("input"):
-            return GuardedInput()
+        blocks. The guards that redact check every turn of a chat, and the arguments of its
+        calls; those that refuse, the user's turns (`REFUSAL_ROLES`). `tool` turns go first
+        through the guards that refuse at the `retrieved` stage: a blocked one says `WITHHELD`.
+        A prompt of token ids, which no guard can read, is refused while an input guard is on
+        (`safety.token_id_prompts`)."""
         messages = getattr(body, "messages", None)
+        calls: list[tuple[int, int]] = []
         if messages is not None:
             texts, param = [m.text() for m in messages], "messages"
             refused_on = [i for i, m in enumerate(messages) if m.role in REFUSAL_ROLES]
+            calls = [(i, j) for i, m in enumerate(messages) for j in range(len(m.tool_calls or ()))]
+            await self._withhold_results(messages, texts, report, span)
+            if not self.active("input"):
+                return GuardedInput(texts)
+        elif not self.active("input"):
+            return GuardedInput()
         elif isinstance(body.prompt, str):
             texts, param, refused_on = [body.prompt], "prompt", [0]
         elif self.token_id_prompts == "refuse":
@@ -215,13 +234,32 @@ class SafetyStep:
             if not self.overlap:
                 await out.passed()
             if self.input_rewriting is not None and self.input_rewriting.active("input"):
-                verdicts = await self._check(list(texts), "input", span, self.input_rewriting)
-                for i, v in enumerate(self._verdicts(verdicts, param, report)):
-                    texts[i] = v.text
+                arguments = [messages[i].tool_calls[j].function.arguments for i, j in calls]
+                verdicts = await self._check([*texts, *arguments], "input", span, self.input_rewriting)
+                for k, v in enumerate(self._verdicts(verdicts, param, report)):
+                    if k < len(texts):
+                        texts[k] = v.text
+                    elif v.text != arguments[k - len(texts)]:
+                        out.arguments[calls[k - len(texts)]] = v.text
         except BaseException:
             out.cancel()
             raise
         return out
+
+    async def _withhold_results(
+        self, messages: list[Any], texts: list[str], report: SafetyReport, span: trace.Span
+    ) -> None:
+        """`tool` turns through the guards that refuse at the `retrieved` stage (the outside
+        world's text, like a retrieved chunk): a blocked one's text becomes `WITHHELD`."""
+        results = [i for i, m in enumerate(messages) if m.role == "tool"]
+        chain = self.retrieved_refusing
+        if not results or chain is None or not chain.active("retrieved"):
+            return
+        for i, v in zip(results, await self._check([texts[i] for i in results], "retrieved", span, chain)):
+            report.add("retrieved", v.findings)
+            if v.blocked:
+                texts[i] = WITHHELD
+                report.tool_results_withheld += 1
 
     async def _refuse(self, texts: list[str], param: str, report: SafetyReport, span: trace.Span) -> None:
         """The refusing input guards (`input_refusing`) on the original texts."""
@@ -245,6 +283,10 @@ class SafetyStep:
             return request
         if request.messages is not None:
             messages = [dataclasses.replace(m, content=t) for m, t in zip(request.messages, texts)]
+            for (i, j), arguments in guarded.arguments.items():
+                calls = list(messages[i].tool_calls or ())
+                calls[j] = dataclasses.replace(calls[j], arguments=arguments)
+                messages[i] = dataclasses.replace(messages[i], tool_calls=calls)
             return dataclasses.replace(request, messages=messages)
         return dataclasses.replace(request, prompt=texts[0])
 
@@ -293,11 +335,14 @@ class SafetyStep:
         report: SafetyReport,
         span: trace.Span,
         form: ResponseFormat | None = None,
+        functions: dict[str, dict[str, Any]] | None = None,
     ) -> AsyncIterator[list[TokenChunk]]:
         """The batches with each choice's text guarded (see `StreamGuard`); a block ends every
         choice with `content_filter` and stops the tier's stream. An answer of a JSON `form`
         that a guard rewrote must still be of that form (redactions land inside strings, but
-        one may replace a number), or its choice ends with `content_filter` instead of `stop`."""
+        one may replace a number), or its choice ends with `content_filter` instead of `stop`.
+        A choice's tool calls are guarded whole (`tierserve.router.tools.guard_call`), against
+        their function's schema in `functions`."""
         if not self.active("output"):
             async for batch in batches:
                 yield batch
@@ -317,16 +362,21 @@ class SafetyStep:
                 async with contextlib.aclosing(batches) as source:  # a block stops the tier's stream
                     async for batch in source:
                         started = time.perf_counter()
-                        quiet = all(guards.setdefault(c.index, StreamGuard(self.chain)).quiet(c.text) for c in batch)
+                        quiet = all(
+                            guards.setdefault(c.index, StreamGuard(self.chain)).quiet(c.text) and not c.tool_calls
+                            for c in batch
+                        )
                         if quiet and answers is not None:  # a rewritten answer's check may be slow (patterns)
                             quiet = not any(answers.checks(c, guards[c.index]) for c in batch)
                         try:
                             if quiet:  # no guard runs: no thread needed (most batches of prose)
-                                out, blocked = self._guard_batch(batch, guards, finished, held, report, answers)
+                                out, blocked = self._guard_batch(
+                                    batch, guards, finished, held, report, answers, functions
+                                )
                             else:
                                 out, blocked = await asyncio.wait_for(
                                     asyncio.to_thread(
-                                        self._guard_batch, batch, guards, finished, held, report, answers
+                                        self._guard_batch, batch, guards, finished, held, report, answers, functions
                                     ),
                                     self.timeout_s,
                                 )
@@ -368,6 +418,7 @@ class SafetyStep:
         held: dict[int, list[TokenLogprob]],
         report: SafetyReport,
         answers: _Answers | None = None,
+        functions: dict[str, dict[str, Any]] | None = None,
     ) -> tuple[list[TokenChunk], Verdict | None]:
         """One batch through each choice's stream guard. Logprobs name the tokens a redaction
         hides, so they are held until their choice ends and returned then only if the guard
@@ -392,14 +443,27 @@ class SafetyStep:
                 if problem is not None:
                     finish_reason = "content_filter"
                     report.output_blocked = f"the redacted answer is {problem}"
+            calls = chunk.tool_calls
+            if calls:
+                calls = []
+                for call in chunk.tool_calls:
+                    call, findings, problem = guard_call(call, self.chain, (functions or {}).get(call.name))
+                    guard.findings.extend(findings)
+                    if problem is not None:
+                        guard.blocked = guard.blocked or Verdict("block", "", findings, problem)
+                    calls.append(call)
             if guard.blocked is not None:
                 finished.add(chunk.index)
                 report.logprobs_withheld |= chunk.index in held
                 out.append(
-                    dataclasses.replace(chunk, text=text, finish_reason="content_filter", logprobs=None, usage=None)
+                    dataclasses.replace(
+                        chunk, text=text, finish_reason="content_filter", logprobs=None, usage=None, tool_calls=None
+                    )
                 )
                 return out, guard.blocked
-            out.append(dataclasses.replace(chunk, text=text, logprobs=logprobs, finish_reason=finish_reason))
+            out.append(
+                dataclasses.replace(chunk, text=text, logprobs=logprobs, finish_reason=finish_reason, tool_calls=calls)
+            )
         return out, None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tierserve.core.errors import ModelNotFound
+from tierserve.core.errors import InvalidRequest, ModelNotFound
 
 AUTO = "auto"
 
@@ -15,6 +15,8 @@ class TierEntry:
     description: str = ""
     replicas: int = 1
     """Replicas the tier runs (autoscaling: its maximum), for the router's capacity."""
+    tools: bool = False
+    """Whether it serves tool calling (its config sets `tools`)."""
 
 
 class TierDirectory:
@@ -39,3 +41,14 @@ class TierDirectory:
     def model_ids(self) -> list[str]:
         """What `GET /v1/models` lists: `auto` first, then every tier."""
         return [AUTO, *self.tiers]
+
+    def serving_tools(self, allowed: set[str] | None, named: str | None) -> set[str]:
+        """The tiers a request with tools may go to, of those `allowed` (None: all); a 400
+        naming `tools` when the `named` tier (or every tier) serves none."""
+        tiers = {name for name, t in self.tiers.items() if t.tools and (allowed is None or name in allowed)}
+        if named is not None and named not in tiers:
+            others = f"; tiers that do: {', '.join(sorted(tiers))}" if tiers else ""
+            raise InvalidRequest(f"tier {named!r} does not serve tool calling{others}", "tools", "tools_not_supported")
+        if not tiers:
+            raise InvalidRequest("no tier of this service serves tool calling", "tools", "tools_not_supported")
+        return tiers

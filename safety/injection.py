@@ -66,7 +66,9 @@ EMBED_TOKENS = 128
 """Tokens of a segment the embedder reads: all of a `SEGMENT_CHARS` segment of English."""
 EMBED_DTYPE = "bfloat16"
 """The embedder's weights: on a CPU with bf16 instructions (AVX512-BF16), 40 ms per kilobyte of
-text on one thread against 100 ms in float32, with the same held-out quality."""
+text on one thread against 100 ms in float32, with the same held-out quality. A CPU without them
+would emulate bfloat16 about 5x slower than float32, so the embedder uses float32 there
+(`tierserve.core.embedder.native_bfloat16`)."""
 
 CLASSIFIER_C = 0.3
 """Inverse L2 strength of the logistic regression: chosen by 5-fold cross-validation on the train

@@ -48,7 +48,7 @@ def test_personal_data_in_every_turn_is_redacted(client):
         {"role": "developer", "content": "The on-call phone is +1 212-555-0123, call it if stuck."},
         {"role": "user", "content": "Who do I write to?"},
         {"role": "assistant", "content": f"Write to {CANARY_EMAIL}."},
-        {"role": "tool", "content": f"lookup: ssn {CANARY_SSN}"},
+        {"role": "tool", "tool_call_id": "call-1", "content": f"lookup: ssn {CANARY_SSN}"},
         {"role": "user", "content": "Thanks."},
     ]
     body = client.chat.completions.with_raw_response.create(

@@ -59,6 +59,9 @@ def test_minimal_config_gets_defaults(tmp_path):
             GOOD + "      max_modle_len: 5\n",
             ":6: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs",
         ),
+        # a tool-call parser vLLM does not have, a template that is neither bundled nor a file
+        (GOOD + "    tools: {parser: hermess}\n", ":6: tiers[0].tools.parser: unknown tool-call parser 'hermess'"),
+        (GOOD + "    tools: {chat_template: chatml}\n", ":6: tiers[0].tools.chat_template: Value error, a bundled"),
         # missing required field
         ("tiers:\n  - name: small\n", ":2: tiers[0].model: Field required"),
         ("server:\n  port: 8000\n", ":1: tiers: Field required"),

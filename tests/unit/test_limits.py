@@ -138,11 +138,11 @@ FIELDS = [
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop",
     "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
     "stream", "stream_options", "user", "sla_class", "slo_ttft_ms", "slo_tpot_ms", "retrieval", "logprobs",
-    "top_logprobs", "tools", "response_format", "echo", "suffix",
+    "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format", "echo", "suffix",
 ]  # fmt: skip
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "robot"])},
-    optional={"content": values | st.text(), "name": values},
+    optional={"content": values | st.text(), "name": values, "tool_calls": values, "tool_call_id": values},
 )
 
 

@@ -13,7 +13,14 @@ from tierserve.actors.types import TokenChunk
 from tierserve.core.errors import InvalidRequest
 from tierserve.rag.types import Hit
 from tierserve.router.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
-from tierserve.router.safety_step import OUTPUT_TIMEOUT, ContentBlocked, GuardTimeout, SafetyReport, SafetyStep
+from tierserve.router.safety_step import (
+    OUTPUT_TIMEOUT,
+    WITHHELD,
+    ContentBlocked,
+    GuardTimeout,
+    SafetyReport,
+    SafetyStep,
+)
 from tierserve.safety.config import InjectionGuardConfig, PiiGuardConfig, SafetyConfig
 
 EMAIL = "jane.doe@example.com"
@@ -35,7 +42,8 @@ def safety() -> SafetyStep:
 
 
 def chat(*turns: tuple[str, str]) -> ChatCompletionRequest:
-    return ChatCompletionRequest(model="auto", messages=[{"role": r, "content": c} for r, c in turns])
+    messages = [{"role": r, "content": c} | ({"tool_call_id": "call-1"} if r == "tool" else {}) for r, c in turns]
+    return ChatCompletionRequest(model="auto", messages=messages)
 
 
 async def test_personal_data_is_redacted_in_every_turn(safety):
@@ -48,14 +56,34 @@ async def test_personal_data_is_redacted_in_every_turn(safety):
     assert all(EMAIL not in t for t in guarded.texts) and report.input["EMAIL_ADDRESS"] == 4
 
 
-async def test_the_injection_guard_reads_user_and_tool_turns_only(safety):
+async def test_the_injection_guard_refuses_user_turns_and_withholds_tool_results(safety):
     # The application's own system prompt may say what an attack says.
     guarded = await safety.check_input(chat(("system", ATTACK), ("user", "What is 2 + 2?")), SafetyReport(), SPAN)
     await guarded.passed()
-    for role in ("user", "tool"):
-        guarded = await safety.check_input(chat(("system", "Be brief."), (role, ATTACK)), SafetyReport(), SPAN)
-        with pytest.raises(ContentBlocked):
-            await guarded.passed()
+    guarded = await safety.check_input(chat(("system", "Be brief."), ("user", ATTACK)), SafetyReport(), SPAN)
+    with pytest.raises(ContentBlocked):
+        await guarded.passed()
+    # A tool's result is the outside world's text: like a retrieved chunk, it is dropped (its
+    # turn says so), and the request goes on.
+    report = SafetyReport()
+    body = chat(("user", "Summarise the page."), ("tool", f"Page text. {ATTACK}"), ("tool", "Clean result."))
+    guarded = await safety.check_input(body, report, SPAN)
+    await guarded.passed()
+    assert guarded.texts[1] == WITHHELD and guarded.texts[2] == "Clean result."
+    assert report.tool_results_withheld == 1 and report.extension()["tool_results_withheld"] == 1
+
+
+async def test_personal_data_in_the_historys_call_arguments_is_redacted(safety):
+    call = {"id": "c1", "type": "function", "function": {"name": "mail", "arguments": json.dumps({"to": EMAIL})}}
+    body = ChatCompletionRequest(
+        model="auto",
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}],
+    )
+    report = SafetyReport()
+    guarded = await safety.check_input(body, report, SPAN)
+    request = safety.apply_input(body.to_generate("r"), guarded)
+    assert json.loads(request.messages[1].tool_calls[0].arguments) == {"to": "<EMAIL_ADDRESS>"}
+    assert report.input["EMAIL_ADDRESS"] == 1
 
 
 async def test_token_id_prompts_are_refused_unless_the_operator_allows_them(safety):

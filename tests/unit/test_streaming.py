@@ -7,6 +7,7 @@ import pytest
 
 from tierserve.actors.deployment import batch_stream, coalesce
 from tierserve.actors.types import TokenChunk, TokenLogprob, Usage
+from tierserve.core.types import ToolCall
 
 
 async def ticker(n: int, gap: float, log: list[str] | None = None, fail_after: int | None = None):
@@ -95,3 +96,9 @@ def test_coalesce_merges_per_choice_and_keeps_usage_last():
     assert merged[1].stop_reason == "." and merged[-1].usage == Usage(3, 4) and merged[0].usage is None
     assert batch[0].text == "a"  # inputs are not modified
     assert coalesce([]) == []
+    # A choice's calls ride on its last chunk, and stay on the merged one.
+    calls = [ToolCall("c1", "f", "{}")]
+    merged = coalesce(
+        [TokenChunk(0, "", [1], 1), TokenChunk(0, "", [2], 2, finish_reason="tool_calls", tool_calls=calls)]
+    )
+    assert merged[0].tool_calls == calls and merged[0].finish_reason == "tool_calls"
