@@ -212,8 +212,8 @@ class SafetyStep:
             refused_on = [i for i, m in enumerate(messages) if m.role in REFUSAL_ROLES]
             calls = [(i, j) for i, m in enumerate(messages) for j in range(len(m.tool_calls or ()))]
             await self._withhold_results(messages, texts, report, span)
-            if not self.active("input"):
-                return GuardedInput(texts)
+            if not self.active("input"):  # the texts changed only if a tool result was withheld
+                return GuardedInput(texts if report.tool_results_withheld else None)
         elif not self.active("input"):
             return GuardedInput()
         elif isinstance(body.prompt, str):
