@@ -43,6 +43,7 @@ from tierserve.actors.checkpoints import (
     sha256_file,
     write_manifest,
 )
+from tierserve.core.embedder import native_bfloat16
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +134,10 @@ def generate_samples(
 
     llm = LLM(
         model=str(target_dir),
-        dtype="bfloat16",
+        # The target's answers as the tiers serve them: in bfloat16 this model's greedy answers drift
+        # from the checkpoint's (docs/benchmarks/fidelity.md), and on CPUs without bfloat16
+        # instructions torch emulates it several times slower.
+        dtype="float32",
         max_num_seqs=32,
         max_model_len=1024,
         max_logprobs=top_k,
@@ -241,13 +245,16 @@ def make_batches(samples: Sequence[Sample], batch_sequences: int) -> list[Batch]
 def completion_logits(model: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
     """[N, vocab] logits at the completion positions only: the head is most of a small model's compute.
 
-    The forward runs in bf16 autocast, about twice as fast as fp32 on CPUs with AVX512-BF16 or AMX,
-    while weights and optimiser state stay fp32, where AdamW's small updates are not rounded away.
+    The forward runs in bf16 autocast where the device computes bfloat16 (about twice as fast as fp32
+    on CPUs with AVX512-BF16 or AMX; `core.embedder.native_bfloat16`) and in fp32 elsewhere, where
+    torch would emulate it several times slower. Weights and optimiser state stay fp32, where
+    AdamW's small updates are not rounded away.
     Autocast caches its bf16 copies of the weights until its block exits, so the block must end
     with each forward: one around a whole training loop would keep using the first step's weights."""
     import torch
 
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16):
+    device = batch.input_ids.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=native_bfloat16(device)):
         hidden = model.model(input_ids=batch.input_ids).last_hidden_state
         return model.lm_head(hidden[batch.predicts])
 

@@ -43,7 +43,7 @@ HEAD_LABEL = {"tierserve-node": "head"}
 """Serve spreads replicas over nodes; `near` and the ingress are pinned to the head so losing the
 worker node takes down `far` alone."""
 FAR_RESOURCE = "tierserve_far"
-ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 32}
+ENGINE = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 32}
 """configs/local.yaml's `small` engine, so vLLM's compile cache is shared with the other tests."""
 DEPLOY_TIMEOUT_S = 900
 BIN = Path(sys.executable).parent
