@@ -1,6 +1,6 @@
 # tierserve on a fresh machine:
 #   make serve   install everything (first run only), prepare the embedded model, start tierserve
-#   make test    install everything (first run only), run the whole test suite
+#   make test    install everything (first run only), run the test suite (`make test-cluster`: the two-node tests)
 # Extra arguments go through ARGS, e.g. `make serve ARGS="--port 9000"`, `make test ARGS="tests/unit"`.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tierserve-installed
 
-.PHONY: install serve test bench bench-spec bench-tracing lint
+.PHONY: install serve test test-cluster bench bench-spec bench-tracing lint
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+# The two-node Ray cluster tests (tests/integration/test_multinode.py), which `make test` leaves out.
+test-cluster: install
+	$(BIN)/python -m pytest -m cluster $(ARGS)
 
 bench: install
 	$(BIN)/python bench/serving.py $(ARGS)

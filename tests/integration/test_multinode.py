@@ -13,7 +13,8 @@ on the head. The tests run in order on one cluster:
 3. `tierserve scale` adds and removes a replica without restarting the running one;
 4. a changed config deployed under load (rolling update): every in-flight request completes.
 
-Every wait is bounded; every process the tests start is killed at the end.
+Every wait is bounded; every process the tests start is killed at the end. They run with
+`make test-cluster` (pytest -m cluster), apart from `make test`: about 17 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import yaml
 
 from .conftest import _free_port, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # run by `make test-cluster`, not `make test`
 
 APP = "tierserve-multinode"
 WORKER_LABEL = {"tierserve-node": "worker"}

@@ -189,7 +189,11 @@ def test_a_full_tier_sheds_load_at_once_with_429_and_retry_after(app, tiny):
             )
             elapsed = time.perf_counter() - start
             assert r.status_code == 429, r.text
-            assert elapsed < 0.1, f"shedding took {elapsed * 1e3:.0f} ms"
+            # At once: refused while the busy stream holds the slot, not after waiting for it
+            # (400 tokens take several seconds). How fast a refusal is under load is measured
+            # by bench/overload.py (docs/reliability.md), not by a timed test.
+            assert elapsed < 2.0, f"shedding took {elapsed * 1e3:.0f} ms"
+            assert next(line for line in lines if line.startswith("data: ")) != "data: [DONE]"  # still busy
             assert int(r.headers["retry-after"]) >= 1
             error = r.json()["error"]
             assert (error["type"], error["code"]) == ("rate_limit_error", "overloaded")
