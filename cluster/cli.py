@@ -14,6 +14,9 @@ tierserve status [--url URL] [--address URL]            each tier's health, repl
 tierserve scale TIER N | TIER --min A --max B [--address URL]   change a tier's replicas in place
 tierserve router calibrate [--config FILE] --share TIER=FRACTION ... [--prompts FILE]
                                                         complexity thresholds for a share of traffic per tier
+tierserve router profile [--url URL] --out FILE         record the tiers' step-cost models for the simulator
+tierserve router simulate --profile FILE [--config FILE] [--replicas TIER=N ...] [--rate R] [--duration-s S]
+                                                        the config's router on simulated replicas
 tierserve rag ingest PATH ... --index NAME [--prune] [--rebuild] [--type T] [--meta K=V]
                                                         chunk, embed and publish documents into an index
 tierserve rag delete DOC_ID ... --index NAME            delete documents from an index
@@ -35,6 +38,7 @@ from tierserve.cluster.config import AppConfig, ConfigError, load_config, model_
 from tierserve.cluster.key_commands import add_key_commands
 from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError
 from tierserve.cluster.rag_commands import add_rag_commands
+from tierserve.cluster.router_commands import add_router_commands
 
 
 def prepare_models(config: AppConfig, cache_dir: Path) -> None:
@@ -315,66 +319,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_sample(path: str | None) -> list[tuple[str, int]]:
-    """Prompts to calibrate on: a file of JSON lines with `text` (and optionally `turns`), or of
-    plain text lines; default the bundled labelled prompts, both splits."""
-    import json
-
-    from tierserve.router.complexity import load_prompts
-
-    if path is None:
-        return [(p.text, p.turns) for p in load_prompts()]
-    sample = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            row = json.loads(line)
-            sample.append((str(row["text"]), int(row.get("turns", 1))))
-        else:
-            sample.append((line, 1))
-    if not sample:
-        raise ValueError(f"{path}: no prompts")
-    return sample
-
-
-def cmd_router_calibrate(args: argparse.Namespace) -> int:
-    """RouteLLM-style calibration: the `min_complexity` per tier that sends each tier its share
-    of a traffic sample, with the config's own scorer."""
-    from tierserve.router.calibration import calibrate_thresholds
-    from tierserve.router.complexity import scorer_for
-    from tierserve.router.config import TierRouting
-    from tierserve.router.policy import TierView, ranked_tiers
-
-    config = load_config(args.config, check_engine=False)
-    shares: dict[str, float] = {}
-    for item in args.share:
-        tier, _, value = item.partition("=")
-        if tier not in {t.name for t in config.tiers} or not value:
-            raise ValueError(f"--share {item!r}: expected TIER=FRACTION with TIER one of the config's tiers")
-        shares[tier] = float(value)
-    routing = config.routing
-    views = [
-        TierView(t.name, routing.tiers.get(t.name, TierRouting()).min_complexity)
-        for t in config.tiers
-        if t.name in shares
-    ]
-    order = [v.name for v in ranked_tiers(views)]
-    complexity = routing.complexity
-    scorer = scorer_for(complexity, model_cache_dir(config, args.cache_dir) / "router")
-    sample = _prompt_sample(args.prompts)
-    scores = [s.value for s in scorer.score_many([t for t, _ in sample], [n for _, n in sample])]
-    thresholds = calibrate_thresholds(scores, [shares[t] for t in order])
-    print(f"{len(scores)} prompts scored ({complexity.mode}); tiers weakest to strongest: {', '.join(order)}")
-    print("routing:\n  tiers:")
-    chosen = [max(i for i, t in enumerate(thresholds) if score >= t) for score in scores]
-    for i, (tier, threshold) in enumerate(zip(order, thresholds)):
-        share = chosen.count(i) / len(scores)
-        shown = min(threshold, 1.0)  # a zero share at the top: inf, i.e. only a perfect score
-        print(f"    {tier}:\n      min_complexity: {shown:.4f}   # {share:.1%} of the sample")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tierserve", description="Tiered LLM serving on Ray Serve and vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -444,16 +388,7 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--app", default="tierserve", help="Serve application name (the config's `name`)")
     sc.set_defaults(func=cmd_scale)
 
-    r = sub.add_parser("router", help="the router").add_subparsers(dest="router_command", required=True)
-    rc = r.add_parser("calibrate", help="complexity thresholds that give each tier a share of traffic")
-    rc.add_argument("--config", help="tierserve YAML (default: the embedded CPU config)")
-    rc.add_argument(
-        "--share", action="append", required=True, metavar="TIER=FRACTION", help="repeat per tier; fractions sum to 1"
-    )
-    rc.add_argument("--prompts", help="traffic sample: JSON lines with 'text', or text lines (default: bundled set)")
-    rc.add_argument("--cache-dir")
-    rc.set_defaults(func=cmd_router_calibrate)
-
+    add_router_commands(sub)
     add_rag_commands(sub)
     add_key_commands(sub)
     return p

@@ -53,7 +53,7 @@ class Routed:
     sla: Sla
     features: RequestFeatures
     arrived: float
-    """perf_counter() when the ingress got the request."""
+    """When the ingress got the request (`Router.clock`: perf_counter())."""
     tier: str | None = None
     choice: Choice | None = None
     tried: list[tuple[str, str]] = field(default_factory=list)
@@ -136,12 +136,18 @@ class Router:
         default_tier: str,
         cache_dir: Path | None = None,
         replicas: dict[str, int] | None = None,
+        scorer: Any = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
+        """`scorer` replaces the complexity scorer the routing config names, and `clock` the
+        wall clock: the routing simulator (`tierserve.router.sim`) runs this router in
+        simulated time with the complexity scores of its trace."""
         self.config = routing
         self.default_tier = default_tier
-        self.states = TierStates(tiers, routing, replicas)
-        self.scorer: Any = None
-        if routing.tiers:
+        self.clock = clock
+        self.states = TierStates(tiers, routing, replicas, clock)
+        self.scorer: Any = scorer
+        if routing.tiers and scorer is None:
             from tierserve.core.config import default_cache_dir
             from tierserve.router.complexity import scorer_for
 
@@ -184,7 +190,7 @@ class Router:
         `extra_tokens`: prompt tokens added after routing (retrieved passages), for the
         context-length check; complexity is scored on the request's own text. `allowed`: the
         tiers the caller's key may use (None: all); `model: auto` is routed among them only."""
-        arrived = time.perf_counter()
+        arrived = self.clock()
         sla = self.sla_of(body)
         text, turns = body.routing_text()
         prompt = getattr(body, "prompt", None)
@@ -290,7 +296,7 @@ class Router:
                     await stream.aclose()  # aborts the engine's request
                     raise
             routed.tier, routed.choice = choice.tier, choice
-            routed.first_token_at = time.perf_counter()
+            routed.first_token_at = self.clock()
             return await primed(self._counted(choice.tier, first, stream, routed.arrived, sla))
         assert last is not None
         if len(attempts) > 1:
@@ -337,7 +343,7 @@ class Router:
                     yield batch
                 return
             while True:
-                remaining = arrived + timeout - time.perf_counter()
+                remaining = arrived + timeout - self.clock()
                 try:
                     batch = await asyncio.wait_for(anext(stream), max(remaining, 0.0))
                 except StopAsyncIteration:

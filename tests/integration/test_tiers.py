@@ -72,3 +72,22 @@ def test_min_p_is_refused_where_speculation_would_ignore_it(client):
     assert err.value.body["param"] == "min_p"
     plain = client.chat.completions.create(model="small", messages=QUESTION, max_tokens=4, extra_body={"min_p": 0.1})
     assert plain.choices[0].message.content
+
+
+def test_router_profile_records_each_tiers_fitted_step_costs_for_the_simulator(app, client, tmp_path):
+    """`tierserve router profile` against the running service, and the simulator loads what it wrote."""
+    import subprocess
+    import sys
+
+    from tierserve.router.simengine import load_profiles
+
+    client.chat.completions.create(model="small", messages=QUESTION, max_tokens=8)  # steps to fit
+    out = tmp_path / "profile.json"
+    command = [sys.executable, "-m", "tierserve.cluster.cli", "router", "profile", "--url", app.http, "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    profiles = load_profiles(out)
+    assert set(profiles) == set(TIERS)
+    assert (profiles["small"].max_num_seqs, profiles["small"].max_model_len) == (32, 2048)
+    assert profiles["small"].priority_scheduling and profiles["small"].step_ms_base > 0
+    assert f"small: step = {profiles['small'].step_ms_base:.2f}" in run.stdout

@@ -1,0 +1,394 @@
+"""Routing at scale, in simulation: the real router (`tierserve.router.sim`) on simulated replicas.
+
+    .venv/bin/python bench/simulate.py calibrate [--rates 1,3,5] [--duration-s 60]
+        the embedded default for real and in simulation, on the same arrivals, side by side
+    .venv/bin/python bench/simulate.py scale [--sizes 8,64] [--duration-s 30]
+        configs/gpu.yaml's tiers with published GPU step times: the router against
+        single-tier, round-robin, random and least-loaded, load sweeps, arrival patterns, failures
+
+Each writes its sections of docs/routing-simulation.md (between `<!-- begin/end: NAME -->`
+markers) and its plots under docs/images/.
+
+A request meets its SLO when it is served within its class's TTFT and TPOT budgets (measured from
+its arrival, as a client measures); shed and failed requests do not. Goodput is the share that
+does. "Hard on strong" is the share of requests whose complexity score reaches the strong tier's
+`min_complexity` that the strong tier served: what the router's quality routing buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "routing-simulation.md"
+IMAGES = REPO / "docs" / "images"
+PROFILES = REPO / "bench" / "profiles"
+sys.path.insert(0, str(REPO / "bench"))
+
+import numpy as np  # noqa: E402
+from report import replace_section  # noqa: E402
+
+from tierserve.router.sim import Arrival, Event, Outcome, Summary, TrafficMix, poisson_arrivals, simulate, summarize  # noqa: E402
+
+BASELINES = ("round_robin", "random", "least_loaded")
+
+
+def machine() -> str:
+    return f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores"
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def error(simulated: float | None, measured: float | None) -> str:
+    if simulated is None or not measured:
+        return "-"
+    return f"{(simulated - measured) / measured:+.0%}"
+
+
+def scores_of(config, texts: Sequence[str]) -> list[float]:
+    """The config's own complexity scores of `texts` (what its router would score)."""
+    from tierserve.cluster.config import model_cache_dir
+    from tierserve.router.complexity import scorer_for
+
+    scorer = scorer_for(config.routing.complexity, model_cache_dir(config, None) / "router")
+    return [s.value for s in scorer.score_many(list(texts), [1] * len(texts))]
+
+
+# ----- calibration: the embedded default, for real and in simulation -------------------------
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    from routing_load import deploy, drive, start_ray_and_serve, workload
+    from transformers import AutoTokenizer
+
+    from tierserve.actors.checkpoints import prepare_embedded
+    from tierserve.cluster.ops import ingress_tiers
+    from tierserve.cluster.router_commands import simulated_tiers, tier_profiles
+    from tierserve.router.simengine import save_profiles
+
+    rates = [float(r) for r in args.rates.split(",")]
+    base, config = start_ray_and_serve()
+    deploy(config, "priority")
+    budgets = {name: (c.ttft_ms, c.tpot_ms) for name, c in config.routing.sla_classes.items()}
+    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded("smollm2-135m-instruct"))
+
+    def arrivals(seed: int, rate: float, duration_s: float, tier: str | None = None) -> list[Arrival]:
+        items = workload(seed, rate, duration_s)
+        scores = scores_of(config, [p for _, p, _, _ in items])
+        out = []
+        for (at, prompt, sla_class, max_tokens), score in zip(items, scores):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            out.append(Arrival(at, len(chat), max_tokens, sla_class, score, tier))
+        return out
+
+    async def measure():
+        print("warm-up (the tiers' step-cost models see the batch sizes of the runs)", flush=True)
+        await drive(base, "warm-up", "auto", max(rates), 30, args.seed + 99, budgets)
+        profiles, warnings = tier_profiles(ingress_tiers(base), f"the embedded default, {machine()}")
+        for w in warnings:
+            print(f"warning: {w}")
+        # The ingress's own time before a request reaches a tier (parsing, guards, routing),
+        # from a separate light run on one tier, not from the runs compared below.
+        front = await drive(base, "front", "small", 0.5, 20, args.seed + 7, budgets)
+        runs = [
+            await drive(base, f"{rate:g} req/s", "auto", rate, args.duration_s, args.seed, budgets) for rate in rates
+        ]
+        return profiles, front, runs
+
+    profiles, front, runs = asyncio.run(measure())
+    save_profiles(PROFILES / "cpu-measured.json", profiles)
+    tiers = simulated_tiers(config, profiles, {})
+    light = arrivals(args.seed + 7, 0.5, 20, "small")
+    idle = simulate(light, tiers, config.routing).outcomes
+    gaps = [o.ttft_ms - s.ttft_s * 1e3 for o, s in zip(front.outcomes, idle) if o.ttft_ms and s.ttft_s]
+    front_ms = max(0.0, statistics.median(gaps))
+    print(f"front: {front_ms:.0f} ms before the tier (median of {len(gaps)})")
+
+    rows = []
+    for rate, run in zip(rates, runs):
+        trace = arrivals(args.seed, rate, args.duration_s)
+        sim = summarize(simulate(trace, tiers, config.routing, front_ms=front_ms).outcomes)
+        served = [o for o in run.outcomes if o.status == 200]
+
+        def q(attr: str, p: int, served: list = served) -> float | None:
+            values = [getattr(o, attr) for o in served if getattr(o, attr) is not None]
+            return float(np.percentile(values, p)) if values else None
+
+        small = sum(o.tier == "small" for o in served) / max(1, len(run.outcomes))
+        pairs = [
+            (q("ttft_ms", 50), sim.ttft_p50_ms),
+            (q("ttft_ms", 95), sim.ttft_p95_ms),
+            (q("tpot_ms", 50), sim.tpot_p50_ms),
+            (q("tpot_ms", 95), sim.tpot_p95_ms),
+        ]
+        cells = " | ".join(f"{ms(m)} / {ms(s)} ({error(s, m)})" for m, s in pairs)
+        rows.append(
+            f"| {rate:g} | {len(run.outcomes)} | {run.met:.1%} / {sim.goodput:.1%} "
+            f"({100 * (sim.goodput - run.met):+.1f} pt) | {cells} | "
+            f"{small:.0%} / {sim.tier_shares.get('small', 0) * (1 - sim.shed - sim.failed):.0%} |"
+        )
+    fitted = "; ".join(
+        f"`{name}`: {p.step_ms_base:.1f} ms + {p.step_ms_per_seq:.2f} ms a sequence + "
+        f"{p.step_ms_per_kprompt:.1f} ms per 1,000 prompt tokens, {p.tokens_per_step:.2f} tokens a step"
+        for name, p in profiles.items()
+    )
+    command = f".venv/bin/python bench/simulate.py calibrate --rates {args.rates} --duration-s {args.duration_s:g}"
+    text = f"""`{command}` ({machine()}; each rate {args.duration_s:g} s of Poisson arrivals, the same arrivals
+for real and in simulation; profile `bench/profiles/cpu-measured.json`: {fitted}; the ingress's own
+time before the tier, {front_ms:.0f} ms, from a separate light run):
+
+{CALIBRATION_HEADER}
+""" + "\n".join(rows)
+    print(text)
+    replace_section(DOC, "calibration", text)
+
+
+CALIBRATION_HEADER = (
+    "| rate req/s | requests | goodput measured / simulated | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms "
+    "| TPOT p95 ms | served by small |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+# ----- at scale: configs/gpu.yaml with published GPU step times --------------------------------
+
+
+def hard_on_strong(outcomes: Sequence[Outcome], strong: str, threshold: float) -> float:
+    hard = [o for o in outcomes if (o.arrival.complexity or 0.0) >= threshold]
+    return sum(o.status == 200 and o.tier == strong for o in hard) / len(hard) if hard else float("nan")
+
+
+class Scale:
+    """configs/gpu.yaml's tiers and router on `size` replicas (three quarters the 8B tier)."""
+
+    def __init__(self, args: argparse.Namespace):
+        from tierserve.cluster.config import load_config
+        from tierserve.router.complexity import load_prompts
+        from tierserve.router.simengine import load_profiles
+
+        self.args = args
+        self.config = load_config(str(REPO / "configs" / "gpu.yaml"), check_engine=False)
+        self.profiles = load_profiles(Path(args.profile))
+        names = [t.name for t in self.config.tiers]
+        self.fast, self.strong = names[0], names[-1]
+        self.threshold = self.config.routing.tiers[self.strong].min_complexity
+        texts = [p.text for p in load_prompts()]
+        self.mix = TrafficMix(complexity=tuple(scores_of(self.config, texts)))
+
+    def tiers(self, size: int):
+        from tierserve.cluster.router_commands import simulated_tiers
+
+        fast = max(1, round(size * 3 / 4))
+        return simulated_tiers(self.config, self.profiles, {self.fast: fast, self.strong: size - fast})
+
+    def trace(self, rate, duration_s: float, seed: int, mix: TrafficMix | None = None, peak: float | None = None):
+        return poisson_arrivals(rate, duration_s, random.Random(seed), (mix or self.mix).arrival, peak)
+
+    def run(self, arrivals: list[Arrival], size: int, policy: str, events=()) -> tuple[Summary, float]:
+        if policy == "single":
+            arrivals = [
+                Arrival(a.at_s, a.prompt_tokens, a.output_tokens, a.sla_class, a.complexity, self.fast)
+                for a in arrivals
+            ]
+            policy = "router"
+        outcomes = simulate(
+            arrivals, self.tiers(size), self.config.routing, policy, events, seed=self.args.seed
+        ).outcomes
+        return summarize(outcomes), hard_on_strong(outcomes, self.strong, self.threshold)
+
+    def fast_capacity(self, size: int) -> float:
+        """The highest rate (to 5%) at which the fast tier alone keeps >= 95% within budget."""
+        low, high = 0.0, 4.0 * size
+        while self.run(self.trace(high, self.args.duration_s, self.args.seed), size, "single")[0].goodput >= 0.95:
+            low, high = high, 2 * high
+        while high - low > 0.05 * high:
+            mid = (low + high) / 2
+            ok = self.run(self.trace(mid, self.args.duration_s, self.args.seed), size, "single")[0].goodput >= 0.95
+            low, high = (mid, high) if ok else (low, mid)
+        return low
+
+
+POLICIES = ("router", "single", *BASELINES)
+LABELS = {
+    "router": "router",
+    "single": "fast tier alone",
+    "round_robin": "round-robin",
+    "random": "random",
+    "least_loaded": "least-loaded",
+}
+
+
+def row(label: str, rate: float, s: Summary, hard: float) -> str:
+    cost = "-" if s.cost_per_1k_tokens is None else f"{1e3 * s.cost_per_1k_tokens:.3f}"
+    return (
+        f"| {label} | {rate:.0f} | **{s.goodput:.1%}** | {s.shed:.1%} | {s.failed:.1%} | "
+        f"{ms(s.ttft_p50_ms)} / {ms(s.ttft_p95_ms)} | {ms(s.tpot_p50_ms)} / {ms(s.tpot_p95_ms)} | "
+        f"{cost} | {hard:.0%} |"
+    )
+
+
+HEADER = (
+    "| policy | rate req/s | goodput | shed | failed | TTFT p50 / p95 ms | TPOT p50 / p95 ms "
+    "| cost per 1M tokens | hard on strong |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def scale(args: argparse.Namespace) -> None:
+    s = Scale(args)
+    multiples = [float(m) for m in args.multiples.split(",")]
+    sizes = [int(n) for n in args.sizes.split(",")]
+    sweeps: dict[int, dict[str, list[tuple[float, Summary, float]]]] = {}
+    sections = []
+    for size in sizes:
+        capacity = s.fast_capacity(size)
+        print(f"{size} replicas: the fast tier alone keeps 95% up to {capacity:.1f} req/s", flush=True)
+        lines = [
+            f"**{size} replicas** ({s.tiers(size)[0].replicas} x {s.fast}, {s.tiers(size)[1].replicas} x "
+            f"{s.strong}); the fast tier alone keeps >= 95% within budget up to **{capacity:.1f} req/s**:",
+            "",
+            HEADER,
+        ]
+        sweeps[size] = {p: [] for p in POLICIES}
+        for m in multiples:
+            rate = m * capacity
+            trace = s.trace(rate, args.duration_s, args.seed)
+            for policy in POLICIES:
+                summary, hard = s.run(trace, size, policy)
+                sweeps[size][policy].append((m, summary, hard))
+                lines.append(row(f"{LABELS[policy]} at {m:g}x", rate, summary, hard))
+                print(lines[-1], flush=True)
+        sections.append("\n".join(lines))
+        if size == sizes[-1]:
+            patterns_section = patterns(s, size, 2.0 * capacity)
+            failures_section = failures(s, size, 1.5 * capacity)
+    plot(sweeps, IMAGES / "routing-simulation-goodput.png", lambda x: x[1].goodput, "goodput (share within SLO)", 0.95)
+    plot(
+        sweeps,
+        IMAGES / "routing-simulation-cost.png",
+        lambda x: 1e3 * (x[1].cost_per_1k_tokens or 0),
+        "cost per 1M tokens ($)",
+    )
+    command = (
+        f".venv/bin/python bench/simulate.py scale --sizes {args.sizes} --multiples {args.multiples} "
+        f"--duration-s {args.duration_s:g} --seed {args.seed}"
+    )
+    head = f"`{command}` ({machine()}; {args.duration_s:g} simulated seconds of arrivals a point):"
+    replace_section(DOC, "scale", head + "\n\n" + "\n\n".join(sections))
+    replace_section(DOC, "patterns", patterns_section)
+    replace_section(DOC, "failures", failures_section)
+
+
+def patterns(s: Scale, size: int, rate: float) -> str:
+    d = s.args.duration_s
+    shapes = {
+        "steady (Poisson)": (rate, None),
+        "bursty (3x for 5 s of every 20 s)": (lambda t: rate * (3.0 if t % 20 < 5 else 1 / 3), 3 * rate),
+        "diurnal (0.2x to 1.8x and back)": (lambda t: rate * (1 - 0.8 * math.cos(2 * math.pi * t / d)), 1.8 * rate),
+    }
+    lines = [
+        f"{size} replicas, mean rate {rate:.0f} req/s (2x the fast tier's capacity alone):",
+        "",
+        HEADER.replace("| policy |", "| arrivals, policy |"),
+    ]
+    for name, (shape, peak) in shapes.items():
+        trace = s.trace(shape, d, s.args.seed, peak=peak)
+        for policy in ("router", "single", "least_loaded"):
+            summary, hard = s.run(trace, size, policy)
+            lines.append(row(f"{name}, {LABELS[policy]}", len(trace) / d, summary, hard))
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def failures(s: Scale, size: int, rate: float) -> str:
+    d = max(s.args.duration_s, 60.0)
+    fast_replicas = s.tiers(size)[0].replicas
+    lost = max(1, fast_replicas // 4)
+    long_prompts = TrafficMix(prompt_median=6000, prompt_sigma=0.3, prompt_max=12000, complexity=s.mix.complexity)
+    normal = s.trace(rate, d, s.args.seed)
+    burst = [a for a in s.trace(rate / 2, d, s.args.seed + 1, long_prompts) if d / 3 <= a.at_s < d / 3 + 10]
+    scenarios: dict[str, tuple[list[Arrival], list[Event]]] = {
+        "no failure": (normal, []),
+        f"{lost} of {fast_replicas} {s.fast} replicas lost at {d / 3:.0f} s (back 30 s later)": (
+            normal,
+            [Event(d / 3, "kill", s.fast, detect_s=2.0, restart_s=30.0) for _ in range(lost)],
+        ),
+        f"{s.fast}'s steps twice as slow from {d / 3:.0f} s (a noisy neighbour)": (
+            normal,
+            [Event(d / 3, "slow", s.fast, factor=2.0)],
+        ),
+        f"{len(burst)} long prompts (about 6,000 tokens) in 10 s from {d / 3:.0f} s": (
+            sorted(normal + burst, key=lambda a: a.at_s),
+            [],
+        ),
+    }
+    lines = [
+        f"{size} replicas, {rate:.0f} req/s (1.5x the fast tier's capacity alone), {d:g} s:",
+        "",
+        HEADER.replace("| policy |", "| scenario, policy |"),
+    ]
+    for name, (trace, events) in scenarios.items():
+        for policy in ("router", "least_loaded"):
+            summary, hard = s.run(trace, size, policy, events)
+            lines.append(row(f"{name}, {LABELS[policy]}", len(trace) / d, summary, hard))
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def plot(sweeps, path: Path, value: Callable, ylabel: str, goal: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
+    for ax, (size, by_policy) in zip(axes[0], sweeps.items()):
+        for policy, points in by_policy.items():
+            ax.plot([p[0] for p in points], [value(p) for p in points], marker="o", label=LABELS[policy])
+        if goal is not None:  # >= 95% within budget at twice the fast tier's capacity alone
+            ax.axhline(goal, color="grey", linestyle="--", linewidth=0.8)
+            ax.axvline(2.0, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(f"{size} replicas")
+        ax.set_xlabel("offered load / the fast tier's capacity alone")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path.relative_to(REPO)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("calibrate", help="the embedded default for real and in simulation")
+    c.add_argument("--rates", default="1,3,5")
+    c.add_argument("--duration-s", type=float, default=60.0)
+    c.add_argument("--seed", type=int, default=7)
+    c.set_defaults(func=calibrate)
+    s = sub.add_parser("scale", help="configs/gpu.yaml at scale against baselines")
+    s.add_argument("--profile", default=str(PROFILES / "gpu-published.json"))
+    s.add_argument("--sizes", default="8,64", help="replicas in all (three quarters on the fast tier)")
+    s.add_argument(
+        "--multiples", default="0.5,1,1.5,2,3", help="offered loads, as multiples of the fast tier's capacity"
+    )
+    s.add_argument("--duration-s", type=float, default=30.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=scale)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
