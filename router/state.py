@@ -3,8 +3,11 @@
 The ingress counts what it has in flight per tier itself (exact and immediate for its own
 traffic) and polls each tier's `load()` every `poll_interval_s` (the engine's queue and its
 step-cost model, which also count other ingress replicas' traffic). A tier that fails before
-its first token, or whose poll fails with a dead replica, is marked unhealthy at once, so the
-next requests skip it; the next successful poll marks it healthy again. A poll that merely
+its first token, or whose poll fails with a dead replica, is marked unhealthy, so the next
+requests skip it; the next successful poll marks it healthy again. A tier of one replica is
+marked at its first failure; one of `n` replicas once half of them could have failed (`ceil(n /
+2)` failures since its last answered poll): one lost replica of many must not take the tier's
+other replicas out of routing (the routing simulator showed that cost, docs/routing-simulation.md). A poll that merely
 times out (a busy replica answers late) changes nothing: the in-flight count still bounds it.
 Serve's own view of each tier's replicas (`tierserve.router.replicas`) comes in beside the polls:
 no running replica marks the tier unhealthy (unless the tier answered a poll within the last two
@@ -50,6 +53,8 @@ class TierStates:
         self.priorities: dict[str, Counter[int]] = {name: Counter() for name in names}
         """Priorities of the requests in flight per tier (their sum: the tier's in-flight count)."""
         self.last_error: dict[str, str] = {}
+        self.failures: Counter[str] = Counter()
+        """Failures per tier since its last answered poll."""
         self.replicas: dict[str, TierReplicas] = {}
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
         self.without_replicas: set[str] = set()
@@ -82,7 +87,16 @@ class TierStates:
             _discount(self.budgets[tier], sla.tpot_ms)
 
     def failed(self, tier: str, why: str) -> None:
-        """The tier failed a request before its first token: skip it until a poll succeeds."""
+        """The tier failed a request before its first token (or a poll, dead): skip it until a
+        poll succeeds, once as many failures came as half its replicas (one, for one replica)."""
+        view = self.views[tier]
+        self.failures[tier] += 1
+        self.last_error[tier] = why
+        if self.failures[tier] < -(-view.replicas // 2):
+            return
+        self._down(tier, why)
+
+    def _down(self, tier: str, why: str) -> None:
         view = self.views[tier]
         if view.healthy:
             logger.warning("tier %s marked unhealthy: %s", tier, why)
@@ -94,6 +108,7 @@ class TierStates:
         if not view.healthy:
             logger.info("tier %s is healthy again", tier)
         view.load, view.healthy = load, True
+        self.failures.pop(tier, None)
         self.answered[tier] = self.clock()
         view.max_model_len = load.max_model_len or view.max_model_len
         self.last_error.pop(tier, None)
@@ -112,7 +127,7 @@ class TierStates:
                 return  # the tier answers: Serve's count has not caught up with it yet
             pending = f", {replicas.pending} pending" if replicas.pending else ""
             detail = f": {replicas.message}" if replicas.message else ""
-            self.failed(tier, f"no running replica ({replicas.status}{pending}){detail}")
+            self._down(tier, f"no running replica ({replicas.status}{pending}){detail}")
             self.without_replicas.add(tier)
             return
         view.replicas = replicas.running
@@ -120,6 +135,7 @@ class TierStates:
             self.without_replicas.discard(tier)
             logger.info("tier %s has a running replica again", tier)
             view.healthy = True
+            self.failures.pop(tier, None)
             self.last_error.pop(tier, None)
 
     async def poll_forever(

@@ -70,12 +70,22 @@ def test_no_running_replica_makes_a_tier_unhealthy_until_a_load_poll_succeeds():
     states.replicas_seen("big", TierReplicas(1, 0, 0, "HEALTHY", ""))
     assert states.views["big"].healthy and "big" not in states.last_error
 
-    # A tier down because a request failed stays down until a poll answers, whatever Serve counts.
+    # A tier down because requests failed stays down until a poll answers, whatever Serve
+    # counts. With 3 replicas one failure is not enough (one replica of several may have died):
+    # two are, as many as half its replicas.
     states.failed("small", "engine dead")
+    assert states.views["small"].healthy and states.last_error["small"] == "engine dead"
+    states.failed("small", "engine dead")
+    assert not states.views["small"].healthy
     states.replicas_seen("small", TierReplicas(3, 0, 0, "HEALTHY", ""))
     assert not states.views["small"].healthy
     states.polled("small", TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1))
     assert states.views["small"].healthy
+    # The count starts again from the answered poll; a tier of one replica goes down at once.
+    states.failed("small", "engine dead")
+    assert states.views["small"].healthy
+    states.failed("big", "engine dead")
+    assert not states.views["big"].healthy
 
 
 def test_a_tier_that_answers_polls_stays_healthy_while_serves_count_catches_up():
