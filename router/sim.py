@@ -272,7 +272,7 @@ class _Run:
             await job.done
             yield [TokenChunk(0, "", [], 2, "length")]
         finally:
-            if not job.done.done():
+            if not job.done.done() or job.done.cancelled():  # the caller left before its last token
                 tier.withdraw(job)
 
 

@@ -244,6 +244,8 @@ class SimReplica:
             ended = 0
             while self.decoding and self.decoding[0][0] <= self.tokens:
                 job = heapq.heappop(self.decoding)[-1]
+                if job.done.done():  # its caller gave up (a timeout) while the step ran
+                    continue
                 job.done.set_result(now)
                 first_at = job.first.result()
                 tpot = (now - first_at) / (job.output_tokens - 1) if job.output_tokens > 1 else None

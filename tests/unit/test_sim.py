@@ -246,3 +246,11 @@ def test_router_simulate_runs_the_configs_router_on_profiled_tiers(tmp_path, cap
     (tmp_path / "partial.json").write_text(path.read_text().replace('"quality"', '"other"'))
     assert main(["router", "simulate", "--profile", str(tmp_path / "partial.json")]) == 2
     assert "no profile for tier 'quality'" in capsys.readouterr().err
+
+
+def test_a_request_past_its_timeout_leaves_the_engine_and_the_next_one_is_served():
+    routing = RoutingConfig.model_validate({"request_timeout_s": 0.5})
+    arrivals = [Arrival(0.0, 10, 1000, tier="fast"), Arrival(2.0, 10, 5, tier="fast")]
+    late, next_one = simulate(arrivals, [TierSpec("fast", STEADY)], routing).outcomes
+    assert (late.status, late.code) == (504, "timeout") and late.ttft_s is not None
+    assert next_one.status == 200 and next_one.ttft_s == pytest.approx(0.0102)  # 10 ms + 10 prompt tokens
