@@ -57,12 +57,15 @@ def error(simulated: float | None, measured: float | None) -> str:
     return f"{(simulated - measured) / measured:+.0%}"
 
 
-def scores_of(config, texts: Sequence[str]) -> list[float]:
-    """The config's own complexity scores of `texts` (what its router would score)."""
+def scorer_of(config):
+    """The config's own complexity scorer (what its router scores with), loaded once a run."""
     from tierserve.cluster.config import model_cache_dir
     from tierserve.router.complexity import scorer_for
 
-    scorer = scorer_for(config.routing.complexity, model_cache_dir(config, None) / "router")
+    return scorer_for(config.routing.complexity, model_cache_dir(config, None) / "router")
+
+
+def scores_of(scorer, texts: Sequence[str]) -> list[float]:
     return [s.value for s in scorer.score_many(list(texts), [1] * len(texts))]
 
 
@@ -86,7 +89,7 @@ def calibrate(args: argparse.Namespace) -> None:
 
     def arrivals(seed: int, rate: float, duration_s: float, tier: str | None = None) -> list[Arrival]:
         items = workload(seed, rate, duration_s)
-        scores = scores_of(config, [p for _, p, _, _ in items])
+        scores = scores_of(scorer, [p for _, p, _, _ in items])
         out = []
         for (at, prompt, sla_class, max_tokens), score in zip(items, scores):
             chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -108,6 +111,7 @@ def calibrate(args: argparse.Namespace) -> None:
         return profiles, front, runs
 
     profiles, front, runs = asyncio.run(measure())
+    scorer = scorer_of(config)  # after the runs: its embedder would take CPU from the service
     save_profiles(PROFILES / "cpu-measured.json", profiles)
     tiers = simulated_tiers(config, profiles, {})
     light = arrivals(args.seed + 7, 0.5, 20, "small")
@@ -184,7 +188,7 @@ class Scale:
         self.fast, self.strong = names[0], names[-1]
         self.threshold = self.config.routing.tiers[self.strong].min_complexity
         texts = [p.text for p in load_prompts()]
-        self.mix = TrafficMix(complexity=tuple(scores_of(self.config, texts)))
+        self.mix = TrafficMix(complexity=tuple(scores_of(scorer_of(self.config), texts)))
 
     def tiers(self, size: int):
         from tierserve.cluster.router_commands import simulated_tiers

@@ -246,10 +246,8 @@ class _Run:
             tier = views[next(self.turn) % len(views)].name
         elif self.policy == "random":
             tier = self.rng.choice(views).name
-        elif self.policy == "least_loaded":
+        else:  # least_loaded (`simulate` accepts only the POLICIES)
             tier = min(views, key=lambda v: (v.in_system() / v.slots(), v.name)).name
-        else:
-            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         sla = router.sla(arrival.sla_class, None, None)
         features = RequestFeatures(arrival.prompt_tokens, arrival.output_tokens, arrival.complexity)
         routed = Routed(Decision([Choice(tier, None, None, True, 0.0)], self.policy), sla, features, router.clock())
