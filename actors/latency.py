@@ -90,6 +90,8 @@ class LatencyTracker:
         self.steps = StepCostModel(prior_ms=prior_step_ms)
         self.tokens_per_step = Ewma(0.05)
         """Tokens a running sequence gets per decode step (above 1 with accepted speculation)."""
+        self.prefill_tokens = Ewma(0.05)
+        """Prompt tokens prefilled per step, over all steps (chunked prefill shares steps with decoding)."""
         self.output_tokens = Ewma(0.1)
         self.ttft_ms = Ewma(0.2)
         self.tpot_ms = Ewma(0.2)
@@ -98,6 +100,7 @@ class LatencyTracker:
         if running <= 0:
             return
         self.steps.observe(running, prefill_tokens, 1e3 * step_s)
+        self.prefill_tokens.add(float(prefill_tokens))
         if not prefill_tokens and generated:
             self.tokens_per_step.add(generated / running)
 
@@ -121,6 +124,7 @@ class LatencyTracker:
             step_ms_per_kprompt=per_kprompt,
             tokens_per_step=self.tokens_per_step.value or 1.0,
             mean_output_tokens=self.output_tokens.value,
+            prefill_tokens_per_step=self.prefill_tokens.value or 0.0,
             ttft_ms=self.ttft_ms.value,
             tpot_ms=self.tpot_ms.value,
             step_samples=self.steps.samples,

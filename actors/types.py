@@ -287,6 +287,9 @@ class TierLoad:
     """Tokens a sequence gets per decode step; above 1 when speculation is accepted."""
     mean_output_tokens: float | None = None
     """Recent requests' output length (decayed mean)."""
+    prefill_tokens_per_step: float = 0.0
+    """Prompt tokens the engine recently prefilled per step (decayed mean over all steps): the
+    share of each step that other requests' prefills take from decoding."""
     ttft_ms: float | None = None
     """Time to first token the engine recently delivered (decayed mean)."""
     tpot_ms: float | None = None

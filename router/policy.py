@@ -18,14 +18,21 @@ How a tier is chosen for `model: auto`:
    at least as strong as the target (weakest first on equal cost), else the strongest below
    it. A tier meets the budget when its predictions are within `headroom` of the request's
    budgets and, with this request added, within `headroom` of the tightest TPOT budget of the
-   requests already running there. If none is predicted to meet the budget, the one with the
-   earliest predicted first token comes first (best effort). The rest follow in the same
-   order, as fallbacks.
+   requests already running there. If none is predicted to meet the budget (best effort), a
+   tier predicted to meet the request's own budget (though not the running requests') comes
+   first, the earliest first token among them; else the tier predicted closest to the budget
+   (the smallest ratio of a prediction to its budget): an interactive request goes to the tier
+   that can almost keep its pace, not to the one that starts it soonest and then streams too
+   slowly. The rest follow in the same order, as fallbacks.
 
 Predictions come from the tier's step-cost model: with `n` requests in the tier (as the tier
 last reported, or as this ingress has in flight there, whichever is more), a new request's
-tokens come every `step(min(n + 1, slots)) / tokens_per_step`; its first token comes after
-the wait for a slot (if all are taken), half a step, and the step that prefills its prompt.
+tokens come every `step(min(n + 1, slots), prefill) / tokens_per_step`, where `prefill` is the
+prompt tokens the tier recently prefilled per step (chunked prefill puts other requests'
+prompts into the steps that decode this one: without them the simulator showed the 8B tier's
+TPOT under-predicted by a quarter at the median, docs/routing-simulation.md); its first token
+comes after the wait for a slot (if all are taken), half a step, and the step that prefills its
+prompt.
 """
 
 from __future__ import annotations
@@ -164,7 +171,8 @@ def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None, p
     # One replica's batch: requests spread over replicas (Serve routes to the less loaded).
     batch = min(-(-(n + 1) // view.replicas), load.max_num_seqs)
     step = load.step_ms(batch)
-    tpot = step / max(load.tokens_per_step, 1e-6)
+    # Decoding steps also carry the prompts of requests starting beside it (chunked prefill).
+    tpot = load.step_ms(batch, round(load.prefill_tokens_per_step)) / max(load.tokens_per_step, 1e-6)
     output = load.mean_output_tokens or DEFAULT_OUTPUT_TOKENS
     if max_tokens is not None:
         output = min(output, max_tokens)
@@ -209,6 +217,13 @@ def _refusal(view: TierView, features: RequestFeatures, prediction: Prediction) 
 
 def _over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
     return factor is not None and None not in (p.ttft_ms, sla.ttft_ms) and p.ttft_ms > factor * sla.ttft_ms
+
+
+def _overshoot(choice: Choice, sla: Sla) -> float:
+    """How far over its budget a tier is predicted to serve a request: the larger ratio of a
+    prediction to its budget (TTFT, TPOT); 0 with nothing budgeted or predicted."""
+    pairs = ((choice.predicted_ttft_ms, sla.ttft_ms), (choice.predicted_tpot_ms, sla.tpot_ms))
+    return max((p / b for p, b in pairs if p is not None and b), default=0.0)
 
 
 def _retry_after(
@@ -301,7 +316,9 @@ def decide(
                 return (0, choice.estimated_cost, rank[view.name])
             return (1, -rank[view.name], 0)
         ttft = choice.predicted_ttft_ms if choice.predicted_ttft_ms is not None else math.inf
-        return (2, ttft, rank[view.name])
+        if sla.met_by(choice.predicted_ttft_ms, choice.predicted_tpot_ms, headroom):
+            return (2, 0.0, ttft, rank[view.name])  # its own budget met, the running requests' not
+        return (3, _overshoot(choice, sla), ttft, rank[view.name])
 
     if features.named_tier is None:
         admitted.sort(key=order)

@@ -81,6 +81,9 @@ class Outcome:
     cost: float = 0.0
     sla: Sla | None = None
     """The budget the router read for it."""
+    predicted_ttft_ms: float | None = None
+    predicted_tpot_ms: float | None = None
+    """What the router predicted for it on the tier that served it."""
 
     @property
     def met(self) -> bool:
@@ -219,6 +222,11 @@ class _Run:
             finally:
                 self.router.release(routed)
             out.tier, out.reason = routed.tier, routed.reason
+            if routed.choice is not None:
+                out.predicted_ttft_ms, out.predicted_tpot_ms = (
+                    routed.choice.predicted_ttft_ms,
+                    routed.choice.predicted_tpot_ms,
+                )
             async for _ in batches:
                 if out.ttft_s is None:
                     out.ttft_s = loop.time() - arrived

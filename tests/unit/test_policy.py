@@ -76,6 +76,35 @@ def test_no_tier_meets_the_budget_fastest_first():
     assert ttfts == sorted(ttfts) and decision.first.tier == "small"
 
 
+def test_best_effort_prefers_a_tier_that_meets_the_requests_own_budget():
+    # small streams within the request's 50 ms (35 ms, x 0.8 headroom: 40) but would slow the
+    # requests running there past their 40 ms; large starts sooner (short prefill) but streams
+    # at 60 ms a token. Neither meets the budget; small keeps the request's own.
+    views = tiers(
+        small_load=load(running=2, per_kprompt=400.0),
+        large_load=load(base=60.0, per_seq=0.0, per_kprompt=10.0),
+        small__tightest_tpot_ms=40.0,
+    )
+    decision = decide(RequestFeatures(1000, 64, 0.9), Sla("interactive", 1000, 50), views, headroom=0.8)
+    assert decision.reason == "best_effort"
+    small, large = sorted(decision.choices, key=lambda c: c.tier != "small")
+    assert large.predicted_ttft_ms < small.predicted_ttft_ms
+    assert [c.tier for c in decision.choices] == ["small", "large"]
+
+
+def test_best_effort_goes_to_the_tier_closest_to_the_budget_not_the_first_to_start():
+    # Both miss 50 ms a token: small by 10% (55 ms), large by 80% (90 ms), though large's first
+    # token comes sooner. An interactive request on large would start fast and stream too slowly.
+    views = tiers(
+        small_load=load(running=6, per_kprompt=400.0),
+        large_load=load(base=90.0, per_seq=0.0, per_kprompt=10.0),
+    )
+    decision = decide(RequestFeatures(1000, 64, 0.1), Sla("interactive", 2000, 50), views)
+    assert decision.reason == "best_effort"
+    assert [(c.tier, c.predicted_tpot_ms) for c in decision.choices] == [("small", 55.0), ("large", 90.0)]
+    assert decision.choices[1].predicted_ttft_ms < decision.choices[0].predicted_ttft_ms
+
+
 def test_cheaper_tier_at_least_as_strong_wins_on_cost():
     views = tiers()
     views[1].cost = TierCost()  # large is free: adequate for an easy prompt and cheaper
@@ -140,6 +169,13 @@ def test_prediction_from_the_step_cost_model():
     assert p.tpot_ms == pytest.approx(step / 2.0)  # speculation: 2 tokens per step
     assert p.ttft_ms == pytest.approx(step / 2 + step + 40 * 0.5)
     assert p.queued_ahead == 0
+
+
+def test_tpot_prediction_counts_the_prompts_prefilled_beside_it():
+    # vLLM's chunked prefill puts other requests' prompts into the steps that decode this one:
+    # 250 prompt tokens a step at 40 ms per 1,000 add 10 ms to each of its tokens.
+    busy = replace(load(running=3, per_kprompt=40.0), prefill_tokens_per_step=250.0)
+    assert predict(TierView("t", load=busy), 100).tpot_ms == pytest.approx(20 + 5 * 4 + 10)
 
 
 def test_prediction_adds_the_wait_for_a_slot():
@@ -240,6 +276,11 @@ def test_latency_tracker_reports_a_load():
     assert reported.tokens_per_step == pytest.approx(2.0, rel=0.01)
     assert reported.step_ms(4) == pytest.approx(30.0, rel=0.05)
     assert reported.ttft_ms == pytest.approx(100.0) and reported.mean_output_tokens == 40
+    assert reported.prefill_tokens_per_step == pytest.approx(0.0)
+    for _ in range(200):  # one step in four prefills 400 prompt tokens
+        for prefill in (400, 0, 0, 0):
+            tracker.observe_step(running=4, prefill_tokens=prefill, generated=4, step_s=0.03)
+    assert tracker.load(4, 0, 2048).prefill_tokens_per_step == pytest.approx(100.0, rel=0.3)
 
 
 def test_headroom_keeps_predictions_off_the_edge_of_the_budget():
