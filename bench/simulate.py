@@ -2,9 +2,13 @@
 
     .venv/bin/python bench/simulate.py calibrate [--rates 1,3,5] [--duration-s 60]
         the embedded default for real and in simulation, on the same arrivals, side by side
-    .venv/bin/python bench/simulate.py scale [--sizes 8,64] [--duration-s 30]
+    .venv/bin/python bench/simulate.py scale [--sizes 8,64] [--duration-s 30] [--max-rate 1000]
         configs/gpu.yaml's tiers with published GPU step times: the router against
-        single-tier, round-robin, random and least-loaded, load sweeps, arrival patterns, failures
+        single-tier, round-robin, random and least-loaded, load sweeps (as shipped, 3:1; the
+        largest size also 1:1 and with a third, 3B tier up to --max-rate), arrival patterns,
+        failures
+    .venv/bin/python bench/simulate.py predictions [--size 64] [--multiple 2]
+        the router's TPOT predictions against the simulated TPOT, routing.tpot_counts_prefill off and on
 
 Each writes its sections of docs/routing-simulation.md (between `<!-- begin/end: NAME -->`
 markers) and its plots under docs/images/.
@@ -174,41 +178,59 @@ def hard_on_strong(outcomes: Sequence[Outcome], strong: str, threshold: float) -
 
 
 class Scale:
-    """configs/gpu.yaml's tiers and router on `size` replicas (three quarters the 8B tier)."""
+    """configs/gpu.yaml's tiers and router on `size` replicas, split between the tiers by
+    `shares` (as shipped: three quarters on the fast tier); `three_tiers` puts a Llama 3.2 3B
+    tier in front of them (its profile derived from the 8B's, as its `source` says)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, shares: dict[str, float] | None = None, three_tiers: bool = False):
         from tierserve.cluster.config import load_config
         from tierserve.router.complexity import load_prompts
+        from tierserve.router.config import TierCost, TierRouting
         from tierserve.router.simengine import load_profiles
 
         self.args = args
-        self.config = load_config(str(REPO / "configs" / "gpu.yaml"), check_engine=False)
+        config = load_config(str(REPO / "configs" / "gpu.yaml"), check_engine=False)
+        if three_tiers:
+            small = config.tiers[0].model_copy(update={"name": "llama-3b"})
+            cost = TierCost(input_per_million=0.02, output_per_million=0.04)
+            tiers = dict(config.routing.tiers)
+            tiers[config.tiers[0].name] = tiers[config.tiers[0].name].model_copy(update={"min_complexity": 0.2})
+            routing = config.routing.model_copy(update={"tiers": {"llama-3b": TierRouting(cost=cost), **tiers}})
+            config = config.model_copy(update={"tiers": [small, *config.tiers], "routing": routing})
+        self.config = config
         self.profiles = load_profiles(Path(args.profile))
-        names = [t.name for t in self.config.tiers]
+        names = [t.name for t in config.tiers]
         self.fast, self.strong = names[0], names[-1]
-        self.threshold = self.config.routing.tiers[self.strong].min_complexity
+        self.shares = shares or {self.fast: 0.75, self.strong: 0.25}
+        self.threshold = config.routing.tiers[self.strong].min_complexity
         texts = [p.text for p in load_prompts()]
-        self.mix = TrafficMix(complexity=tuple(scores_of(scorer_of(self.config), texts)))
+        self.mix = TrafficMix(complexity=tuple(scores_of(scorer_of(config), texts)))
 
     def tiers(self, size: int):
         from tierserve.cluster.router_commands import simulated_tiers
 
-        fast = max(1, round(size * 3 / 4))
-        return simulated_tiers(self.config, self.profiles, {self.fast: fast, self.strong: size - fast})
+        names = [t.name for t in self.config.tiers]
+        counts = {n: max(1, round(size * self.shares[n])) for n in names[:-1]}
+        counts[names[-1]] = size - sum(counts.values())
+        return simulated_tiers(self.config, self.profiles, counts)
+
+    def described(self, size: int) -> str:
+        return ", ".join(f"{t.replicas} x {t.name}" for t in self.tiers(size))
 
     def trace(self, rate, duration_s: float, seed: int, mix: TrafficMix | None = None, peak: float | None = None):
         return poisson_arrivals(rate, duration_s, random.Random(seed), (mix or self.mix).arrival, peak)
 
-    def run(self, arrivals: list[Arrival], size: int, policy: str, events=()) -> tuple[Summary, float]:
+    def outcomes(self, arrivals: list[Arrival], size: int, policy: str, events=()) -> list[Outcome]:
         if policy == "single":
             arrivals = [
                 Arrival(a.at_s, a.prompt_tokens, a.output_tokens, a.sla_class, a.complexity, self.fast)
                 for a in arrivals
             ]
             policy = "router"
-        outcomes = simulate(
-            arrivals, self.tiers(size), self.config.routing, policy, events, seed=self.args.seed
-        ).outcomes
+        return simulate(arrivals, self.tiers(size), self.config.routing, policy, events, seed=self.args.seed).outcomes
+
+    def run(self, arrivals: list[Arrival], size: int, policy: str, events=()) -> tuple[Summary, float]:
+        outcomes = self.outcomes(arrivals, size, policy, events)
         return summarize(outcomes), hard_on_strong(outcomes, self.strong, self.threshold)
 
     def fast_capacity(self, size: int) -> float:
@@ -248,34 +270,73 @@ HEADER = (
 )
 
 
+def fluid_rate(profile, tpot_ms: float, mean_prompt: float, mean_output: float) -> float:
+    """Requests a second one replica serves with every token within `tpot_ms`, in a fluid
+    estimate: a step costs `base + per_seq * n` plus its share of the prompts prefilled beside it
+    (`r * mean_prompt` tokens a second), and `n = r * mean_output * tpot` requests run at once."""
+    load = profile.step_ms_per_seq * mean_output / 1e3 + profile.step_ms_per_kprompt * mean_prompt / 1e6
+    return max(0.0, (tpot_ms - profile.step_ms_base) / (tpot_ms * load))
+
+
+def fluid_bound(s: Scale, size: int) -> float:
+    """What the cluster can serve within budgets, in the fluid estimate: the fast tier at the
+    tightest TPOT budget (the interactive requests go there), every other tier at the loosest."""
+    trace = s.trace(100.0, 60.0, s.args.seed)
+    prompt = statistics.mean(a.prompt_tokens for a in trace)
+    output = statistics.mean(a.output_tokens for a in trace)
+    budgets = [c.tpot_ms for c in s.config.routing.sla_classes.values() if c.tpot_ms is not None]
+    total = 0.0
+    for i, tier in enumerate(s.tiers(size)):
+        tpot = min(budgets) if i == 0 else max(budgets)
+        total += tier.replicas * fluid_rate(tier.profile, tpot, prompt, output)
+    return total
+
+
+def sweep(
+    s: Scale, size: int, multiples: list[float], up_to_rate: float | None = None
+) -> tuple[str, dict[str, list], float]:
+    """Every policy at each multiple of the fast tier's capacity alone (and at `up_to_rate`),
+    on the same arrivals: the table's section, the points to plot, and that capacity."""
+    capacity = s.fast_capacity(size)
+    if up_to_rate is not None and up_to_rate > max(multiples) * capacity:
+        multiples = [*multiples, round(up_to_rate / capacity, 2)]
+    print(f"{s.described(size)}: the fast tier alone keeps 95% up to {capacity:.1f} req/s", flush=True)
+    bound = fluid_bound(s, size)
+    lines = [
+        f"**{size} replicas** ({s.described(size)}); the fast tier alone keeps >= 95% within budget up to "
+        f"**{capacity:.1f} req/s**; the whole cluster, in a fluid estimate, about {bound:.0f} req/s "
+        f"(**{bound / capacity:.1f}x** that):",
+        "",
+        HEADER,
+    ]
+    points: dict[str, list] = {p: [] for p in POLICIES}
+    for m in multiples:
+        rate = m * capacity
+        trace = s.trace(rate, s.args.duration_s, s.args.seed)
+        for policy in POLICIES:
+            summary, hard = s.run(trace, size, policy)
+            points[policy].append((m, summary, hard))
+            lines.append(row(f"{LABELS[policy]} at {m:g}x", rate, summary, hard))
+            print(lines[-1], flush=True)
+    return "\n".join(lines), points, capacity
+
+
 def scale(args: argparse.Namespace) -> None:
-    s = Scale(args)
+    shipped = Scale(args)
     multiples = [float(m) for m in args.multiples.split(",")]
     sizes = [int(n) for n in args.sizes.split(",")]
-    sweeps: dict[int, dict[str, list[tuple[float, Summary, float]]]] = {}
+    sweeps: dict[str, dict[str, list]] = {}
     sections = []
     for size in sizes:
-        capacity = s.fast_capacity(size)
-        print(f"{size} replicas: the fast tier alone keeps 95% up to {capacity:.1f} req/s", flush=True)
-        lines = [
-            f"**{size} replicas** ({s.tiers(size)[0].replicas} x {s.fast}, {s.tiers(size)[1].replicas} x "
-            f"{s.strong}); the fast tier alone keeps >= 95% within budget up to **{capacity:.1f} req/s**:",
-            "",
-            HEADER,
-        ]
-        sweeps[size] = {p: [] for p in POLICIES}
-        for m in multiples:
-            rate = m * capacity
-            trace = s.trace(rate, args.duration_s, args.seed)
-            for policy in POLICIES:
-                summary, hard = s.run(trace, size, policy)
-                sweeps[size][policy].append((m, summary, hard))
-                lines.append(row(f"{LABELS[policy]} at {m:g}x", rate, summary, hard))
-                print(lines[-1], flush=True)
-        sections.append("\n".join(lines))
-        if size == sizes[-1]:
-            patterns_section = patterns(s, size, 2.0 * capacity)
-            failures_section = failures(s, size, 1.5 * capacity)
+        section, sweeps[f"{size} replicas (3:1)"], capacity = sweep(shipped, size, multiples)
+        sections.append(section)
+    size = sizes[-1]
+    even = Scale(args, {shipped.fast: 0.5, shipped.strong: 0.5})
+    even_section, sweeps[f"{size} replicas (1:1)"], _ = sweep(even, size, multiples)
+    three = Scale(args, {"llama-3b": 0.5, "llama-8b": 0.375, "llama-70b": 0.125}, three_tiers=True)
+    three_section, sweeps[f"{size} replicas, three tiers"], _ = sweep(
+        three, size, [m for m in multiples if m >= 1], args.max_rate
+    )
     plot(sweeps, IMAGES / "routing-simulation-goodput.png", lambda x: x[1].goodput, "goodput (share within SLO)", 0.95)
     plot(
         sweeps,
@@ -285,12 +346,50 @@ def scale(args: argparse.Namespace) -> None:
     )
     command = (
         f".venv/bin/python bench/simulate.py scale --sizes {args.sizes} --multiples {args.multiples} "
-        f"--duration-s {args.duration_s:g} --seed {args.seed}"
+        f"--duration-s {args.duration_s:g} --seed {args.seed} --max-rate {args.max_rate:g}"
     )
     head = f"`{command}` ({machine()}; {args.duration_s:g} simulated seconds of arrivals a point):"
     replace_section(DOC, "scale", head + "\n\n" + "\n\n".join(sections))
-    replace_section(DOC, "patterns", patterns_section)
-    replace_section(DOC, "failures", failures_section)
+    replace_section(DOC, "shapes", even_section + "\n\n" + three_section)
+    replace_section(DOC, "patterns", patterns(shipped, size, 2.0 * capacity))
+    replace_section(DOC, "failures", failures(shipped, size, 1.5 * capacity))
+
+
+def predictions(args: argparse.Namespace) -> None:
+    """How the router's predicted time per token compares with what each tier then delivered,
+    with and without `routing.tpot_counts_prefill`, at `--multiple` times the fast tier's capacity."""
+    lines = [
+        f"`.venv/bin/python bench/simulate.py predictions --size {args.size} --multiple {args.multiple:g} "
+        f"--duration-s {args.duration_s:g} --seed {args.seed}` ({machine()}): the router's predicted time per "
+        "output token against the simulated one, configs/gpu.yaml's router with `tpot_counts_prefill` off and on:",
+        "",
+        "| cluster, rate | tpot_counts_prefill | tier | requests | simulated / predicted p10 | p50 | p90 | goodput |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for shares in ({"llama-8b": 0.75, "llama-70b": 0.25}, {"llama-8b": 0.5, "llama-70b": 0.5}):
+        s = Scale(args, shares)
+        rate = args.multiple * s.fast_capacity(args.size)
+        trace = s.trace(rate, args.duration_s, args.seed)
+        for counts in (False, True):
+            s.config = s.config.model_copy(
+                update={"routing": s.config.routing.model_copy(update={"tpot_counts_prefill": counts})}
+            )
+            outcomes = s.outcomes(trace, args.size, "router")
+            goodput = summarize(outcomes).goodput
+            for tier in (t.name for t in s.tiers(args.size)):
+                ratios = [
+                    1e3 * o.tpot_s / o.predicted_tpot_ms
+                    for o in outcomes
+                    if o.tier == tier and o.tpot_s is not None and o.predicted_tpot_ms
+                ]
+                if ratios:
+                    q = np.percentile(ratios, [10, 50, 90])
+                    lines.append(
+                        f"| {s.described(args.size)}, {rate:.0f} req/s | {'on' if counts else 'off'} | {tier} | "
+                        f"{len(ratios)} | {q[0]:.2f} | {q[1]:.2f} | {q[2]:.2f} | {goodput:.1%} |"
+                    )
+                    print(lines[-1], flush=True)
+    replace_section(DOC, "predictions", "\n".join(lines))
 
 
 def patterns(s: Scale, size: int, rate: float) -> str:
@@ -355,14 +454,14 @@ def plot(sweeps, path: Path, value: Callable, ylabel: str, goal: float | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
-    for ax, (size, by_policy) in zip(axes[0], sweeps.items()):
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 4), squeeze=False, sharey=True)
+    for ax, (title, by_policy) in zip(axes[0], sweeps.items()):
         for policy, points in by_policy.items():
             ax.plot([p[0] for p in points], [value(p) for p in points], marker="o", label=LABELS[policy])
         if goal is not None:  # >= 95% within budget at twice the fast tier's capacity alone
             ax.axhline(goal, color="grey", linestyle="--", linewidth=0.8)
             ax.axvline(2.0, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_title(f"{size} replicas")
+        ax.set_title(title)
         ax.set_xlabel("offered load / the fast tier's capacity alone")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -389,7 +488,15 @@ def main() -> None:
     )
     s.add_argument("--duration-s", type=float, default=30.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-rate", type=float, default=1000.0, help="the three-tier sweep's last rate, req/s")
     s.set_defaults(func=scale)
+    q = sub.add_parser("predictions", help="the router's TPOT predictions against the simulated TPOT")
+    q.add_argument("--profile", default=str(PROFILES / "gpu-published.json"))
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--multiple", type=float, default=2.0)
+    q.add_argument("--duration-s", type=float, default=30.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=predictions)
     args = p.parse_args()
     args.func(args)
 

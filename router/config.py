@@ -210,6 +210,21 @@ class RoutingConfig(BaseModel):
     first token more than this many times its TTFT budget: under overload, the requests admitted
     can still be answered in time. None: serve such requests best effort. Requests without a
     TTFT budget (the `batch` class) are shed only by `max_queue`."""
+    shed_over_tpot_budget: float | None = Field(None, ge=1)
+    """Shed (429, `Retry-After`) a request that every tier is predicted to stream at more than
+    this many times its TPOT budget a token. None (the default): serve it best effort. Under deep
+    overload the router otherwise admits everything and every request misses (measured in the
+    routing simulator, docs/routing-simulation.md); on hardware that cannot hold the budgets even lightly loaded it
+    would refuse most requests, so it is off unless configured (configs/gpu.yaml: 1.5)."""
+    best_effort: Literal["first_token", "fit"] = "first_token"
+    """How tiers are ordered when none is predicted to meet a request's budget: the earliest
+    predicted first token first, or `fit`: a tier that meets the request's own budget (the
+    slowest such) before one that does not, then the one closest to the budget
+    (tierserve.router.policy)."""
+    tpot_counts_prefill: bool = False
+    """Predict a tier's time per token with the prompt tokens it prefills per step beside the
+    decoding (vLLM's chunked prefill): without them the routing simulator's 8B tier streamed a
+    quarter slower than predicted at the median (docs/routing-simulation.md)."""
     poll_interval_s: float = Field(0.25, gt=0)
     """How often the router reads each tier's load and latency model."""
     first_token_timeout_s: float | None = Field(60.0, gt=0)

@@ -12,27 +12,31 @@ How a tier is chosen for `model: auto`:
 1. Complexity picks a **target**: tiers are ranked weakest to strongest by `min_complexity`,
    and the target is the strongest tier whose threshold the score reaches.
 2. A tier is **admitted** if it is healthy, the prompt fits its context, its queue (requests
-   beyond its engine's slots) is shorter than its `max_queue`, and (with `shed_over_budget`) its
-   predicted time to first token is within that many times the request's TTFT budget.
+   beyond its engine's slots) is shorter than its `max_queue`, (with `shed_over_budget`) its
+   predicted time to first token is within that many times the request's TTFT budget, and (with
+   `shed_over_tpot_budget`) its predicted time per token within that many times the TPOT budget.
 3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
    at least as strong as the target (weakest first on equal cost), else the strongest below
    it. A tier meets the budget when its predictions are within `headroom` of the request's
    budgets and, with this request added, within `headroom` of the tightest TPOT budget of the
-   requests already running there. If none is predicted to meet the budget (best effort), a
-   tier predicted to meet the request's own budget (though not the running requests') comes
-   first, the earliest first token among them; else the tier predicted closest to the budget
-   (the smallest ratio of a prediction to its budget): an interactive request goes to the tier
-   that can almost keep its pace, not to the one that starts it soonest and then streams too
-   slowly. The rest follow in the same order, as fallbacks.
+   requests already running there. If none is predicted to meet the budget (best effort), the
+   earliest predicted first token comes first (`best_effort="first_token"`, the default); with
+   `best_effort="fit"`, the tiers predicted to meet the request's own budget (though not the
+   running requests') come first, the slowest of them first (best fit: the fast tier stays for
+   the requests only it can serve), then the tier predicted closest to the budget (the smallest
+   ratio of a prediction to its budget): an interactive request goes to the tier that can
+   almost keep its pace, not to the one that starts it soonest and then streams too slowly. The
+   rest follow in the same order, as fallbacks.
 
 Predictions come from the tier's step-cost model: with `n` requests in the tier (as the tier
 last reported, or as this ingress has in flight there, whichever is more), a new request's
-tokens come every `step(min(n + 1, slots), prefill) / tokens_per_step`, where `prefill` is the
-prompt tokens the tier recently prefilled per step (chunked prefill puts other requests'
-prompts into the steps that decode this one: without them the simulator showed the 8B tier's
-TPOT under-predicted by a quarter at the median, docs/routing-simulation.md); its first token
-comes after the wait for a slot (if all are taken), half a step, and the step that prefills its
-prompt.
+tokens come every `step(min(n + 1, slots)) / tokens_per_step` (with `tpot_counts_prefill`,
+`step(min(n + 1, slots), prefill)`, where `prefill` is the prompt tokens the tier recently
+prefilled per step: chunked prefill puts other requests' prompts into the steps that decode
+this one); its first token comes after the wait for a slot (if all are taken), half a step, and
+the step that prefills its prompt. Both options come from the routing simulator
+(docs/routing-simulation.md), which found them ahead on GPU clusters; on the 2-core service
+they measured worse at 1 req/s, so they are off unless configured (configs/gpu.yaml).
 """
 
 from __future__ import annotations
@@ -161,9 +165,17 @@ class Decision:
         return self.choices[0] if self.choices else None
 
 
-def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None, priority: int = 0) -> Prediction:
+def predict(
+    view: TierView,
+    prompt_tokens: int,
+    max_tokens: int | None = None,
+    priority: int = 0,
+    tpot_counts_prefill: bool = False,
+) -> Prediction:
     """TTFT and TPOT of one more request on this tier, from its step-cost model; `priority`
-    counts on a priority-scheduled tier, where only more urgent waiting requests go first."""
+    counts on a priority-scheduled tier, where only more urgent waiting requests go first. With
+    `tpot_counts_prefill`, each decoding step also carries the prompt tokens the tier recently
+    prefilled per step (vLLM's chunked prefill mixes other requests' prompts into it)."""
     load = view.load
     if load is None:
         return Prediction(None, None, 0, None)
@@ -171,8 +183,8 @@ def predict(view: TierView, prompt_tokens: int, max_tokens: int | None = None, p
     # One replica's batch: requests spread over replicas (Serve routes to the less loaded).
     batch = min(-(-(n + 1) // view.replicas), load.max_num_seqs)
     step = load.step_ms(batch)
-    # Decoding steps also carry the prompts of requests starting beside it (chunked prefill).
-    tpot = load.step_ms(batch, round(load.prefill_tokens_per_step)) / max(load.tokens_per_step, 1e-6)
+    beside = round(load.prefill_tokens_per_step) if tpot_counts_prefill else 0
+    tpot = load.step_ms(batch, beside) / max(load.tokens_per_step, 1e-6)
     output = load.mean_output_tokens or DEFAULT_OUTPUT_TOKENS
     if max_tokens is not None:
         output = min(output, max_tokens)
@@ -219,6 +231,10 @@ def _over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
     return factor is not None and None not in (p.ttft_ms, sla.ttft_ms) and p.ttft_ms > factor * sla.ttft_ms
 
 
+def _streams_over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
+    return factor is not None and None not in (p.tpot_ms, sla.tpot_ms) and p.tpot_ms > factor * sla.tpot_ms
+
+
 def _overshoot(choice: Choice, sla: Sla) -> float:
     """How far over its budget a tier is predicted to serve a request: the larger ratio of a
     prediction to its budget (TTFT, TPOT); 0 with nothing budgeted or predicted."""
@@ -250,25 +266,36 @@ def decide(
     default_tier: str | None = None,
     headroom: float = 1.0,
     shed_over_budget: float | None = None,
+    shed_over_tpot_budget: float | None = None,
+    best_effort: str = "first_token",
+    tpot_counts_prefill: bool = False,
 ) -> Decision:
     """The ordered tiers for a request (see the module docstring). A tier meets the budget when
     its predictions are within `headroom` times the request's budgets and the predicted TPOT is
     within `headroom` times the tightest TPOT budget of the requests already running there.
     With `shed_over_budget`, a tier predicted to take more than that many times the request's
     TTFT budget to its first token is not a choice (`over_budget`): better a 429 now than an
-    answer far too late."""
+    answer far too late; with `shed_over_tpot_budget`, nor is one predicted to stream at more
+    than that many times its TPOT budget. `best_effort` orders the tiers when none meets the
+    budget: `first_token` (earliest predicted first token first) or `fit` (see the module
+    docstring); `tpot_counts_prefill`: see `predict`."""
     if features.named_tier is not None:
         views = [v for v in views if v.name == features.named_tier]
         if not views:
             raise ValueError(f"unknown tier {features.named_tier!r}")
-    predictions = {v.name: predict(v, features.prompt_tokens, features.max_tokens, sla.priority) for v in views}
+    predictions = {
+        v.name: predict(v, features.prompt_tokens, features.max_tokens, sla.priority, tpot_counts_prefill)
+        for v in views
+    }
     expected_output = features.max_tokens
     admitted: list[tuple[TierView, Choice]] = []
     refused: dict[str, str] = {}
     for view in views:
         p = predictions[view.name]
         why = _refusal(view, features, p)
-        if why is None and _over_budget(p, sla, shed_over_budget):
+        if why is None and (
+            _over_budget(p, sla, shed_over_budget) or _streams_over_budget(p, sla, shed_over_tpot_budget)
+        ):
             why = "over_budget"
         if why is not None:
             refused[view.name] = why
@@ -316,8 +343,12 @@ def decide(
                 return (0, choice.estimated_cost, rank[view.name])
             return (1, -rank[view.name], 0)
         ttft = choice.predicted_ttft_ms if choice.predicted_ttft_ms is not None else math.inf
+        if best_effort == "first_token":
+            return (2, ttft, 0.0, rank[view.name])
         if sla.met_by(choice.predicted_ttft_ms, choice.predicted_tpot_ms, headroom):
-            return (2, 0.0, ttft, rank[view.name])  # its own budget met, the running requests' not
+            # Its own budget met, the running requests' not: the slowest such tier (best fit),
+            # keeping the fast one for the requests only it can serve.
+            return (2, -(choice.predicted_tpot_ms or 0.0), ttft, rank[view.name])
         return (3, _overshoot(choice, sla), ttft, rank[view.name])
 
     if features.named_tier is None:

@@ -85,11 +85,28 @@ def test_best_effort_prefers_a_tier_that_meets_the_requests_own_budget():
         large_load=load(base=60.0, per_seq=0.0, per_kprompt=10.0),
         small__tightest_tpot_ms=40.0,
     )
-    decision = decide(RequestFeatures(1000, 64, 0.9), Sla("interactive", 1000, 50), views, headroom=0.8)
+    decision = decide(
+        RequestFeatures(1000, 64, 0.9), Sla("interactive", 1000, 50), views, headroom=0.8, best_effort="fit"
+    )
     assert decision.reason == "best_effort"
     small, large = sorted(decision.choices, key=lambda c: c.tier != "small")
     assert large.predicted_ttft_ms < small.predicted_ttft_ms
     assert [c.tier for c in decision.choices] == ["small", "large"]
+
+
+def test_best_effort_among_tiers_that_meet_its_own_budget_takes_the_slowest():
+    # Both tiers stream a 100 ms-a-token request within its budget, and both would slow their
+    # interactive requests (40 ms) past theirs: it goes to large (60 ms), the slower fit,
+    # leaving small (45 ms) to the requests that only small can serve.
+    views = tiers(
+        small_load=load(running=4),
+        large_load=load(base=60.0, per_seq=0.0),
+        small__tightest_tpot_ms=40.0,
+        large__tightest_tpot_ms=40.0,
+    )
+    decision = decide(RequestFeatures(50, 128, 0.1), Sla("standard", 2000, 100), views, headroom=0.8, best_effort="fit")
+    assert decision.reason == "best_effort"
+    assert [(c.tier, c.predicted_tpot_ms) for c in decision.choices] == [("large", 60.0), ("small", 45.0)]
 
 
 def test_best_effort_goes_to_the_tier_closest_to_the_budget_not_the_first_to_start():
@@ -99,10 +116,13 @@ def test_best_effort_goes_to_the_tier_closest_to_the_budget_not_the_first_to_sta
         small_load=load(running=6, per_kprompt=400.0),
         large_load=load(base=90.0, per_seq=0.0, per_kprompt=10.0),
     )
-    decision = decide(RequestFeatures(1000, 64, 0.1), Sla("interactive", 2000, 50), views)
+    decision = decide(RequestFeatures(1000, 64, 0.1), Sla("interactive", 2000, 50), views, best_effort="fit")
     assert decision.reason == "best_effort"
     assert [(c.tier, c.predicted_tpot_ms) for c in decision.choices] == [("small", 55.0), ("large", 90.0)]
     assert decision.choices[1].predicted_ttft_ms < decision.choices[0].predicted_ttft_ms
+    # By default (`first_token`), the tier that starts it soonest comes first.
+    default = decide(RequestFeatures(1000, 64, 0.1), Sla("interactive", 2000, 50), views)
+    assert [c.tier for c in default.choices] == ["large", "small"]
 
 
 def test_cheaper_tier_at_least_as_strong_wins_on_cost():
@@ -175,7 +195,8 @@ def test_tpot_prediction_counts_the_prompts_prefilled_beside_it():
     # vLLM's chunked prefill puts other requests' prompts into the steps that decode this one:
     # 250 prompt tokens a step at 40 ms per 1,000 add 10 ms to each of its tokens.
     busy = replace(load(running=3, per_kprompt=40.0), prefill_tokens_per_step=250.0)
-    assert predict(TierView("t", load=busy), 100).tpot_ms == pytest.approx(20 + 5 * 4 + 10)
+    assert predict(TierView("t", load=busy), 100, tpot_counts_prefill=True).tpot_ms == pytest.approx(20 + 5 * 4 + 10)
+    assert predict(TierView("t", load=busy), 100).tpot_ms == pytest.approx(20 + 5 * 4)  # off by default
 
 
 def test_prediction_adds_the_wait_for_a_slot():
@@ -248,6 +269,19 @@ def test_decision_cost_p99_under_a_millisecond():
         times.append(time.perf_counter() - start)
     times.sort()
     assert times[int(0.99 * len(times))] < 1e-3
+
+
+def test_a_request_every_tier_would_stream_far_too_slowly_is_shed_when_configured():
+    # small streams at 20 + 5 * 9 = 65 ms a token, large at 60 ms: both over 1.5 x 30 ms.
+    views = tiers(small_load=load(running=8, slots=16), large_load=load(base=60.0, per_seq=0.0))
+    sla = Sla("interactive", 5000, 30)
+    assert decide(RequestFeatures(50, 64, 0.1), sla, views, shed_over_tpot_budget=None).reason == "best_effort"
+    shed = decide(RequestFeatures(50, 64, 0.1), sla, views, shed_over_tpot_budget=1.5)
+    assert (shed.choices, shed.reason) == ([], "overloaded")
+    assert shed.refused == {"small": "over_budget", "large": "over_budget"} and shed.retry_after_s >= 1
+    # Within 1.5 x 42 ms (63) on large (60 ms), not on small (65 ms): admitted on large only.
+    kept = decide(RequestFeatures(50, 64, 0.1), Sla("interactive", 5000, 42), views, shed_over_tpot_budget=1.5)
+    assert [c.tier for c in kept.choices] == ["large"] and kept.refused == {"small": "over_budget"}
 
 
 def test_routing_config_checks_its_default_class():
