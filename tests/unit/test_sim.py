@@ -116,6 +116,20 @@ def test_the_router_sheds_what_no_queue_can_take():
     assert shed.ttft_s is None
 
 
+def test_with_shed_over_tpot_budget_a_tier_too_slow_for_the_budget_refuses_at_once():
+    # 40 ms a step: twice an interactive request's 20 ms a token. A batch request first lets
+    # the replica fit its step cost; then the interactive one is predicted at 40 ms a token.
+    slow = TierProfile(40.0, 0.0, 0.0, max_num_seqs=4, max_model_len=4096, step_noise=0.0)
+    budgets = {"interactive": {"ttft_ms": 1000, "tpot_ms": 20}, "batch": {"priority": 2}}
+    arrivals = [Arrival(0.0, 10, 100, "batch"), Arrival(6.0, 10, 5, "interactive")]
+    for shed, (status, met) in ((None, (200, False)), (1.5, (429, False))):
+        routing = RoutingConfig(sla_classes=budgets, default_sla_class="batch", shed_over_tpot_budget=shed)
+        warm, late = simulate(arrivals, [TierSpec("only", slow)], routing).outcomes
+        assert warm.status == 200 and warm.met
+        assert (late.status, late.met) == (status, met)
+    assert late.code == "overloaded"
+
+
 def test_complexity_picks_the_tier_and_round_robin_ignores_it():
     # `batch` has no latency budget: the choice is complexity's alone.
     arrivals = [Arrival(0.1 * i, 100, 4, "batch", c) for i, c in enumerate([0.1, 0.9, 0.2, 0.8])]
