@@ -224,7 +224,7 @@ class RoutingConfig(BaseModel):
     tpot_counts_prefill: bool = False
     """Predict a tier's time per token with the prompt tokens it prefills per step beside the
     decoding (vLLM's chunked prefill): without them the routing simulator's 8B tier streamed a
-    quarter slower than predicted at the median (docs/routing-simulation.md)."""
+    third slower than predicted at the median (docs/routing-simulation.md, "Predictions")."""
     poll_interval_s: float = Field(0.25, gt=0)
     """How often the router reads each tier's load and latency model."""
     first_token_timeout_s: float | None = Field(60.0, gt=0)

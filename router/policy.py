@@ -227,12 +227,9 @@ def _refusal(view: TierView, features: RequestFeatures, prediction: Prediction) 
     return None
 
 
-def _over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
-    return factor is not None and None not in (p.ttft_ms, sla.ttft_ms) and p.ttft_ms > factor * sla.ttft_ms
-
-
-def _streams_over_budget(p: Prediction, sla: Sla, factor: float | None) -> bool:
-    return factor is not None and None not in (p.tpot_ms, sla.tpot_ms) and p.tpot_ms > factor * sla.tpot_ms
+def _over(predicted: float | None, budget: float | None, factor: float | None) -> bool:
+    """Whether a prediction is past `factor` times its budget (never, with any of them unknown)."""
+    return None not in (predicted, budget, factor) and predicted > factor * budget
 
 
 def _overshoot(choice: Choice, sla: Sla) -> float:
@@ -254,7 +251,7 @@ def _retry_after(
             excess = p.queued_ahead - view.max_queue
             if excess > 0:
                 waits.append(excess * p.request_ms / view.slots() / 1e3)
-            elif _over_budget(p, sla, factor):
+            elif _over(p.ttft_ms, sla.ttft_ms, factor):
                 waits.append((p.ttft_ms - factor * sla.ttft_ms) / 1e3)
     return max(1.0, math.ceil(min(waits))) if waits else 1.0
 
@@ -294,7 +291,7 @@ def decide(
         p = predictions[view.name]
         why = _refusal(view, features, p)
         if why is None and (
-            _over_budget(p, sla, shed_over_budget) or _streams_over_budget(p, sla, shed_over_tpot_budget)
+            _over(p.ttft_ms, sla.ttft_ms, shed_over_budget) or _over(p.tpot_ms, sla.tpot_ms, shed_over_tpot_budget)
         ):
             why = "over_budget"
         if why is not None:
