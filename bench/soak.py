@@ -9,9 +9,18 @@ resident memory and open file descriptors (a tier's engine-core process counted 
 replica), each engine's KV-cache use and the router's in-flight count. At the end it drains,
 then checks the KV caches and in-flight counts are back to zero.
 
-    .venv/bin/python bench/soak.py [--minutes 30] [--concurrency 4] [--sample-s 60] [--seed 0] [--no-write]
+With `--heap-profile`, Python's `tracemalloc` runs inside the ingress and retriever replicas
+(started through Ray's `__ray_call__`, so the product carries no profiling code): a snapshot at
+minute 5 and one once drained, compared line by line, say which allocations grew; then
+`malloc_trim(0)` in every replica says how much of the resident growth was memory the C
+allocator held free rather than memory in use. tracemalloc slows allocation, so figures from a
+profiled run are for the heap, not for throughput.
 
-Prints a table and writes it to docs/reliability.md (section `soak`).
+    .venv/bin/python bench/soak.py [--minutes 30] [--concurrency 4] [--sample-s 60] [--seed 0]
+        [--heap-profile] [--no-write]
+
+Prints a table and writes it to docs/reliability.md (section `soak`, or `soak-heap` with
+`--heap-profile`).
 """
 
 from __future__ import annotations
@@ -136,7 +145,8 @@ def processes() -> dict[str, list[psutil.Process]]:
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
         if f"ServeReplica:{APP}:" in line:
-            role = line.split(f"ServeReplica:{APP}:", 1)[1].split()[0]
+            # The title names the method the replica runs: `ServeReplica:APP:ingress.handle_request`.
+            role = line.split(f"ServeReplica:{APP}:", 1)[1].split()[0].split(".")[0]
         elif "ProxyActor" in line:
             role = "http-proxy"
         elif "ServeController" in line:
@@ -173,12 +183,91 @@ def tier_view(http: httpx.Client) -> dict[str, tuple[float, int]]:
     }
 
 
+HEAP_ROLES = ("ingress", "retriever")
+HEAP_DIR = Path("/tmp/tierserve-soak-heap")  # replicas and this script share the machine
+
+
+def replicas() -> dict[str, object]:
+    """The app's replica actors by deployment name (Serve names them
+    `SERVE_REPLICA::APP#DEPLOYMENT#ID`)."""
+    import ray
+
+    out = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        parts = actor["name"].split("#")
+        if parts[0] == f"SERVE_REPLICA::{APP}" and len(parts) == 3:
+            out[parts[1]] = ray.get_actor(actor["name"], namespace=actor["namespace"])
+    return out
+
+
+def _trace_start(_replica: object, frames: int) -> None:
+    import tracemalloc
+
+    tracemalloc.start(frames)
+
+
+def _trace_snapshot(_replica: object, path: str) -> int:
+    """Dump a snapshot; return the bytes tracemalloc sees in use."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.take_snapshot().dump(path)
+    return tracemalloc.get_traced_memory()[0]
+
+
+def _trim(_replica: object) -> tuple[int, int]:
+    """Resident bytes before and after glibc hands its free memory back to the system."""
+    import ctypes
+
+    import psutil
+
+    before = psutil.Process().memory_info().rss
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return before, psutil.Process().memory_info().rss
+
+
+def heap_snapshots(actors: dict[str, object], tag: str) -> dict[str, int]:
+    import ray
+
+    HEAP_DIR.mkdir(exist_ok=True)
+    refs = {r: actors[r].__ray_call__.remote(_trace_snapshot, str(HEAP_DIR / f"{r}-{tag}.bin")) for r in HEAP_ROLES}
+    return {r: ray.get(ref, timeout=300) for r, ref in refs.items()}
+
+
+def heap_report(traced: dict[str, dict[str, int]], trims: dict[str, tuple[int, int]], top: int = 8) -> str:
+    """What grew between the two snapshots, by source line, and what malloc_trim gave back."""
+    import tracemalloc
+
+    minute = traced["minute"]["base"]
+    lines = [
+        f"| replica | Python heap at minute {minute} / drained MB | resident before / after malloc_trim MB |",
+        "|---|---|---|",
+    ]
+    for r in sorted(trims):
+        heap = f"{traced['base'][r] / 2**20:.1f} / {traced['end'][r] / 2**20:.1f}" if r in traced["base"] else "-"
+        lines.append(f"| {r} | {heap} | {trims[r][0] / 2**20:.0f} / {trims[r][1] / 2**20:.0f} |")
+    ignore = [tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"), tracemalloc.Filter(False, "*tracemalloc*")]
+    for r in HEAP_ROLES:
+        before = tracemalloc.Snapshot.load(str(HEAP_DIR / f"{r}-base.bin")).filter_traces(ignore)
+        after = tracemalloc.Snapshot.load(str(HEAP_DIR / f"{r}-end.bin")).filter_traces(ignore)
+        stats = after.compare_to(before, "lineno")
+        lines += ["", f"{r}: largest growth by line, minute {minute} to drained", ""]
+        lines += ["| line | KB | blocks |", "|---|---|---|"]
+        for st in stats[:top]:
+            frame = st.traceback[0]
+            where = f"{'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno}"
+            lines.append(f"| `{where}` | {st.size_diff / 1024:+.0f} | {st.count_diff:+d} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--sample-s", type=float, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heap-profile", action="store_true", help="tracemalloc in the ingress and retriever")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -193,12 +282,19 @@ def main() -> int:
             for tier in ("small", "quality"):  # warm both tiers before the first sample
                 http.post("/v1/completions", json={"model": tier, "prompt": "Hello", "max_tokens": 8}, timeout=300)
             procs = processes()
+            actors = replicas() if args.heap_profile else {}
+            traced: dict[str, dict[str, int]] = {"base": {}, "end": {}}
+            if actors:
+                ray.get([actors[r].__ray_call__.remote(_trace_start, 8) for r in HEAP_ROLES])
             started = time.monotonic()
 
             async def run() -> None:
                 traffic = asyncio.create_task(clients(base, args.concurrency, 60 * args.minutes, args.seed, counts))
                 while not traffic.done():
                     sample = {"minute": (time.monotonic() - started) / 60, "requests": sum(counts.values())}
+                    if actors and not traced["base"] and sample["minute"] >= min(5, args.minutes / 2):
+                        traced["base"] = await asyncio.to_thread(heap_snapshots, actors, "base")
+                        traced["minute"] = {"base": round(sample["minute"])}
                     sample["procs"] = measure(procs)
                     sample["tiers"] = await asyncio.to_thread(tier_view, http)
                     samples.append(sample)
@@ -221,11 +317,16 @@ def main() -> int:
             }
             samples.append(final)
             print(json.dumps(final), flush=True)
+            if actors:
+                traced["end"] = heap_snapshots(actors, "end")
+                trims = {r: ray.get(a.__ray_call__.remote(_trim), timeout=300) for r, a in actors.items()}
     finally:
         serve.shutdown()
         ray.shutdown()
 
     text = report(samples, counts)
+    if actors:
+        text += "\n\n" + heap_report(traced, trims)
     print(text)
     if not args.no_write:
         cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
@@ -234,7 +335,8 @@ def main() -> int:
             f"--sample-s {args.sample_s:g} --seed {args.seed}` ({time.strftime('%Y-%m-%d')}, {cpu}; "
             f"{args.concurrency} clients sending the mix without pause):\n\n"
         )
-        replace_section(REPO / "docs" / "reliability.md", "soak", head + text)
+        head = head.replace("--seed", "--heap-profile --seed" if actors else "--seed")
+        replace_section(REPO / "docs" / "reliability.md", "soak-heap" if actors else "soak", head + text)
     return 0
 
 
