@@ -1,7 +1,9 @@
 """Routing at scale, in simulation: the real router (`tierserve.router.sim`) on simulated replicas.
 
-    .venv/bin/python bench/simulate.py calibrate [--rates 1,3,5] [--duration-s 60]
+    .venv/bin/python bench/simulate.py calibrate [--rates 1,3,5] [--duration-s 60] [--tier NAME]
         the embedded default for real and in simulation, on the same arrivals, side by side
+        (with --tier, every request asks for that tier: one engine, the other core left to the
+        front end)
     .venv/bin/python bench/simulate.py scale [--sizes 8,64] [--duration-s 30] [--max-rate 1000]
         configs/gpu.yaml's tiers with published GPU step times: the router against
         single-tier, round-robin, random and least-loaded, load sweeps (as shipped, 3:1; the
@@ -83,9 +85,10 @@ def calibrate(args: argparse.Namespace) -> None:
     from tierserve.actors.checkpoints import prepare_embedded
     from tierserve.cluster.ops import ingress_tiers
     from tierserve.cluster.router_commands import simulated_tiers, tier_profiles
-    from tierserve.router.simengine import save_profiles
+    from tierserve.router.simengine import FrontEnd, save_profiles
 
     rates = [float(r) for r in args.rates.split(",")]
+    model = args.tier or "auto"
     base, config = start_ray_and_serve()
     deploy(config, "priority")
     budgets = {name: (c.ttft_ms, c.tpot_ms) for name, c in config.routing.sla_classes.items()}
@@ -101,33 +104,53 @@ def calibrate(args: argparse.Namespace) -> None:
         return out
 
     async def measure():
+        # The front end's CPU: every process but the engines' (the load generator's included,
+        # as it shares the cores), idle and under the warm-up's load.
+        cpu, started = front_cpu_s(), time.perf_counter()
+        await asyncio.sleep(10)
+        idle_rate = (front_cpu_s() - cpu) / (time.perf_counter() - started)
         print("warm-up (the tiers' step-cost models see the batch sizes of the runs)", flush=True)
-        await drive(base, "warm-up", "auto", max(rates), 30, args.seed + 99, budgets)
+        cpu, started = front_cpu_s(), time.perf_counter()
+        warm = await drive(base, "warm-up", model, max(rates), 30, args.seed + 99, budgets)
+        warm_cpu = front_cpu_s() - cpu - idle_rate * (time.perf_counter() - started)
         profiles, warnings = tier_profiles(ingress_tiers(base), f"the embedded default, {machine()}")
         for w in warnings:
             print(f"warning: {w}")
         # The ingress's own time before a request reaches a tier (parsing, guards, routing),
         # from a separate light run on one tier, not from the runs compared below.
         front = await drive(base, "front", "small", 0.5, 20, args.seed + 7, budgets)
-        runs = [
-            await drive(base, f"{rate:g} req/s", "auto", rate, args.duration_s, args.seed, budgets) for rate in rates
-        ]
-        return profiles, front, runs
+        runs, engine_tpot = [], []
+        for rate in rates:
+            runs.append(await drive(base, f"{rate:g} req/s", model, rate, args.duration_s, args.seed, budgets))
+            # What each engine itself delivered (its decayed mean), before the front end's relay.
+            loads = {t["name"]: (t.get("router") or {}).get("load") or {} for t in ingress_tiers(base)}
+            engine_tpot.append({name: load.get("tpot_ms") for name, load in loads.items()})
+        return profiles, front, runs, (warm, warm_cpu), engine_tpot
 
-    profiles, front, runs = asyncio.run(measure())
+    profiles, front, runs, (warm, warm_cpu), engine_tpot = asyncio.run(measure())
     scorer = scorer_of(config)  # after the runs: its embedder would take CPU from the service
-    save_profiles(PROFILES / "cpu-measured.json", profiles)
+    profile_file = PROFILES / (f"cpu-measured-{args.tier}.json" if args.tier else "cpu-measured.json")
+    save_profiles(profile_file, profiles)
     tiers = simulated_tiers(config, profiles, {})
     light = arrivals(args.seed + 7, 0.5, 20, "small")
     idle = simulate(light, tiers, config.routing).outcomes
     gaps = [o.ttft_ms - s.ttft_s * 1e3 for o, s in zip(front.outcomes, idle) if o.ttft_ms and s.ttft_s]
     front_ms = max(0.0, statistics.median(gaps))
-    print(f"front: {front_ms:.0f} ms before the tier (median of {len(gaps)})")
+    # Its work per token: the warm-up's front-end CPU less its requests' `front_ms` each, over
+    # the tokens it served (max_tokens each: the load asks for ignore_eos).
+    served = [w for w, o in zip(workload(args.seed + 99, max(rates), 30), warm.outcomes) if o.status == 200]
+    tokens = sum(max_tokens for *_, max_tokens in served)
+    token_ms = max(0.0, 1e3 * (warm_cpu - len(served) * front_ms / 1e3) / max(1, tokens))
+    front_end = FrontEnd(request_ms=max(0.0, front_ms - token_ms), token_ms=token_ms, cores=args.front_cores)
+    print(
+        f"front: {front_ms:.0f} ms before the tier (median of {len(gaps)}); in the warm-up "
+        f"{1e3 * warm_cpu / max(1, len(served)):.0f} ms CPU a request beyond idle, {token_ms:.2f} ms a token"
+    )
 
     rows = []
     for rate, run in zip(rates, runs):
-        trace = arrivals(args.seed, rate, args.duration_s)
-        sim = summarize(simulate(trace, tiers, config.routing, front_ms=front_ms).outcomes)
+        trace = arrivals(args.seed, rate, args.duration_s, args.tier)
+        sim = summarize(simulate(trace, tiers, config.routing, front=front_end).outcomes)
         served = [o for o in run.outcomes if o.status == 200]
 
         def q(attr: str, p: int, served: list = served) -> float | None:
@@ -151,22 +174,42 @@ def calibrate(args: argparse.Namespace) -> None:
         f"`{name}`: {p.step_ms_base:.1f} ms + {p.step_ms_per_seq:.2f} ms a sequence + "
         f"{p.step_ms_per_kprompt:.1f} ms per 1,000 prompt tokens, {p.tokens_per_step:.2f} tokens a step"
         for name, p in profiles.items()
+        if args.tier in (None, name)
     )
     command = f".venv/bin/python bench/simulate.py calibrate --rates {args.rates} --duration-s {args.duration_s:g}"
-    text = f"""`{command}` ({machine()}; each rate {args.duration_s:g} s of Poisson arrivals, the same arrivals
-for real and in simulation; profile `bench/profiles/cpu-measured.json`: {fitted}; the ingress's own
-time before the tier, {front_ms:.0f} ms, from a separate light run):
+    command += f" --tier {args.tier}" if args.tier else ""
+    command += f" --front-cores {args.front_cores:g}" if args.front_cores != 1 else ""
+    asked = f"every request for `{args.tier}`" if args.tier else "`auto`"
+    text = f"""`{command}` ({machine()}; each rate {args.duration_s:g} s of Poisson arrivals, {asked}, the same
+arrivals for real and in simulation; profile `{profile_file.relative_to(REPO)}`: {fitted}; the ingress's own
+time before the tier, {front_ms:.0f} ms, from a separate light run; its CPU a token, {token_ms:.2f} ms, from the
+warm-up's CPU time; the front end simulated as one first-come first-served server of {args.front_cores:g} core):
 
 {CALIBRATION_HEADER}
 """ + "\n".join(rows)
+    own = "; ".join(
+        f"{rate:g} req/s: " + ", ".join(f"`{name}` {ms(v)} ms" for name, v in tpot.items() if v is not None)
+        for rate, tpot in zip(rates, engine_tpot)
+    )
+    text += f"\n\nThe engines' own time per token at the end of each run (a decayed mean, before the relay): {own}."
     print(text)
-    replace_section(DOC, "calibration", text)
+    replace_section(DOC, f"calibration-{args.tier}" if args.tier else "calibration", text)
 
 
 CALIBRATION_HEADER = (
     "| rate req/s | requests | goodput measured / simulated | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms "
     "| TPOT p95 ms | served by small |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
+
+
+def front_cpu_s() -> float:
+    """CPU seconds used so far by every process on the machine but the engines'."""
+    from serving import cpu_times
+
+    return sum(t for role, t in cpu_times().items() if role not in ENGINE_ROLES)
+
+
+ENGINE_ROLES = ("vLLM worker (model)", "vLLM engine core")
 
 
 # ----- at scale: configs/gpu.yaml with published GPU step times --------------------------------
@@ -479,6 +522,8 @@ def main() -> None:
     c.add_argument("--rates", default="1,3,5")
     c.add_argument("--duration-s", type=float, default=60.0)
     c.add_argument("--seed", type=int, default=7)
+    c.add_argument("--tier", help="send every request to this tier (default: auto, the router decides)")
+    c.add_argument("--front-cores", type=float, default=1.0, help="CPU the simulated front end has")
     c.set_defaults(func=calibrate)
     s = sub.add_parser("scale", help="configs/gpu.yaml at scale against baselines")
     s.add_argument("--profile", default=str(PROFILES / "gpu-published.json"))

@@ -6,9 +6,9 @@ first-token timeout; `release`), its `TierStates` (the load polls every `poll_in
 Serve's replica counts every `replicas_poll_interval_s`, a tier marked down when it fails) and
 each replica's `LatencyTracker`, which fits the step-cost model the router reads. What is
 simulated (`tierserve.router.simengine`): the arrivals, the replicas' engines, Serve's queues
-and its spreading of requests over replicas, and the ingress's own work before routing (a
-constant `front_ms` per request). The clock is virtual, so the router's coroutines run
-unchanged and an hour of traffic costs what its events cost.
+and its spreading of requests over replicas, and the front end's CPU work (`FrontEnd`: per
+request before routing, per token before the client sees it). The clock is virtual, so the
+router's coroutines run unchanged and an hour of traffic costs what its events cost.
 
 Baselines (`POLICIES`) replace only the decision: round-robin, random and least-loaded send each
 request to one tier, never shed and never fall back; the single-tier baseline is the router
@@ -18,6 +18,7 @@ with every request naming that tier.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import random
@@ -31,7 +32,7 @@ from tierserve.core.errors import ContextLengthExceeded, ServiceUnavailable, Tie
 from tierserve.router.config import RoutingConfig
 from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla
 from tierserve.router.routing import Routed, Router
-from tierserve.router.simengine import Job, SimTier, TierSpec, VirtualClockLoop
+from tierserve.router.simengine import FrontEnd, Job, SimTier, TierSpec, VirtualClockLoop
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,7 @@ class _Run:
     router: Router
     policy: str
     rng: random.Random
-    front_s: float
+    front: FrontEnd
     replicas_poll_interval_s: float
     order: Iterable[int] = field(default_factory=itertools.count)
     turn: Iterable[int] = field(default_factory=itertools.count)
@@ -209,8 +210,8 @@ class _Run:
         arrival = out.arrival
         loop = asyncio.get_running_loop()
         arrived = loop.time()
-        if self.front_s:
-            await asyncio.sleep(self.front_s)
+        if self.front.request_ms:
+            await asyncio.sleep(self.front.take(arrived, self.front.request_ms) - arrived)
         try:
             routed = await self._plan(i, arrival)
             out.sla = routed.sla
@@ -274,12 +275,21 @@ class _Run:
         tier.submit(job)
         try:
             await job.first
+            await _until(job.first_seen)
             yield [TokenChunk(0, "", [], 1)]
             await job.done
+            await _until(job.last_seen)
             yield [TokenChunk(0, "", [], 2, "length")]
         finally:
             if not job.done.done() or job.done.cancelled():  # the caller left before its last token
                 tier.withdraw(job)
+
+
+async def _until(at: float) -> None:
+    """Wait until simulated time `at` (at once if it has passed)."""
+    delay = at - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 def _dead(exc: BaseException) -> str | None:
@@ -302,11 +312,12 @@ def simulate(
     policy: str = "router",
     events: Sequence[Event] = (),
     seed: int = 0,
-    front_ms: float = 0.0,
+    front: FrontEnd | None = None,
     replicas_poll_interval_s: float = 2.0,
 ) -> Simulated:
     """Run `arrivals` through `tiers` under `policy` in simulated time. The first tier is the
-    default (as the first configured tier is)."""
+    default (as the first configured tier is). `front`: the service's own CPU work per request
+    and per token (None: none)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     loop = VirtualClockLoop()
@@ -317,8 +328,9 @@ def simulate(
         router = Router(
             routing, names, names[0], replicas={t.name: t.replicas for t in tiers}, scorer=scorer, clock=loop.time
         )
+        front = dataclasses.replace(front, busy_until=0.0) if front else FrontEnd()  # each run's clock starts at 0
         run = _Run(
-            {t.name: SimTier(t, rng) for t in tiers}, router, policy, rng, front_ms / 1e3, replicas_poll_interval_s
+            {t.name: SimTier(t, rng, front) for t in tiers}, router, policy, rng, front, replicas_poll_interval_s
         )
         outcomes = loop.run_until_complete(run.main(arrivals, events))
         loads = {name: [r.load() for r in tier.replicas] for name, tier in run.tiers.items()}

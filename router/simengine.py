@@ -12,7 +12,10 @@ log-normal noise. Each replica keeps the real `LatencyTracker`, fed with its sim
 so the load it reports to the router is fitted exactly as a real tier's is. In front of each
 replica Serve lets `max_ongoing_requests` into the engine, queues up to `max_queued_requests`
 more and refuses the rest (429); it sends a request to the less loaded of two replicas picked at
-random. Not modelled: preemption when the KV cache runs out.
+random. In front of it all, the service's own CPU work (`FrontEnd`): each request's before it
+reaches a tier and each token's relay to its client, served first come first served. Not
+modelled: preemption when the KV cache runs out, and engines slowed by the front end's work on
+cores they share.
 
 The clock is virtual (`VirtualClockLoop`): asyncio runs coroutines unchanged and jumps from one
 timer to the next, so an hour of traffic costs what its events cost.
@@ -115,6 +118,30 @@ def load_profiles(path: Path) -> dict[str, TierProfile]:
     return {name: TierProfile(**{k: v for k, v in p.items() if k in known}) for name, p in tiers.items()}
 
 
+@dataclass(slots=True)
+class FrontEnd:
+    """The service's own CPU work around the engines (the HTTP proxy, the ingress with its
+    guards, the tiers' Python side that relays tokens) as one first-come first-served server:
+    a request takes `request_ms` of it before it reaches a tier, and every token an engine makes
+    takes `token_ms` before the client sees it. When the front end is busy, requests and tokens
+    queue behind each other, so a client's time to first token and per token grow past the
+    engines' own: what a front end short of CPU does to a service."""
+
+    request_ms: float = 0.0
+    token_ms: float = 0.0
+    cores: float = 1.0
+    """CPU the front end has; its work takes 1/cores as long."""
+    busy_until: float = 0.0
+    """Simulated time at which the work queued so far is done."""
+
+    def take(self, now: float, ms: float) -> float:
+        """Queue `ms` of work arriving at `now`; when it is done (simulated s)."""
+        if ms <= 0:
+            return now
+        self.busy_until = max(self.busy_until, now) + ms / 1e3 / self.cores
+        return self.busy_until
+
+
 @dataclass(frozen=True, slots=True)
 class TierSpec:
     """A tier of the simulated service: its engine profile and its Serve deployment."""
@@ -140,6 +167,9 @@ class Job:
     replica: SimReplica | None = None
     """Where it runs; None while it waits in the tier's Serve queue."""
     prefilled: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    """When the front end has relayed its first and its last token (simulated s)."""
 
     def fail(self, error: Exception) -> None:
         """Before its first token the caller hears of it there, after it at the end."""
@@ -234,10 +264,14 @@ class SimReplica:
             if decoding:
                 self.tokens += profile.tokens_per_step
             self.tracker.observe_step(running, prefill, round(decoding * profile.tokens_per_step), step_s)
+            front = self.tier.front
+            # The step's tokens reach their clients once the front end has relayed them.
+            seen = front.take(now, front.token_ms * (len(prefilled) + decoding * profile.tokens_per_step))
             for job in prefilled:
                 if job not in self.prefilling:
                     continue  # aborted while the step ran
                 self.prefilling.remove(job)
+                job.first_seen = seen
                 job.first.set_result(now)
                 # The first token came with the prefill; the rest at tokens_per_step a step.
                 heapq.heappush(self.decoding, (self.tokens + job.output_tokens - 1, job.order, job))
@@ -246,6 +280,7 @@ class SimReplica:
                 job = heapq.heappop(self.decoding)[-1]
                 if job.done.done():  # its caller gave up (a timeout) while the step ran
                     continue
+                job.last_seen = seen
                 job.done.set_result(now)
                 first_at = job.first.result()
                 tpot = (now - first_at) / (job.output_tokens - 1) if job.output_tokens > 1 else None
@@ -259,9 +294,11 @@ class SimTier:
     """A tier's replicas behind Serve: a request goes to the less loaded of two live replicas
     with room (`max_ongoing_requests`), else waits in the tier's queue for the first free place."""
 
-    def __init__(self, spec: TierSpec, rng: random.Random):
+    def __init__(self, spec: TierSpec, rng: random.Random, front: FrontEnd | None = None):
         self.spec = spec
         self.rng = rng
+        self.front = front or FrontEnd()
+        """The front end that relays this tier's tokens (shared by every tier of a service)."""
         self.max_ongoing = spec.max_ongoing_requests or 2 * spec.profile.max_num_seqs
         self.queue: deque[Job] = deque()
         self.replicas = [SimReplica(self) for _ in range(spec.replicas)]

@@ -8,6 +8,7 @@ import pytest
 from tierserve.router.config import RoutingConfig
 from tierserve.router.sim import Arrival, Event, Outcome, poisson_arrivals, simulate, summarize
 from tierserve.router.simengine import (
+    FrontEnd,
     SimulationStalled,
     TierProfile,
     TierSpec,
@@ -65,8 +66,32 @@ def test_one_request_on_an_idle_engine():
 
 
 def test_the_ingress_time_counts_in_the_first_token():
-    [out] = simulate([Arrival(0.0, 500, 5, tier="fast")], TWO, ROUTING, front_ms=15).outcomes
+    [out] = simulate([Arrival(0.0, 500, 5, tier="fast")], TWO, ROUTING, front=FrontEnd(request_ms=15)).outcomes
     assert out.ttft_s == pytest.approx(0.035)
+
+
+def test_requests_queue_for_a_busy_front_end():
+    arrivals = [Arrival(0.0, 500, 5, tier="fast"), Arrival(0.0, 500, 5, tier="strong")]
+    first, second = simulate(arrivals, TWO, ROUTING, front=FrontEnd(request_ms=15)).outcomes
+    assert first.ttft_s == pytest.approx(0.035)
+    assert second.ttft_s == pytest.approx(0.050)  # its 15 ms start when the first's end
+    # With two cores' worth the front end does each in half the time, one after the other.
+    first, second = simulate(arrivals, TWO, ROUTING, front=FrontEnd(request_ms=15, cores=2)).outcomes
+    assert (first.ttft_s, second.ttft_s) == (pytest.approx(0.0275), pytest.approx(0.035))
+
+
+def test_tokens_reach_the_client_once_the_front_end_relays_them():
+    # 5 ms a token, less than a 10 ms step: each token is relayed before the next is made.
+    [out] = simulate([Arrival(0.0, 500, 5, tier="fast")], TWO, ROUTING, front=FrontEnd(token_ms=5)).outcomes
+    assert (out.ttft_s, out.tpot_s) == (pytest.approx(0.025), pytest.approx(0.010))
+    # 15 ms a token, more than a step: the front end is the bottleneck. Tokens made at 20, 30,
+    # 40, 50 and 60 ms are relayed at 35, 50, 65, 80 and 95 ms.
+    busy = FrontEnd(token_ms=15)
+    [out] = simulate([Arrival(0.0, 500, 5, tier="fast")], TWO, ROUTING, front=busy).outcomes
+    assert (out.ttft_s, out.tpot_s) == (pytest.approx(0.035), pytest.approx(0.015))
+    # The same front end in the next run starts idle, as the run's clock starts at 0.
+    [again] = simulate([Arrival(0.0, 500, 5, tier="fast")], TWO, ROUTING, front=busy).outcomes
+    assert again.ttft_s == out.ttft_s
 
 
 def test_a_full_engine_makes_the_next_request_wait_for_a_slot():
