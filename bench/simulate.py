@@ -123,10 +123,13 @@ def calibrate(args: argparse.Namespace) -> None:
         for rate in rates:
             runs.append(await drive(base, f"{rate:g} req/s", model, rate, args.duration_s, args.seed, budgets))
             # What each engine itself delivered (its decayed mean), before the front end's relay.
-            loads = {t["name"]: (t.get("router") or {}).get("load") or {} for t in ingress_tiers(base)}
+            listed = ingress_tiers(base)
+            loads = {t["name"]: (t.get("router") or {}).get("load") or {} for t in listed}
             engine_tpot.append({name: load.get("tpot_ms") for name, load in loads.items()})
+            refits.append(tier_profiles(listed, f"refitted during the {rate:g} req/s run")[0])
         return profiles, front, runs, (warm, warm_cpu), engine_tpot
 
+    refits: list[dict] = []  # each tier's step-cost model as fitted by the end of each run
     profiles, front, runs, (warm, warm_cpu), engine_tpot = asyncio.run(measure())
     scorer = scorer_of(config)  # after the runs: its embedder would take CPU from the service
     profile_file = PROFILES / (f"cpu-measured-{args.tier}.json" if args.tier else "cpu-measured.json")
@@ -192,6 +195,17 @@ warm-up's CPU time; the front end simulated as one first-come first-served serve
         for rate, tpot in zip(rates, engine_tpot)
     )
     text += f"\n\nThe engines' own time per token at the end of each run (a decayed mean, before the relay): {own}."
+    # A diagnostic, not a calibration: the same arrivals on the models the runs themselves fitted.
+    insample = []
+    for rate, refit in zip(rates, refits):
+        trace = arrivals(args.seed, rate, args.duration_s, args.tier)
+        refit_tiers = simulated_tiers(config, {**profiles, **refit}, {})
+        again = summarize(simulate(trace, refit_tiers, config.routing, front=front_end).outcomes)
+        insample.append(f"{rate:g} req/s {again.goodput:.1%}, TPOT p50 {ms(again.tpot_p50_ms)} ms")
+    text += (
+        " Simulated on the step-cost models fitted by the end of each run instead of the warm-up's "
+        f"(in-sample, to tell a drifting fit from a wrong model): {'; '.join(insample)}."
+    )
     print(text)
     replace_section(DOC, f"calibration-{args.tier}" if args.tier else "calibration", text)
 
