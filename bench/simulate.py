@@ -141,13 +141,13 @@ def calibrate(args: argparse.Namespace) -> None:
     front_ms = max(0.0, statistics.median(gaps))
     # Its work per token: the warm-up's front-end CPU less its requests' `front_ms` each, over
     # the tokens it served (max_tokens each: the load asks for ignore_eos).
-    served = [w for w, o in zip(workload(args.seed + 99, max(rates), 30), warm.outcomes) if o.status == 200]
-    tokens = sum(max_tokens for *_, max_tokens in served)
-    token_ms = max(0.0, 1e3 * (warm_cpu - len(served) * front_ms / 1e3) / max(1, tokens))
+    warm_served = [w for w, o in zip(workload(args.seed + 99, max(rates), 30), warm.outcomes) if o.status == 200]
+    tokens = sum(max_tokens for *_, max_tokens in warm_served)
+    token_ms = max(0.0, 1e3 * (warm_cpu - len(warm_served) * front_ms / 1e3) / max(1, tokens))
     front_end = FrontEnd(request_ms=max(0.0, front_ms - token_ms), token_ms=token_ms, cores=args.front_cores)
     print(
         f"front: {front_ms:.0f} ms before the tier (median of {len(gaps)}); in the warm-up "
-        f"{1e3 * warm_cpu / max(1, len(served)):.0f} ms CPU a request beyond idle, {token_ms:.2f} ms a token"
+        f"{1e3 * warm_cpu / max(1, len(warm_served)):.0f} ms CPU a request beyond idle, {token_ms:.2f} ms a token"
     )
 
     rows = []
