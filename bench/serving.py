@@ -139,6 +139,8 @@ ROLES = [
 """Process roles by command line (Ray sets a replica's to `ray::ServeReplica:APP:DEPLOYMENT`).
 A role matches a substring or a pattern; the first that matches wins; the rest is `other`
 (Ray's own processes, idle replicas such as the retriever)."""
+ENGINE_ROLES = ("vLLM worker (model)", "vLLM engine core")
+"""The engine's own processes: the model and the scheduler that steps it."""
 GATEWAY_ROLES = ("Serve proxy", "Serve ingress replica", "Serve model replica", "vLLM API server")
 """The serving path outside the engine: what a token costs on its way from engine to client
 (the model replica's process also runs vLLM's frontend, as vLLM's API server does)."""

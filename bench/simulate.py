@@ -119,7 +119,7 @@ def calibrate(args: argparse.Namespace) -> None:
         # The ingress's own time before a request reaches a tier (parsing, guards, routing),
         # from a separate light run on one tier, not from the runs compared below.
         front = await drive(base, "front", "small", 0.5, 20, args.seed + 7, budgets)
-        runs, engine_tpot = [], []
+        runs, engine_tpot, refits = [], [], []
         for rate in rates:
             runs.append(await drive(base, f"{rate:g} req/s", model, rate, args.duration_s, args.seed, budgets))
             # What each engine itself delivered (its decayed mean), before the front end's relay.
@@ -127,10 +127,10 @@ def calibrate(args: argparse.Namespace) -> None:
             loads = {t["name"]: (t.get("router") or {}).get("load") or {} for t in listed}
             engine_tpot.append({name: load.get("tpot_ms") for name, load in loads.items()})
             refits.append(tier_profiles(listed, f"refitted during the {rate:g} req/s run")[0])
-        return profiles, front, runs, (warm, warm_cpu), engine_tpot
+        return profiles, front, runs, (warm, warm_cpu), engine_tpot, refits
 
-    refits: list[dict] = []  # each tier's step-cost model as fitted by the end of each run
-    profiles, front, runs, (warm, warm_cpu), engine_tpot = asyncio.run(measure())
+    # refits: each tier's step-cost model as fitted by the end of each run
+    profiles, front, runs, (warm, warm_cpu), engine_tpot, refits = asyncio.run(measure())
     scorer = scorer_of(config)  # after the runs: its embedder would take CPU from the service
     profile_file = PROFILES / (f"cpu-measured-{args.tier}.json" if args.tier else "cpu-measured.json")
     save_profiles(profile_file, profiles)
@@ -150,9 +150,9 @@ def calibrate(args: argparse.Namespace) -> None:
         f"{1e3 * warm_cpu / max(1, len(warm_served)):.0f} ms CPU a request beyond idle, {token_ms:.2f} ms a token"
     )
 
+    traces = [arrivals(args.seed, rate, args.duration_s, args.tier) for rate in rates]
     rows = []
-    for rate, run in zip(rates, runs):
-        trace = arrivals(args.seed, rate, args.duration_s, args.tier)
+    for rate, run, trace in zip(rates, runs, traces):
         sim = summarize(simulate(trace, tiers, config.routing, front=front_end).outcomes)
         served = [o for o in run.outcomes if o.status == 200]
 
@@ -197,8 +197,7 @@ warm-up's CPU time; the front end simulated as one first-come first-served serve
     text += f"\n\nThe engines' own time per token at the end of each run (a decayed mean, before the relay): {own}."
     # A diagnostic, not a calibration: the same arrivals on the models the runs themselves fitted.
     insample = []
-    for rate, refit in zip(rates, refits):
-        trace = arrivals(args.seed, rate, args.duration_s, args.tier)
+    for rate, refit, trace in zip(rates, refits, traces):
         refit_tiers = simulated_tiers(config, {**profiles, **refit}, {})
         again = summarize(simulate(trace, refit_tiers, config.routing, front=front_end).outcomes)
         insample.append(f"{rate:g} req/s {again.goodput:.1%}, TPOT p50 {ms(again.tpot_p50_ms)} ms")
@@ -218,12 +217,9 @@ CALIBRATION_HEADER = (
 
 def front_cpu_s() -> float:
     """CPU seconds used so far by every process on the machine but the engines'."""
-    from serving import cpu_times
+    from serving import ENGINE_ROLES, cpu_times
 
     return sum(t for role, t in cpu_times().items() if role not in ENGINE_ROLES)
-
-
-ENGINE_ROLES = ("vLLM worker (model)", "vLLM engine core")
 
 
 # ----- at scale: configs/gpu.yaml with published GPU step times --------------------------------

@@ -235,11 +235,11 @@ def heap_snapshots(actors: dict[str, object], tag: str) -> dict[str, int]:
     return {r: ray.get(ref, timeout=300) for r, ref in refs.items()}
 
 
-def heap_report(traced: dict[str, dict[str, int]], trims: dict[str, tuple[int, int]], top: int = 8) -> str:
-    """What grew between the two snapshots, by source line, and what malloc_trim gave back."""
+def heap_report(traced: dict[str, dict[str, int]], trims: dict[str, tuple[int, int]], minute: int, top: int = 8) -> str:
+    """What grew between the two snapshots (the first at `minute`), by source line, and what
+    malloc_trim gave back."""
     import tracemalloc
 
-    minute = traced["minute"]["base"]
     lines = [
         f"| replica | Python heap at minute {minute} / drained MB | resident before / after malloc_trim MB |",
         "|---|---|---|",
@@ -284,6 +284,7 @@ def main() -> int:
             procs = processes()
             actors = replicas() if args.heap_profile else {}
             traced: dict[str, dict[str, int]] = {"base": {}, "end": {}}
+            heap_from = min(5, args.minutes / 2)  # the minute of the first snapshot
             if actors:
                 ray.get([actors[r].__ray_call__.remote(_trace_start, 8) for r in HEAP_ROLES])
             started = time.monotonic()
@@ -292,9 +293,8 @@ def main() -> int:
                 traffic = asyncio.create_task(clients(base, args.concurrency, 60 * args.minutes, args.seed, counts))
                 while not traffic.done():
                     sample = {"minute": (time.monotonic() - started) / 60, "requests": sum(counts.values())}
-                    if actors and not traced["base"] and sample["minute"] >= min(5, args.minutes / 2):
+                    if actors and not traced["base"] and sample["minute"] >= heap_from:
                         traced["base"] = await asyncio.to_thread(heap_snapshots, actors, "base")
-                        traced["minute"] = {"base": round(sample["minute"])}
                     sample["procs"] = measure(procs)
                     sample["tiers"] = await asyncio.to_thread(tier_view, http)
                     samples.append(sample)
@@ -326,16 +326,16 @@ def main() -> int:
 
     text = report(samples, counts)
     if actors:
-        text += "\n\n" + heap_report(traced, trims)
+        base_minute = next(s["minute"] for s in samples if s["minute"] >= heap_from)
+        text += "\n\n" + heap_report(traced, trims, round(base_minute))
     print(text)
     if not args.no_write:
         cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
         head = (
             f"`.venv/bin/python bench/soak.py --minutes {args.minutes:g} --concurrency {args.concurrency} "
-            f"--sample-s {args.sample_s:g} --seed {args.seed}` ({time.strftime('%Y-%m-%d')}, {cpu}; "
-            f"{args.concurrency} clients sending the mix without pause):\n\n"
+            f"--sample-s {args.sample_s:g}{' --heap-profile' if actors else ''} --seed {args.seed}` "
+            f"({time.strftime('%Y-%m-%d')}, {cpu}; {args.concurrency} clients sending the mix without pause):\n\n"
         )
-        head = head.replace("--seed", "--heap-profile --seed" if actors else "--seed")
         replace_section(REPO / "docs" / "reliability.md", "soak-heap" if actors else "soak", head + text)
     return 0
 

@@ -201,19 +201,24 @@ class Router:
         tokens += extra_tokens
         features = RequestFeatures(tokens, body.requested_max_tokens(), None, named_tier)
         c = self.config
-        options = (c.shed_over_budget, c.shed_over_tpot_budget, c.best_effort, c.tpot_counts_prefill)
+        options = {
+            "shed_over_budget": c.shed_over_budget,
+            "shed_over_tpot_budget": c.shed_over_tpot_budget,
+            "best_effort": c.best_effort,
+            "tpot_counts_prefill": c.tpot_counts_prefill,
+        }
         default = self.default_tier if allowed is None or self.default_tier in allowed else None
 
         def views() -> list[TierView]:
             snapshot = self.states.snapshot()
             return snapshot if allowed is None else [v for v in snapshot if v.name in allowed]
 
-        decision = decide(features, sla, views(), default, c.slo_headroom, *options)
+        decision = decide(features, sla, views(), default, c.slo_headroom, **options)
         # Which tiers admit the request does not depend on its complexity, so a request no tier
         # admits is shed before it is scored: under overload, shedding stays cheap.
         if named_tier is None and decision.choices and self.scorer is not None:
             features = replace(features, complexity=await self.complexity(text, turns))
-            decision = decide(features, sla, views(), default, c.slo_headroom, *options)
+            decision = decide(features, sla, views(), default, c.slo_headroom, **options)
         routed = Routed(decision, sla, features, arrived)
         if decision.choices:  # hold the place now: guards and retrieval still run before it starts
             routed.reserved = decision.choices[0].tier
