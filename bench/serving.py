@@ -277,6 +277,7 @@ TIERSERVE = {
     "tierserve, token spans 1/16": {"token_spans": 16},
     "tierserve, token spans all": {"token_spans": "all"},
     "tierserve, direct ingress": {"direct_ingress": True},
+    "tierserve, proxy by reference": {"ray_env": {"RAY_SERVE_PROXY_USE_GRPC": "0"}},
     "tierserve, stream interval 100 ms": {"stream_interval_ms": 100},
 }
 """tierserve's variants: the embedded default (guards on, tracing off), and one change each."""
@@ -287,7 +288,7 @@ def one_tier_config(system: str, port: int, receiver_port: int | None) -> Path:
     other system here), so tierserve runs one engine like the others; then the variant's change."""
     import yaml
 
-    from tierserve.cluster.config import bundled_config
+    from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, bundled_config
 
     variant = TIERSERVE[system]
     data = yaml.safe_load(bundled_config().read_text())
@@ -301,11 +302,13 @@ def one_tier_config(system: str, port: int, receiver_port: int | None) -> Path:
     if "token_spans" in variant:
         endpoint = f"http://127.0.0.1:{receiver_port}"
         data["telemetry"] = {"exporter": "otlp", "endpoint": endpoint, "token_spans": variant["token_spans"]}
+    if "ray_env" in variant:
+        data["ray"]["env"] = {**SERVE_THROUGHPUT_ENV, **variant["ray_env"]}
     if variant.get("direct_ingress"):
         # The ingress replica serves HTTP itself, on a port Serve allocates from this range
         # (here the one port asked for): no proxy hop.
         data["ray"]["env"] = {
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            **SERVE_THROUGHPUT_ENV,
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
@@ -413,9 +416,54 @@ def inprocess_stream(checkpoint: str) -> tuple[Stream, Callable[[], None]]:
 # ----- driver -----------------------------------------------------------------------------
 
 
-async def bench_system(system: str, stream: Stream, args: argparse.Namespace) -> list[Result]:
+async def idle_cpu(seconds: float) -> dict[str, float]:
+    """Each role's CPU seconds per second while the system serves nothing (its polls, health
+    checks and metrics): what the gateway costs before any request."""
+    before = cpu_times()
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    wall = time.perf_counter() - start
+    after = cpu_times()
+    return {role: (after[role] - before.get(role, 0.0)) / wall for role in after if role in before}
+
+
+@dataclass
+class Split:
+    """A system's gateway CPU in three parts, per role: while idle (CPU seconds per second), per
+    request and per output token. The two parts under load are solved from two concurrency-16
+    runs that differ only in answer length (`short` and `long`), each less the idle rate over
+    its wall time: busy = requests x per_request + tokens x per_token."""
+
+    system: str
+    idle: dict[str, float]
+    per_request: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per request."""
+    per_token: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per output token."""
+
+    @classmethod
+    def fit(cls, system: str, idle: dict[str, float], short: Result, long: Result) -> Split:
+        split = cls(system, idle)
+        n1, t1 = len(short.samples), sum(s.tokens for s in short.samples)
+        n2, t2 = len(long.samples), sum(s.tokens for s in long.samples)
+        det = n1 * t2 - n2 * t1
+        for role in GATEWAY_ROLES:
+            b1 = (short.cpu.get(role, 0.0) - idle.get(role, 0.0)) * short.wall
+            b2 = (long.cpu.get(role, 0.0) - idle.get(role, 0.0)) * long.wall
+            split.per_request[role] = (b1 * t2 - b2 * t1) / det if det else float("nan")
+            split.per_token[role] = (n1 * b2 - n2 * b1) / det if det else float("nan")
+        return split
+
+    def total(self, part: dict[str, float]) -> float:
+        return sum(part.get(role, 0.0) for role in GATEWAY_ROLES)
+
+
+async def bench_system(system: str, stream: Stream, args: argparse.Namespace) -> tuple[list[Result], Split | None]:
+    """The system's runs at concurrency 1 and 16, and (for a system with a gateway) its gateway
+    CPU split into idle, per-request and per-token parts."""
     for prompt in PROMPTS[:2]:  # warm-up: first requests pay one-off costs
         await measure_one(stream, prompt, 8)
+    idle = await idle_cpu(args.idle_s)
     results = []
     for c in (1, 16):
         n = args.requests_c1 if c == 1 else args.requests_c16
@@ -423,11 +471,20 @@ async def bench_system(system: str, stream: Stream, args: argparse.Namespace) ->
         ttft = r.ttft_p50 * 1e3
         print(f"  {system:20s} c={c:<3d} TTFT p50 {ttft:7.1f} ms  tok/s {r.throughput:7.1f}  errors {r.errors}")
         results.append(r)
-    return results
+    if results[-1].gateway_us_per_token is None:  # no gateway to split
+        return results, None
+    short = await run_load(system, stream, 16, args.requests_c16, args.short_tokens)
+    split = Split.fit(system, idle, short, results[-1])
+    print(
+        f"  {system:20s} gateway CPU: idle {1e3 * split.total(idle):.0f} ms/s, "
+        f"{1e3 * split.total(split.per_request):.1f} ms/request, {1e6 * split.total(split.per_token):.0f} us/token"
+    )
+    return results, split
 
 
-def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
-    """Every system's results, and the gateway profile's report if `--profile` asked for one."""
+def run_all(args: argparse.Namespace) -> tuple[list[Result], list[Split], str | None]:
+    """Every system's results and gateway splits, and the gateway profile's report if
+    `--profile` asked for one."""
     from tracing import DISCARD_RECEIVER
 
     from tierserve.actors.checkpoints import prepare_embedded
@@ -436,6 +493,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
     logs = REPO / "bench" / "results"
     logs.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
+    splits: list[Split] = []
     profile = None
     receiver_port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", DISCARD_RECEIVER, str(receiver_port)])
@@ -444,7 +502,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
             print(f"== {system}", flush=True)
             if system == "AsyncLLM in-process":
                 stream, shutdown = inprocess_stream(checkpoint)
-                results += asyncio.run(bench_system(system, stream, args))
+                results += asyncio.run(bench_system(system, stream, args))[0]
                 shutdown()
                 continue
             port = free_port()
@@ -456,7 +514,9 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
                 if system in TIERSERVE:  # and its router has seen the tier answer (see below)
                     wait_http(f"http://127.0.0.1:{port}/v1/tiers", proc, timeout=120, ready=routed)
                 stream = openai_stream(f"http://127.0.0.1:{port}/v1", model)
-                results += asyncio.run(bench_system(system, stream, args))
+                runs, split = asyncio.run(bench_system(system, stream, args))
+                results += runs
+                splits += [split] if split is not None else []
                 if args.profile and system == "tierserve":
                     # A new client: the last one's connections belong to a closed event loop.
                     profile = profile_gateway(openai_stream(f"http://127.0.0.1:{port}/v1", model), args, logs)
@@ -464,7 +524,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], str | None]:
                 stop(proc)
     finally:
         receiver.terminate()
-    return results, profile
+    return results, splits, profile
 
 
 # ----- the gateway's profile ----------------------------------------------------------------
@@ -600,7 +660,28 @@ def cpu_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def write_doc(results: list[Result], args: argparse.Namespace, profile: str | None) -> Path:
+SPLIT_ROLES = {"Serve proxy": "proxy", "Serve ingress replica": "ingress", "Serve model replica": "model replica",
+               "vLLM API server": "API server"}  # fmt: skip
+
+
+def split_table(splits: list[Split]) -> str:
+    """Each system's gateway CPU: idle, per request and per output token, in all and per role."""
+    parts = [f"per token: {name} (us)" for name in SPLIT_ROLES.values()]
+    columns = ["system", "idle (CPU ms/s)", "per request (ms)", "per output token (us)", *parts]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for sp in splits:
+        cells = [
+            sp.system,
+            f"{1e3 * sp.total(sp.idle):.0f}",
+            f"{1e3 * sp.total(sp.per_request):.1f}",
+            f"{1e6 * sp.total(sp.per_token):.0f}",
+            *(f"{1e6 * sp.per_token.get(role, 0.0):.0f}" for role in SPLIT_ROLES),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_doc(results: list[Result], splits: list[Split], args: argparse.Namespace, profile: str | None) -> Path:
     doc = REPO / "docs" / "benchmarks" / "serving.md"
     header = f"""# Serving benchmark
 
@@ -637,6 +718,21 @@ machine has 2). Sampled with psutil over all processes on the machine at the sta
 the run.
 
 """
+    split = f"""
+
+## Gateway CPU split: idle, per request, per token (concurrency 16)
+
+The gateway CPU per output token above mixes three costs that scale differently: what the
+serving processes burn with no request at all (polls, health checks, metrics), what each request
+costs once (parsing, input guards, routing, the calls that open its stream) and what each
+output token costs (relaying, output guard, formatting). Each system is measured idle for
+{args.idle_s:.0f} s after its warm-up, and at concurrency 16 a second time with
+{args.short_tokens}-token answers; the two concurrency-16 runs, each less the idle rate over its wall
+time, give the per-request and per-token parts (busy CPU = requests x per request + tokens x per
+token). On a GPU node with long answers the per-token part is what decides how many cores the
+gateway needs; the idle part does not grow with traffic.
+
+"""
     reading = """
 ## Reading the numbers
 
@@ -671,7 +767,8 @@ the run.
   prompt, tens of milliseconds), so per output token they weigh more on short answers like these
   64-token ones; "guards off" shows tierserve without them.
 """
-    doc.write_text(header + table(results) + cpu + cpu_table(results) + "\n" + reading)
+    body = header + table(results) + cpu + cpu_table(results) + split + split_table(splits) + "\n" + reading
+    doc.write_text(body)
     if profile is not None:
         profile_doc = REPO / "docs" / "benchmarks" / "gateway-profile.md"
         profile_doc.write_text(
@@ -709,6 +806,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-c1", type=int, default=16)
     p.add_argument("--requests-c16", type=int, default=64)
+    p.add_argument("--short-tokens", type=int, default=8, help="answer length of the run that splits gateway CPU")
+    p.add_argument("--idle-s", type=float, default=15.0, help="seconds of idle CPU measured per system")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--profile", action="store_true", help="profile tierserve's ingress and tier replica (py-spy)")
     p.add_argument("--profile-requests", type=int, default=128)
@@ -718,13 +817,14 @@ def main() -> None:
     if args.ray_serve_llm:
         serve_ray_llm(args.ray_serve_llm, args.port)
         return
-    results, profile = run_all(args)
+    results, splits, profile = run_all(args)
     print(table(results))
     print(cpu_table(results))
+    print(split_table(splits))
     if profile is not None:
         print(profile)
     if not args.no_write:
-        print(f"wrote {write_doc(results, args, profile)}")
+        print(f"wrote {write_doc(results, splits, args, profile)}")
 
 
 if __name__ == "__main__":

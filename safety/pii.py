@@ -220,11 +220,13 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {
 }
 """Entity types `PiiGuardConfig.entities` may name without NER, and how each is found."""
 
-MAY_HOLD = regex.compile(r"[^A-Za-z\s,;!?'\"()]|[A-Za-z]{16}")
+MAY_HOLD = regex.compile(r"[^A-Za-z\s,;!?'\"().:]|[.:](?!\s)|[A-Za-z]{16}")
 """What every entity type of `RECOGNIZERS` contains: a character other than an ASCII letter,
-white space or `,;!?'"()` (a digit, `@`, `.`, `:`, `/`, `-`, `_`, ...), or a run of 16 letters
-(an access key without digits or separators). Text without either holds none of them, so a
-stream of plain words needs no analysis (`PiiGuard.may_find`)."""
+white space or `,;!?'"()` (a digit, `@`, `/`, `-`, `_`, ...), a `.` or `:` that white space does
+not follow (`example.com`, `fe80::1`; one at the end of the text may be followed by more), or a
+run of 16 letters (an access key without digits or separators). No entity holds white space, so
+the `.` and `:` that end sentences and introduce lists do not count. Text without any of these
+holds no entity, so a stream of plain sentences needs no analysis (`PiiGuard.may_find`)."""
 
 
 _WARMUP_TEXT = (

@@ -133,7 +133,11 @@ def test_deployment_options_map_to_serve():
 
 def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
     env = load_config(write(tmp_path, GOOD)).ray.env
-    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert env == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+        "RAY_SERVE_PROXY_USE_GRPC": "1",
+    }
     assert load_config(write(tmp_path, GOOD + "ray:\n  env: {}\n")).ray.env == {}
 
 

@@ -70,6 +70,25 @@ def test_every_entity_holds_what_the_streaming_prefilter_looks_for(text, entity,
     assert MAY_HOLD.search(text[start:end]), (entity, text[start:end])
 
 
+@pytest.mark.parametrize(
+    ("text", "may_hold"),
+    [
+        ("It works. Then it stops: really", False),  # sentence and list punctuation, then a space
+        ("It works.", True),  # a final `.` may still become `works.com`
+        ("see example.com", True),
+        ("address fe80::1", True),
+        ("answer 42", True),
+        ("plain words, nothing else", False),
+    ],
+)
+def test_sentence_punctuation_needs_no_analysis(text, may_hold):
+    """A `.` or `:` followed by white space ends a sentence or starts a list; no entity holds
+    white space, so only a `.` or `:` with no space after it makes `MAY_HOLD` match."""
+    from tierserve.safety.pii import MAY_HOLD
+
+    assert (MAY_HOLD.search(text) is not None) is may_hold
+
+
 @pytest.mark.parametrize(("text", "entity", "start", "end"), FOUND)
 def test_found(guard, text, entity, start, end):
     assert spans(guard, text) == [(entity, start, end)]
