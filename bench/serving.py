@@ -8,8 +8,11 @@ output token (TPOT), output tokens/s and the gateway's CPU per output token: the
 every serving process that is not the engine (Serve's proxy and replicas, or vLLM's API
 server), over the tokens the run produced. tierserve runs as the embedded default (guards on,
 tracing off) and in variants: guards off, token spans on (every token, one in 16; exported
-over OTLP to a receiver that discards), and Serve's direct ingress (no proxy). It prints the
-tables and writes them to docs/benchmarks/serving.md; `--profile` adds a py-spy profile of
+over OTLP to a receiver that discards), Serve's direct ingress (no proxy) and the proxy's
+chunks as Ray objects. For every system with a gateway it also splits that CPU into an idle
+rate, a cost per request and a cost per output token (an idle interval, and a second
+concurrency-16 run with short answers). It prints the tables and writes them to
+docs/benchmarks/serving.md; `--profile` adds a py-spy profile of
 tierserve's ingress and tier replica at concurrency 16 (docs/benchmarks/gateway-profile.md).
 
     make bench                       # or: .venv/bin/python bench/serving.py [--systems ...] [--profile]
@@ -738,11 +741,16 @@ gateway needs; the idle part does not grow with traffic.
 
 - Gateway CPU per output token is the number that decides how far tierserve scales: on a GPU
   node the engine's tokens are cheap and every relayed token still costs the gateway this much
-  CPU. tierserve relays each token across two Ray hops the in-process engine does not have: the
-  tier replica to the ingress (a streaming DeploymentHandle: every batch of chunks is a Ray
-  object) and the ingress to Serve's HTTP proxy (gRPC). Each hop costs Ray's core worker (C++,
-  outside Python) per message, and the guards and the OpenAI formatting cost Python per token;
+  CPU. tierserve relays each token across two hops the in-process engine does not have: the
+  tier replica to the ingress (a streaming DeploymentHandle) and the ingress to Serve's HTTP
+  proxy. Both are gRPC streams in the shipped `ray.env` (Serve's throughput mode plus
+  `RAY_SERVE_PROXY_USE_GRPC=1`); each message still costs both ends Ray's and gRPC's code, and
+  the output guard and the OpenAI formatting cost Python per token;
   docs/benchmarks/gateway-profile.md (`--profile`) names the Python costs.
+- "proxy by reference" is the shipped config without `RAY_SERVE_PROXY_USE_GRPC=1`: Ray 2.60
+  decides the proxy's transport before throughput mode switches gRPC on, so with the mode alone
+  every chunk from ingress to proxy travels as a Ray object (the proxy's and the ingress's
+  per-token columns of the split table show what that costs).
 - The tier sends the first chunk at once and then whatever piled up while the previous send was
   in flight; at these speeds (tens of milliseconds per token) that is one token per message, so
   messages cannot be fewer without delaying tokens (`stream_interval_ms` trades latency for
@@ -764,8 +772,8 @@ gateway needs; the idle part does not grow with traffic.
   does not pay for the latency it adds to every chunk: keep `stream_interval_ms` at 0 here and
   try it where an engine produces tokens faster than the gateway relays them.
 - The input guards cost per request (Presidio and the injection classifier's embedding of the
-  prompt, tens of milliseconds), so per output token they weigh more on short answers like these
-  64-token ones; "guards off" shows tierserve without them.
+  prompt: the split table's per-request column with and without them), so per output token they
+  weigh more on short answers like these 64-token ones; "guards off" shows tierserve without them.
 """
     body = header + table(results) + cpu + cpu_table(results) + split + split_table(splits) + "\n" + reading
     doc.write_text(body)

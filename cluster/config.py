@@ -52,8 +52,8 @@ SERVE_THROUGHPUT_ENV = {
 """Ray Serve's throughput mode (user code and router on each replica's main event loop, gRPC
 between replicas), keeping the HTTP proxy in front, and gRPC between the proxy and the replicas
 too: Ray 2.60 decides the proxy's transport before throughput mode switches gRPC on, so the mode
-alone leaves every streamed chunk from ingress to proxy a Ray object (366 against 188 us of
-proxy CPU per output token, docs/benchmarks/serving.md). configs/serve.yaml repeats it as the
+alone leaves every streamed chunk from ingress to proxy a Ray object (360 against 151 us of
+proxy CPU per output token, "proxy by reference" in docs/benchmarks/serving.md). configs/serve.yaml repeats it as the
 application's runtime_env (a test keeps the two equal)."""
 
 
