@@ -43,10 +43,12 @@ T = TypeVar("T")
 
 # Batching of a token stream before it crosses a Ray boundary.
 #
-# Every message through a streaming DeploymentHandle costs a Ray object, which is more than a
-# decode step of a small model. So the tier sends the first chunk the moment it exists (time to
-# first token is what users feel) and afterwards sends whatever piled up while the previous send
-# was in flight, optionally waiting until `min_interval_s` has passed since the last send.
+# Every message through a streaming DeploymentHandle costs both ends Ray's and gRPC's code
+# (the ingress reads tiers over Serve's gRPC transport, `tierserve.router.handles.TIER_STREAM`),
+# which is more than a decode step of a small model. So the tier sends the first chunk the
+# moment it exists (time to first token is what users feel) and afterwards sends whatever piled
+# up while the previous send was in flight, optionally waiting until `min_interval_s` has passed
+# since the last send.
 
 
 class _End:
