@@ -157,6 +157,12 @@ def _role(cmd: str) -> str:
     return "other"
 
 
+def cpu_rates(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Each role's CPU seconds per second between two `cpu_times()` readings `wall` seconds
+    apart; a process started meanwhile has no baseline, so only roles seen at both ends count."""
+    return {role: (after[role] - before.get(role, 0.0)) / wall for role in after if role in before}
+
+
 def cpu_times() -> dict[str, float]:
     """CPU seconds used so far by each process role (first match in ROLES), 'other' for the rest."""
     totals: dict[str, float] = {}
@@ -191,10 +197,7 @@ async def run_load(system: str, stream: Stream, concurrency: int, requests: int,
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    after = cpu_times()
-    # Processes that exist at both ends only; a process started meanwhile has no baseline.
-    cpu = {role: (after[role] - before.get(role, 0.0)) / wall for role in after if role in before}
-    return Result(system, concurrency, samples, wall, errors, cpu)
+    return Result(system, concurrency, samples, wall, errors, cpu_rates(before, cpu_times(), wall))
 
 
 def openai_stream(base_url: str, model: str) -> Stream:
@@ -425,9 +428,7 @@ async def idle_cpu(seconds: float) -> dict[str, float]:
     before = cpu_times()
     start = time.perf_counter()
     await asyncio.sleep(seconds)
-    wall = time.perf_counter() - start
-    after = cpu_times()
-    return {role: (after[role] - before.get(role, 0.0)) / wall for role in after if role in before}
+    return cpu_rates(before, cpu_times(), time.perf_counter() - start)
 
 
 @dataclass
@@ -663,13 +664,13 @@ def cpu_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-SPLIT_ROLES = {"Serve proxy": "proxy", "Serve ingress replica": "ingress", "Serve model replica": "model replica",
-               "vLLM API server": "API server"}  # fmt: skip
+SPLIT_LABELS = dict(zip(GATEWAY_ROLES, ("proxy", "ingress", "model replica", "API server"), strict=True))
+"""The split table's short column name for each gateway role."""
 
 
 def split_table(splits: list[Split]) -> str:
     """Each system's gateway CPU: idle, per request and per output token, in all and per role."""
-    parts = [f"per token: {name} (us)" for name in SPLIT_ROLES.values()]
+    parts = [f"per token: {name} (us)" for name in SPLIT_LABELS.values()]
     columns = ["system", "idle (CPU ms/s)", "per request (ms)", "per output token (us)", *parts]
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for sp in splits:
@@ -678,7 +679,7 @@ def split_table(splits: list[Split]) -> str:
             f"{1e3 * sp.total(sp.idle):.0f}",
             f"{1e3 * sp.total(sp.per_request):.1f}",
             f"{1e6 * sp.total(sp.per_token):.0f}",
-            *(f"{1e6 * sp.per_token.get(role, 0.0):.0f}" for role in SPLIT_ROLES),
+            *(f"{1e6 * sp.per_token.get(role, 0.0):.0f}" for role in GATEWAY_ROLES),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
