@@ -8,9 +8,17 @@ ones the time to first token against the class's budget. The burst is repeated `
 times to see whether the ingress's memory stays flat, and after each round the router's
 in-flight counts must be back to zero.
 
-    .venv/bin/python bench/overload.py [--burst 240] [--tokens 64] [--rounds 3] [--no-write]
+With `--rate`, the overload is an open loop instead, the issue's "4x capacity" as a rate: it
+first measures the service's capacity (completed requests per second from `--capacity-clients`
+clients sending back to back for `--capacity-s`), then sends Poisson arrivals (seeded) at each
+of `--multiples` times that rate for `--duration-s`. A burst asks how fast the front end works
+through 240 requests that arrive in the same millisecond; the open loop asks what a caller sees
+while offered load stays above capacity.
 
-Prints a table and writes it to docs/reliability.md (section `overload`).
+    .venv/bin/python bench/overload.py [--burst 240] [--tokens 64] [--rounds 3] [--no-write]
+    .venv/bin/python bench/overload.py --rate [--multiples 2,4] [--duration-s 60] [--seed 0]
+
+Prints a table and writes it to docs/reliability.md (section `overload`, or `overload-rate`).
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ import argparse
 import asyncio
 import json
 import platform
+import random
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -44,6 +53,11 @@ class Outcome:
     """Request sent to status line (for a refusal: the whole answer)."""
     retry_after: str | None = None
     ttft_ms: float | None = None
+    sent_s: float = 0.0
+    """When it was sent, from the start of its round."""
+    tier: str | None = None
+    predicted_ttft_ms: float | None = None
+    """What the router predicted for it (the final chunk's `tierserve` field)."""
     tokens: int = 0
     error: str | None = None
 
@@ -80,6 +94,9 @@ async def one(client: httpx.AsyncClient, i: int, tokens: int) -> Outcome:
                 if "error" in event:
                     out.error = event["error"]["code"]
                     continue
+                if event.get("tierserve"):
+                    out.tier = event["tierserve"]["tier"]
+                    out.predicted_ttft_ms = event["tierserve"]["predicted_ttft_ms"]
                 if any(c["delta"].get("content") for c in event.get("choices", [])):
                     out.tokens += 1
                     if out.ttft_ms is None:
@@ -89,23 +106,23 @@ async def one(client: httpx.AsyncClient, i: int, tokens: int) -> Outcome:
         return Outcome(sla, -1, 1e3 * (time.perf_counter() - started), error=type(exc).__name__)
 
 
-def serve_embedded(app_name: str) -> str:
-    """Start Ray and the embedded default (configs/local.yaml) as `app_name` on a free local
-    port; return its base URL. The caller shuts Serve and Ray down."""
+def serve_embedded(app_name: str, routing: dict | None = None) -> str:
+    """Start Ray and the embedded default (configs/local.yaml, with `routing` options changed)
+    as `app_name` on a free local port; return its base URL. The caller shuts Serve and Ray down."""
     from ray import serve
 
     from tierserve.actors.checkpoints import prepare_embedded
-    from tierserve.cluster.app import build_app
+    from tierserve.cluster.app import build_application
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
 
-    config_path = REPO / "configs" / "local.yaml"
     prepare_embedded("smollm2-135m-instruct", progress=False)
-    config = load_config(config_path)
+    config = load_config(REPO / "configs" / "local.yaml")
+    config = config.model_copy(update={"routing": config.routing.model_copy(update=routing or {})})
     start_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 8})}), log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"config": str(config_path)}), name=app_name, route_prefix="/")
+    serve.run(build_application(config), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -130,9 +147,54 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 
 async def burst(base: str, n: int, tokens: int) -> list[Outcome]:
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    async with client_for(base, n + 8) as client:
         return list(await asyncio.gather(*(one(client, i, tokens) for i in range(n))))
+
+
+def client_for(base: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base, timeout=600, limits=limits)
+
+
+async def capacity(base: str, clients: int, duration_s: float, tokens: int) -> float:
+    """Completed requests per second with `clients` sending back to back (a closed loop, so the
+    service is never offered more than it holds), over `duration_s` after a first round."""
+    done: list[float] = []
+    stop = time.perf_counter() + duration_s
+
+    async def client(c: httpx.AsyncClient, k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            out = await one(c, 3 * i + 1, tokens)  # standard: i % 3 != 0
+            if out.status == 200 and out.tokens:
+                done.append(time.perf_counter())
+            i += clients
+
+    async with client_for(base, clients + 8) as c:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c, k) for k in range(clients)))
+    counted = [t for t in done if t >= started + duration_s / 4]  # after the clients' first answers
+    return len(counted) / (0.75 * duration_s)
+
+
+async def open_loop(base: str, rate: float, duration_s: float, tokens: int, seed: int) -> list[Outcome]:
+    """Poisson arrivals at `rate` per second for `duration_s`, each sent when it arrives
+    whatever the service is doing (an open loop); every outcome, once all have ended."""
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < duration_s:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    async with client_for(base, len(arrivals) + 8) as c:
+        started = time.perf_counter()
+        tasks = []
+        for i, at in enumerate(arrivals):
+            await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(c, i, tokens)))
+        outcomes = list(await asyncio.gather(*tasks))
+    for out, at in zip(outcomes, arrivals):
+        out.sent_s = at
+    return outcomes
 
 
 def in_flight(http: httpx.Client) -> dict[str, int]:
@@ -151,6 +213,9 @@ def summarise(outcomes: list[Outcome]) -> dict:
         "shed_p50_ms": quantile([o.status_ms for o in shed], 0.5),
         "shed_p99_ms": quantile([o.status_ms for o in shed], 0.99),
         "stream_errors": sorted({o.error for o in admitted if o.error}),
+        "ttft_over_predicted_p50": quantile(
+            [o.ttft_ms / o.predicted_ttft_ms for o in admitted if o.ttft_ms and o.predicted_ttft_ms], 0.5
+        ),
     }
     for sla, budget in BUDGET_TTFT_MS.items():
         mine = [o for o in admitted if o.sla_class == sla and o.ttft_ms is not None]
@@ -161,24 +226,48 @@ def summarise(outcomes: list[Outcome]) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], first: str = "round") -> str:
+    """One line a row; `first` names the column that tells rows apart (its value: `label`)."""
     lines = [
-        "| round | sent | admitted | shed (429/503) | with Retry-After | shed p50 / p99 ms "
+        f"| {first} | sent | admitted | shed (429/503) | with Retry-After | shed p50 / p99 ms "
         "| interactive admitted, within 1 s TTFT | its TTFT p50 / p99 ms | standard admitted, within 3 s "
-        "| its TTFT p50 / p99 ms | ingress RSS MB | in flight after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| its TTFT p50 / p99 ms | TTFT / predicted, p50 | ingress RSS MB | in flight after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, r in enumerate(rows, 1):
+    for r in rows:
         lines.append(
-            f"| {i} | {r['sent']} | {r['admitted']} | {r['shed']} | {r['shed_with_retry_after']} | "
+            f"| {r['label']} | {r['sent']} | {r['admitted']} | {r['shed']} | {r['shed_with_retry_after']} | "
             f"{fmt(r['shed_p50_ms'])} / {fmt(r['shed_p99_ms'])} | "
             f"{r['interactive_admitted']}, {r['interactive_within']} | "
             f"{fmt(r['interactive_ttft_p50_ms'])} / {fmt(r['interactive_ttft_p99_ms'])} | "
             f"{r['standard_admitted']}, {r['standard_within']} | "
             f"{fmt(r['standard_ttft_p50_ms'])} / {fmt(r['standard_ttft_p99_ms'])} | "
+            f"{fmt(r['ttft_over_predicted_p50'], 2)} | "
             f"{r['rss_mb']:.0f} | {r['in_flight_after']} |"
         )
     return "\n".join(lines)
+
+
+def settle(http: httpx.Client, row: dict) -> dict:
+    """Wait (up to 60 s) for the router's in-flight counts to reach zero; record them and the
+    ingress's memory on `row`."""
+    deadline = time.monotonic() + 60
+    while (counts := in_flight(http)) and any(counts.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    row["in_flight_after"] = sum(counts.values())
+    row["rss_mb"] = ingress_rss_mb("overload")
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+VARIANTS = {
+    "shipped": {},
+    "no TTFT feedback": {"ttft_feedback": False},
+    "shed past 3x budget": {"shed_over_budget": 3.0},
+    "neither": {"ttft_feedback": False, "shed_over_budget": 3.0},
+}
+"""Routing options changed from configs/local.yaml's (TTFT feedback on, shed past 1x budget),
+by name; `neither` is the embedded default before 2026-12-07."""
 
 
 def main() -> int:
@@ -186,50 +275,93 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=240)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", action="store_true", help="open-loop arrivals at multiples of capacity")
+    parser.add_argument("--multiples", default="4", help="offered load, as multiples of measured capacity")
+    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--capacity-clients", type=int, default=16)
+    parser.add_argument("--capacity-s", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), help="with --rate, default: all; else: shipped"
+    )
+    parser.add_argument("--outcomes", type=Path, help="also write every request's outcome here (JSON lines)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    variants = args.variants or (list(VARIANTS) if args.rate else ["shipped"])
 
     import ray
     from ray import serve
 
-    base = serve_embedded("overload")
     rows = []
-    try:
-        with httpx.Client(base_url=base) as http:
-            for _ in range(8):  # warm both tiers (first requests compile and fit the step model)
-                for tier in ("small", "quality"):
-                    http.post("/v1/completions", json={"model": tier, "prompt": "Hello", "max_tokens": 8}, timeout=300)
-            time.sleep(2)
-            for _ in range(args.rounds):
-                outcomes = asyncio.run(burst(base, args.burst, args.tokens))
-                row = summarise(outcomes)
-                deadline = time.monotonic() + 60
-                while (counts := in_flight(http)) and any(counts.values()) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                row["in_flight_after"] = sum(counts.values())
-                row["rss_mb"] = ingress_rss_mb("overload")
-                rows.append(row)
-                print(json.dumps(row, default=str), flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    served = None
+    for variant in variants:
+        base = serve_embedded("overload", VARIANTS[variant])
+        prefix = "" if len(variants) == 1 else f"{variant}, "
+        try:
+            with httpx.Client(base_url=base) as http:
+                for _ in range(8):  # warm both tiers (first requests compile and fit the step model)
+                    for tier in ("small", "quality"):
+                        body = {"model": tier, "prompt": "Hello", "max_tokens": 8}
+                        http.post("/v1/completions", json=body, timeout=300)
+                time.sleep(2)
 
-    text = table(rows)
+                def record(outcomes: list[Outcome], label: str) -> None:
+                    if args.outcomes is not None:
+                        with args.outcomes.open("a") as f:
+                            f.writelines(json.dumps({"round": label, **asdict(o)}) + "\n" for o in outcomes)
+                    row = summarise(outcomes)
+                    row["label"] = label
+                    rows.append(settle(http, row))
+
+                if args.rate:
+                    # Every variant runs the closed loop (it also warms the router's fits); the
+                    # offered load is the first variant's capacity, so all see the same arrivals.
+                    measured = asyncio.run(capacity(base, args.capacity_clients, args.capacity_s, args.tokens))
+                    settle(http, {"variant": variant, "capacity_rps": measured})
+                    served = served or measured
+                    for k, multiple in enumerate(float(m) for m in args.multiples.split(",")):
+                        arrivals = open_loop(base, multiple * served, args.duration_s, args.tokens, args.seed + k)
+                        record(asyncio.run(arrivals), f"{prefix}{multiple:g}x ({multiple * served:.1f}/s)")
+                else:
+                    for i in range(args.rounds):
+                        record(asyncio.run(burst(base, args.burst, args.tokens)), f"{prefix}{i + 1}")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    text = table(rows, "offered load" if args.rate else "round")
+    if len(variants) > 1:
+        text = text.replace("| offered load |", "| variant, offered load |", 1)
     print(text)
     if not args.no_write:
         cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
-        head = (
-            f"`.venv/bin/python bench/overload.py --burst {args.burst} --tokens {args.tokens} --rounds {args.rounds}` "
-            f"({time.strftime('%Y-%m-%d')}, {cpu}; {args.burst} streamed `auto` chats at once, a third "
-            f"interactive, {args.tokens} tokens each):\n\n"
-        )
+        if args.rate:
+            section = "overload-rate"
+            named = " ".join(f'"{v}"' for v in variants)
+            head = (
+                f"`.venv/bin/python bench/overload.py --rate --variants {named} "
+                f"--multiples {args.multiples} --duration-s {args.duration_s:g} --tokens {args.tokens} "
+                f"--seed {args.seed}` "
+                f"({time.strftime('%Y-%m-%d')}, {cpu}; capacity "
+                f"{served:.2f} completed requests/s with {args.capacity_clients} clients back to back; then Poisson "
+                f"arrivals of streamed `auto` chats for {args.duration_s:g} s at each multiple of it, a third "
+                f"interactive, {args.tokens} tokens each):\n\n"
+            )
+        else:
+            section = "overload"
+            head = (
+                f"`.venv/bin/python bench/overload.py --burst {args.burst} --tokens {args.tokens} "
+                f"--rounds {args.rounds}` "
+                f"({time.strftime('%Y-%m-%d')}, {cpu}; {args.burst} streamed `auto` chats at once, a third "
+                f"interactive, {args.tokens} tokens each):\n\n"
+            )
         other = sorted({str(x) for r in rows for x in r["other"]})
         tail = (
             f"\n\nOther statuses: {', '.join(other) or 'none'}. Errors inside admitted streams: "
             + (", ".join(sorted({e for r in rows for e in r["stream_errors"]})) or "none")
             + "."
         )
-        replace_section(REPO / "docs" / "reliability.md", "overload", head + text + tail)
+        replace_section(REPO / "docs" / "reliability.md", section, head + text + tail)
     return 0
 
 

@@ -48,13 +48,17 @@ SERVE_THROUGHPUT_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
     "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 """Ray Serve's throughput mode (user code and router on each replica's main event loop, gRPC
 between replicas), keeping the HTTP proxy in front, and gRPC between the proxy and the replicas
 too: Ray 2.60 decides the proxy's transport before throughput mode switches gRPC on, so the mode
 alone leaves every streamed chunk from ingress to proxy a Ray object (360 against 151 us of
-proxy CPU per output token, "proxy by reference" in docs/benchmarks/serving.md). configs/serve.yaml repeats it as the
-application's runtime_env (a test keeps the two equal)."""
+proxy CPU per output token, "proxy by reference" in docs/benchmarks/serving.md). Replica logs,
+the access log included, are written as they come: throughput mode would hold up to 1,000
+records a replica in memory until the buffer fills or an error is logged, and a replica that dies
+loses them. configs/serve.yaml repeats it as the application's runtime_env (a test keeps the
+two equal)."""
 
 
 class RayConfig(BaseModel):

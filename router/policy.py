@@ -36,7 +36,9 @@ prefilled per step: chunked prefill puts other requests' prompts into the steps 
 this one); its first token comes after the wait for a slot (if all are taken), half a step, and
 the step that prefills its prompt. Both options come from the routing simulator
 (docs/routing-simulation.md), which found them ahead on GPU clusters; on the 2-core service
-they measured worse at 1 req/s, so they are off unless configured (configs/gpu.yaml).
+they measured worse at 1 req/s, so they are off unless configured (configs/gpu.yaml). The
+predicted TTFT is then corrected by what the ingress has measured against the model lately
+(`TtftCorrection`; `routing.ttft_feedback`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ class RequestFeatures:
     """The tier the request names; it goes there and nowhere else."""
 
 
+@dataclass(frozen=True, slots=True)
+class TtftCorrection:
+    """How far the tier's first tokens have come from the step-cost model's predictions, as the
+    ingress measured them: observed = `offset_ms` + `scale` x modelled (`TtftFit` in
+    `tierserve.router.state` fits it). The model sees only the engine's queue and steps; the
+    input guards, the ingress's own queue and cores shared with other processes are in the
+    difference. The identity changes nothing."""
+
+    offset_ms: float = 0.0
+    scale: float = 1.0
+
+    MIN_SCALE = 0.5
+    """A corrected prediction is never below half the model's."""
+
+    def __call__(self, modelled_ms: float) -> float:
+        return max(self.MIN_SCALE * modelled_ms, self.offset_ms + self.scale * modelled_ms)
+
+
 @dataclass(slots=True)
 class TierView:
     """What the router knows about a tier at decision time."""
@@ -102,6 +122,8 @@ class TierView:
     request must not push their tokens past it."""
     priorities: dict[int, int] = field(default_factory=dict)
     """Requests this ingress has in flight there, by priority."""
+    ttft_correction: TtftCorrection = TtftCorrection()
+    """Applied to the modelled TTFT (`routing.ttft_feedback`)."""
 
     def in_system(self) -> int:
         """Requests in the tier: as reported (all replicas), or as this ingress counts them."""
@@ -131,6 +153,8 @@ class Prediction:
     """Requests that would wait for a slot ahead of this one."""
     request_ms: float | None
     """How long a typical request holds a slot there now."""
+    modelled_ttft_ms: float | None = None
+    """`ttft_ms` before the tier's `TtftCorrection`: what the step-cost model alone says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +164,8 @@ class Choice:
     predicted_tpot_ms: float | None
     meets_sla: bool
     estimated_cost: float
+    modelled_ttft_ms: float | None = None
+    """The prediction before correction (see `Prediction`): what the router learns from."""
 
 
 @dataclass(slots=True)
@@ -195,8 +221,8 @@ def predict(
     queued = 0 if n < slots else round((n - slots) * view.share_ahead(priority)) + 1
     # Slots free up at `slots` per `request_ms` when every slot is taken.
     wait = queued * request_ms / slots
-    ttft = wait + step / 2 + load.step_ms(batch, prompt_tokens)
-    return Prediction(ttft, tpot, queued, request_ms)
+    modelled = wait + step / 2 + load.step_ms(batch, prompt_tokens)
+    return Prediction(view.ttft_correction(modelled), tpot, queued, request_ms, modelled)
 
 
 def ranked_tiers(views: list[TierView]) -> list[TierView]:
@@ -309,6 +335,7 @@ def decide(
                     p.tpot_ms,
                     sla.met_by(p.ttft_ms, p.tpot_ms, headroom) and protects,
                     view.cost.of(features.prompt_tokens, output),
+                    p.modelled_ttft_ms,
                 ),
             )
         )
@@ -324,7 +351,7 @@ def decide(
         # answers with the exact 400 (or serves it, if the estimate was high).
         widest = max(views, key=lambda v: v.max_model_len or 0)
         p = predictions[widest.name]
-        choice = Choice(widest.name, p.ttft_ms, p.tpot_ms, sla.met_by(p.ttft_ms, p.tpot_ms), 0.0)
+        choice = Choice(widest.name, p.ttft_ms, p.tpot_ms, sla.met_by(p.ttft_ms, p.tpot_ms), 0.0, p.modelled_ttft_ms)
         return Decision([choice], "context", target, refused)
     if not admitted:
         reason = "overloaded" if any(v.healthy for v in views) else "unavailable"

@@ -303,6 +303,9 @@ class Router:
                     raise
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = self.clock()
+            if first is not None and not routed.tried and choice.modelled_ttft_ms is not None:
+                observed_ms = 1e3 * (routed.first_token_at - routed.arrived)
+                self.states.first_token(choice.tier, choice.modelled_ttft_ms, observed_ms)
             return await primed(self._counted(choice.tier, first, stream, routed.arrived, sla))
         assert last is not None
         if len(attempts) > 1:

@@ -26,10 +26,46 @@ from dataclasses import replace
 
 from tierserve.actors.types import TierLoad
 from tierserve.router.config import RoutingConfig, TierRouting
-from tierserve.router.policy import Sla, TierView
+from tierserve.router.policy import Sla, TierView, TtftCorrection
 from tierserve.router.replicas import TierReplicas
 
 logger = logging.getLogger("tierserve.router")
+
+
+class TtftFit:
+    """observed = offset + scale x modelled, fitted to a tier's recent first tokens (what the
+    ingress measured from its decision to the first token, against the step-cost model's
+    prediction for it) by least squares with forgetting: an observation's weight halves every
+    `ln 2 / -ln forgetting` observations (23 at 0.97). A prior of `prior_weight` observations
+    on the identity, at 0.1 s and 1 s, never forgets: with few observations, or all at one load,
+    the fit stays near the model instead of swinging. The scale is kept within [0.5, 10] and the
+    offset within [0, 10] s (what the model leaves out only adds time)."""
+
+    SCALE = (TtftCorrection.MIN_SCALE, 10.0)
+    MAX_OFFSET_S = 10.0
+
+    def __init__(self, forgetting: float = 0.97, prior_weight: float = 4.0):
+        self.forgetting = forgetting
+        # Sums over (1, x) of x and y in seconds: a, b, c of [[a, b], [b, c]] and (y0, y1).
+        w = prior_weight / 2
+        self._prior = (2 * w, w * 1.1, w * (0.01 + 1.0), w * 1.1, w * (0.01 + 1.0))
+        self._data = (0.0, 0.0, 0.0, 0.0, 0.0)
+        self.observations = 0
+        self.correction = TtftCorrection()
+
+    def observe(self, modelled_ms: float, observed_ms: float) -> None:
+        x, y = modelled_ms / 1e3, observed_ms / 1e3
+        f = self.forgetting
+        n, sx, sxx, sy, sxy = self._data
+        self._data = (f * n + 1, f * sx + x, f * sxx + x * x, f * sy + y, f * sxy + x * y)
+        self.observations += 1
+        a, b, c, y0, y1 = (p + d for p, d in zip(self._prior, self._data))
+        offset = (c * y0 - b * y1) / (a * c - b * b)
+        if offset < 0:  # what the model leaves out only adds time: fit the scale alone
+            offset = 0.0
+        scale = min(max((y1 - b * offset) / c, self.SCALE[0]), self.SCALE[1])
+        offset = min(max((y0 - b * scale) / a, 0.0), self.MAX_OFFSET_S)
+        self.correction = TtftCorrection(1e3 * offset, scale)
 
 
 class TierStates:
@@ -59,6 +95,10 @@ class TierStates:
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
         self.without_replicas: set[str] = set()
         """Tiers down because Serve reported no running replica (not because a request failed)."""
+        self.ttft_fits: dict[str, TtftFit] | None = None
+        """Per tier, how its first tokens came against the model (None: `ttft_feedback` off)."""
+        if routing.ttft_feedback:
+            self.ttft_fits = {name: TtftFit() for name in names}
 
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
@@ -69,9 +109,16 @@ class TierStates:
                 in_flight=self.priorities[v.name].total(),
                 tightest_tpot_ms=min(self.budgets[v.name], default=None),
                 priorities=dict(self.priorities[v.name]),
+                ttft_correction=self.ttft_fits[v.name].correction if self.ttft_fits else v.ttft_correction,
             )
             for v in self.views.values()
         ]
+
+    def first_token(self, tier: str, modelled_ms: float, observed_ms: float) -> None:
+        """A request's first token came `observed_ms` after its decision; the model had said
+        `modelled_ms` (before correction)."""
+        if self.ttft_fits is not None:
+            self.ttft_fits[tier].observe(modelled_ms, observed_ms)
 
     def started(self, tier: str, sla: Sla | None = None) -> None:
         """A request with this budget and priority went to `tier`."""

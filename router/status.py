@@ -58,6 +58,7 @@ class TierStatus:
                 "max_queue": view.max_queue,
                 "cost": view.cost.model_dump(),
                 "load": dataclasses.asdict(view.load) if view.load is not None else None,
+                "ttft_correction": dataclasses.asdict(view.ttft_correction),
                 "last_error": self.states.last_error.get(name),
             }
             entry: dict[str, Any] = {"name": name, "description": self.directory.tiers[name].description}

@@ -137,6 +137,7 @@ def test_serve_throughput_mode_is_the_default_ray_env(tmp_path):
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
         "RAY_SERVE_PROXY_USE_GRPC": "1",
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     }
     assert load_config(write(tmp_path, GOOD + "ray:\n  env: {}\n")).ray.env == {}
 

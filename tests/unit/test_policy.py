@@ -363,3 +363,63 @@ def test_a_request_every_tier_would_answer_far_too_late_is_shed():
     # Work with no TTFT budget waits its turn; a tier within the factor is still a choice.
     assert decide(RequestFeatures(50, 64, 0.2), Sla("batch"), views, shed_over_budget=3.0).choices
     assert decide(RequestFeatures(50, 64, 0.2), interactive, tiers(), shed_over_budget=3.0).choices
+
+
+def test_a_ttft_correction_scales_the_modelled_prediction_and_is_what_sheds():
+    """The tier's first tokens have come 2x the model plus 100 ms: the prediction says so, the
+    model's own figure stays beside it, and a request the model would admit is shed."""
+    from tierserve.router.policy import TtftCorrection
+
+    busy = load(running=8, waiting=8, slots=8)  # 9 queued ahead: a wait of about 1 s
+    plain = predict(TierView("small", load=busy), 100, 64)
+    corrected = predict(TierView("small", load=busy, ttft_correction=TtftCorrection(100.0, 2.0)), 100, 64)
+    assert corrected.modelled_ttft_ms == plain.ttft_ms == plain.modelled_ttft_ms
+    assert corrected.ttft_ms == pytest.approx(100.0 + 2.0 * plain.ttft_ms)
+    sla = Sla(ttft_ms=plain.ttft_ms / 2)  # the model: within 3x; corrected: past it
+    assert decide(RequestFeatures(100, 64), sla, [TierView("small", load=busy)], shed_over_budget=3.0).choices
+    slow = TierView("small", load=busy, ttft_correction=TtftCorrection(100.0, 2.0))
+    shed = decide(RequestFeatures(100, 64), sla, [slow], shed_over_budget=3.0)
+    assert not shed.choices and shed.refused == {"small": "over_budget"}
+    # Never below half the model's figure, whatever the fit says.
+    assert TtftCorrection(0.0, 0.1)(1000.0) == 500.0
+
+
+def test_ttft_fit_learns_how_first_tokens_come_against_the_model():
+    import random
+
+    from tierserve.router.state import TtftFit
+
+    fit, rng = TtftFit(), random.Random(0)
+    assert fit.correction(800.0) == 800.0  # no observation: the model as it is
+    for _ in range(200):
+        modelled = rng.uniform(50, 2000)
+        fit.observe(modelled, 150 + 1.7 * modelled + rng.gauss(0, 50))
+    assert fit.correction(1000.0) == pytest.approx(150 + 1700, rel=0.05)
+    # All at one load: right there, the prior's identity elsewhere rather than a wild line.
+    flat = TtftFit()
+    for _ in range(100):
+        flat.observe(100.0, 300.0)
+    assert flat.correction(100.0) == pytest.approx(300.0, rel=0.1)
+    assert 500.0 < flat.correction(1000.0) < 3000.0
+    # Faster than the model: scaled down, never an offset below zero nor under half the model.
+    fast = TtftFit()
+    for _ in range(100):
+        fast.observe(1500.0, 700.0)
+    assert fast.correction.offset_ms == 0.0 and fast.correction(1500.0) == 750.0
+    # Forgetting: the tier got slower, and the fit follows within a few dozen requests.
+    for _ in range(60):
+        fast.observe(1500.0, 3000.0)
+    assert fast.correction(1500.0) == pytest.approx(3000.0, rel=0.15)
+
+
+def test_tier_states_correct_predictions_only_with_ttft_feedback():
+    from tierserve.router.state import TierStates
+
+    on = TierStates(["small"], RoutingConfig(ttft_feedback=True))
+    off = TierStates(["small"], RoutingConfig())
+    for states in (on, off):
+        states.polled("small", load())
+        for _ in range(50):
+            states.first_token("small", 200.0, 600.0)
+    assert on.snapshot()[0].ttft_correction(200.0) == pytest.approx(600.0, rel=0.1)
+    assert off.snapshot()[0].ttft_correction(200.0) == 200.0

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tierserve.actors.types import TierLoad
 from tierserve.core.errors import InvalidRequest
 from tierserve.router.config import RoutingConfig
 from tierserve.router.policy import Choice, Decision, RequestFeatures, Sla
@@ -128,3 +129,18 @@ async def test_a_stream_never_iterated_still_frees_its_place(router):
     for _ in range(10):  # the event loop closes dropped generators in a task of its own
         await asyncio.sleep(0)
     assert router.states.snapshot()[0].in_flight == 0 and tier.closed
+
+
+async def test_the_first_token_teaches_the_router_how_late_it_comes():
+    """`open` tells the tier's fit when the first token came against the model's prediction."""
+    router = Router(RoutingConfig(ttft_feedback=True), ["small"], "small")
+    router.states.polled("small", TierLoad(0, 0, 8, 2048, 20.0, 5.0, 40.0, 1.0, 100.0))
+    for _ in range(40):
+        r = await router.plan(Body(), None)
+        modelled = r.decision.first.modelled_ttft_ms
+        r.arrived -= 0.5  # the guards and the ingress's queue took half a second
+        batches = await router.open(r, lambda name: Tier().stream())
+        assert len([b async for b in batches]) == 3
+    view = router.states.snapshot()[0]
+    assert view.ttft_correction(modelled) > modelled + 300
+    assert (await router.plan(Body(), None)).decision.first.predicted_ttft_ms > modelled + 300
