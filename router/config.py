@@ -215,9 +215,9 @@ class RoutingConfig(BaseModel):
     the step-cost model's predictions lately (`TtftFit`, docs/routing.md): the model sees only
     the engine's queue and steps, not the input guards, the ingress's own queue or cores shared
     with other processes, so without it the router admits requests it cannot answer in time
-    (in `bench/overload.py --rate` on 2 cores, first tokens came 2.5x the model's prediction
-    at the median). On in configs/local.yaml, where it was measured; off by default until it is
-    measured on a GPU cluster, where the model leaves less out."""
+    (`bench/overload.py --rate` on 2 cores: docs/reliability.md). On in configs/local.yaml,
+    where it was measured; off by default until it is measured on a GPU cluster, where the
+    model leaves less out."""
     shed_over_tpot_budget: float | None = Field(None, ge=1)
     """Shed (429, `Retry-After`) a request that every tier is predicted to stream at more than
     this many times its TPOT budget a token. None (the default): serve it best effort. Under deep

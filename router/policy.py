@@ -85,20 +85,18 @@ class RequestFeatures:
 
 @dataclass(frozen=True, slots=True)
 class TtftCorrection:
-    """How far the tier's first tokens have come from the step-cost model's predictions, as the
-    ingress measured them: observed = `offset_ms` + `scale` x modelled (`TtftFit` in
+    """How the tier's first tokens have come against the step-cost model's predictions lately,
+    as the ingress measured them: observed = `scale` x modelled (`TtftFit` in
     `tierserve.router.state` fits it). The model sees only the engine's queue and steps; the
     input guards, the ingress's own queue and cores shared with other processes are in the
-    difference. The identity changes nothing."""
+    difference, and they grow with the load as the engine's queue does. A scale, not an offset:
+    a delay learnt in a burst must not keep a near-idle tier from admitting the requests that
+    would show it gone. The identity changes nothing."""
 
-    offset_ms: float = 0.0
     scale: float = 1.0
 
-    MIN_SCALE = 0.5
-    """A corrected prediction is never below half the model's."""
-
     def __call__(self, modelled_ms: float) -> float:
-        return max(self.MIN_SCALE * modelled_ms, self.offset_ms + self.scale * modelled_ms)
+        return self.scale * modelled_ms
 
 
 @dataclass(slots=True)

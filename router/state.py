@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,39 +34,54 @@ logger = logging.getLogger("tierserve.router")
 
 
 class TtftFit:
-    """observed = offset + scale x modelled, fitted to a tier's recent first tokens (what the
-    ingress measured from its decision to the first token, against the step-cost model's
-    prediction for it) by least squares with forgetting: an observation's weight halves every
-    `ln 2 / -ln forgetting` observations (23 at 0.97). A prior of `prior_weight` observations
-    on the identity, at 0.1 s and 1 s, never forgets: with few observations, or all at one load,
-    the fit stays near the model instead of swinging. The scale is kept within [0.5, 10] and the
-    offset within [0, 10] s (what the model leaves out only adds time)."""
+    """observed = scale x modelled, fitted to a tier's recent first tokens (what the ingress
+    measured from its decision to the first token, against the step-cost model's prediction for
+    it): the scale is the geometric mean of their ratios, each weighted by its age (the weight
+    halves every `half_life_s`, so what a burst taught fades once it is over), beside a prior
+    of `prior_weight` observations at 1 that never fades, so a few observations do not swing
+    it. Each ratio is taken within [0.5, 5], and so is the scale: after a burst a near-idle
+    tier's short predictions stay short (at most 5x), so requests are still admitted there, and
+    within a minute without a burst the scale is back near 1."""
 
-    SCALE = (TtftCorrection.MIN_SCALE, 10.0)
-    MAX_OFFSET_S = 10.0
+    SCALE = (0.5, 5.0)
 
-    def __init__(self, forgetting: float = 0.97, prior_weight: float = 4.0):
-        self.forgetting = forgetting
-        # Sums over (1, x) of x and y in seconds: a, b, c of [[a, b], [b, c]] and (y0, y1).
-        w = prior_weight / 2
-        self._prior = (2 * w, w * 1.1, w * (0.01 + 1.0), w * 1.1, w * (0.01 + 1.0))
-        self._data = (0.0, 0.0, 0.0, 0.0, 0.0)
+    def __init__(self, half_life_s: float = 10.0, prior_weight: float = 4.0):
+        self.half_life_s = half_life_s
+        self.prior_weight = prior_weight
+        self._weight = 0.0
+        self._log_ratios = 0.0
+        """Sum of the observations' weights, and of their weighted log(observed / modelled)."""
+        self._at: float | None = None
+        """When the sums were last brought up to date (the caller's clock)."""
         self.observations = 0
-        self.correction = TtftCorrection()
+        self._correction = TtftCorrection()
 
-    def observe(self, modelled_ms: float, observed_ms: float) -> None:
-        x, y = modelled_ms / 1e3, observed_ms / 1e3
-        f = self.forgetting
-        n, sx, sxx, sy, sxy = self._data
-        self._data = (f * n + 1, f * sx + x, f * sxx + x * x, f * sy + y, f * sxy + x * y)
+    def _age(self, now: float) -> None:
+        if self._at is not None and now > self._at:
+            f = 0.5 ** ((now - self._at) / self.half_life_s)
+            self._weight, self._log_ratios = f * self._weight, f * self._log_ratios
+        self._at = now
+
+    def observe(self, modelled_ms: float, observed_ms: float, now: float) -> None:
+        if modelled_ms <= 0 or observed_ms <= 0:
+            return
+        self._age(now)
+        low, high = self.SCALE
+        self._weight += 1.0
+        self._log_ratios += math.log(min(max(observed_ms / modelled_ms, low), high))
         self.observations += 1
-        a, b, c, y0, y1 = (p + d for p, d in zip(self._prior, self._data))
-        offset = (c * y0 - b * y1) / (a * c - b * b)
-        if offset < 0:  # what the model leaves out only adds time: fit the scale alone
-            offset = 0.0
-        scale = min(max((y1 - b * offset) / c, self.SCALE[0]), self.SCALE[1])
-        offset = min(max((y0 - b * scale) / a, 0.0), self.MAX_OFFSET_S)
-        self.correction = TtftCorrection(1e3 * offset, scale)
+        self._correction = self._solve()
+
+    def correction(self, now: float) -> TtftCorrection:
+        """The fit as of `now` (refitted when its observations have aged by a tenth of a half-life)."""
+        if self._at is not None and now - self._at > self.half_life_s / 10:
+            self._age(now)
+            self._correction = self._solve()
+        return self._correction
+
+    def _solve(self) -> TtftCorrection:
+        scale = math.exp(self._log_ratios / (self.prior_weight + self._weight))
+        return TtftCorrection(min(max(scale, self.SCALE[0]), self.SCALE[1]))
 
 
 class TierStates:
@@ -103,13 +119,14 @@ class TierStates:
     def snapshot(self) -> list[TierView]:
         """Copies of every tier's view, in config order, for one decision."""
         # `finished` deletes a key when its last request ends, so every key here is in flight.
+        now = self.clock()
         return [
             replace(
                 v,
                 in_flight=self.priorities[v.name].total(),
                 tightest_tpot_ms=min(self.budgets[v.name], default=None),
                 priorities=dict(self.priorities[v.name]),
-                ttft_correction=self.ttft_fits[v.name].correction if self.ttft_fits else v.ttft_correction,
+                ttft_correction=self.ttft_fits[v.name].correction(now) if self.ttft_fits else v.ttft_correction,
             )
             for v in self.views.values()
         ]
@@ -118,7 +135,7 @@ class TierStates:
         """A request's first token came `observed_ms` after its decision; the model had said
         `modelled_ms` (before correction)."""
         if self.ttft_fits is not None:
-            self.ttft_fits[tier].observe(modelled_ms, observed_ms)
+            self.ttft_fits[tier].observe(modelled_ms, observed_ms, self.clock())
 
     def started(self, tier: str, sla: Sla | None = None) -> None:
         """A request with this budget and priority went to `tier`."""
