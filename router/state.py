@@ -53,7 +53,6 @@ class TtftFit:
         """Sum of the observations' weights, and of their weighted log(observed / modelled)."""
         self._at: float | None = None
         """When the sums were last brought up to date (the caller's clock)."""
-        self.observations = 0
         self._correction = TtftCorrection()
 
     def _age(self, now: float) -> None:
@@ -69,7 +68,6 @@ class TtftFit:
         low, high = self.SCALE
         self._weight += 1.0
         self._log_ratios += math.log(min(max(observed_ms / modelled_ms, low), high))
-        self.observations += 1
         self._correction = self._solve()
 
     def correction(self, now: float) -> TtftCorrection:
@@ -80,8 +78,8 @@ class TtftFit:
         return self._correction
 
     def _solve(self) -> TtftCorrection:
-        scale = math.exp(self._log_ratios / (self.prior_weight + self._weight))
-        return TtftCorrection(min(max(scale, self.SCALE[0]), self.SCALE[1]))
+        # A mean of logs within [log 0.5, log 5] and the prior's 0: the scale stays within SCALE.
+        return TtftCorrection(math.exp(self._log_ratios / (self.prior_weight + self._weight)))
 
 
 class TierStates:
