@@ -32,6 +32,7 @@ from tierserve.actors.types import (
     TopLogprob,
     Usage,
 )
+from tierserve.actors.vllm_fixes import log_handlers_kept
 from tierserve.core.errors import InvalidRequest, ServiceUnavailable, TierServeError
 from tierserve.core.streams import Outcome, outcome_of
 
@@ -127,7 +128,8 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=self.model, **self.options)
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
+        with log_handlers_kept():  # vLLM reconfigures logging here, closing Serve's log handler
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_step_logger_factory(self._on_step)])
         self.latency.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.latency.priority_scheduling = llm.vllm_config.scheduler_config.policy == "priority"
         self._tokenizer = llm.get_tokenizer()

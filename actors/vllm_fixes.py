@@ -3,13 +3,17 @@
 `vllm_plugin.register` (tierserve's `vllm.general_plugins` entry point) applies them in the
 engine-core and worker processes before any model runs, so a fix here reaches code that
 tierserve never imports itself. Each fix names the failure it prevents and is a no-op where
-vLLM no longer has the problem.
+vLLM no longer has the problem. `log_handlers_kept` is the one fix for the process that builds
+the engine (a tier replica): `VLLMEngine.start` wraps the engine's construction in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import logging.handlers
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,34 @@ def _aot_compile_cache_load() -> None:
 
     load_compiled_function.tierserve_fix = True  # type: ignore[attr-defined]
     torch.compiler.load_compiled_function = load_compiled_function
+
+
+def _memory_handlers() -> list[logging.handlers.MemoryHandler]:
+    """Every buffering handler attached to a logger of this process (the root one included)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in list(logging.Logger.manager.loggerDict.values()) if isinstance(lg, logging.Logger)
+    ]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+
+
+@contextlib.contextmanager
+def log_handlers_kept() -> Iterator[None]:
+    """vLLM 0.32 applies its logging configuration with `logging.config.dictConfig` in the process
+    that builds an engine, and dictConfig closes every handler the process already had. In a
+    Serve replica one of them is Serve's own: a `MemoryHandler` in front of the replica's log
+    file, which closing leaves without a target. Nothing the replica logged afterwards reached
+    its log file (Serve's access lines, the tier's engine-restart warnings, vLLM's frontend
+    errors, anything printed: Serve sends stdout and stderr there too), and the records piled up
+    in the handler, which never empties a buffer it cannot hand on. Give the handlers attached
+    before back their targets (a closed file handler reopens itself on the next record)."""
+    targets = [(handler, handler.target) for handler in _memory_handlers()]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)
+                handler.flush()
 
 
 def apply_all() -> None:

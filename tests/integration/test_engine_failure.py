@@ -4,12 +4,18 @@ restarts its engine in place, and the tier serves again. Breaks the shared app, 
 import json
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from tierserve.cluster.app import tier_deployment_name
+
 from .conftest import TIER, wait_for
+
+SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")
+"""Where Serve writes each replica's log on this node (Ray's default temporary directory)."""
 
 pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 
@@ -77,6 +83,13 @@ def test_engine_death_mid_stream(app, http):
 
     r = wait_for(hello, timeout=30, interval=0.5)
     assert r is not None and r.json()["usage"]["completion_tokens"] >= 1
+
+    # The replica's log file says so, and has Serve's line for the request just served: what a
+    # replica logs after its engine's start reaches the file (vLLM's logging set-up closes
+    # Serve's handler there; `log_handlers_kept` restores it).
+    (log,) = SERVE_LOGS.glob(f"replica_{app.name}_{tier_deployment_name(TIER)}_*.log")
+    assert f"tier {TIER}: engine died; restarting it in place" in log.read_text()
+    assert wait_for(lambda: "CALL generate OK" in log.read_text().split("engine died")[-1], timeout=10, interval=0.5)
     print(
         f"\nengine killed: health degraded, `auto` served meanwhile; engine restarted in its replica; tier {TIER} "
         f"serving again after "

@@ -49,3 +49,35 @@ def test_aot_compiled_functions_load_without_vllms_eager_finalize():
     loader = torch.compiler.load_compiled_function
     assert loader.tierserve_fix and not getattr(loader.__wrapped__, "tierserve_fix", False)
     assert _no_finalize(object()) is None
+
+
+def test_log_handlers_kept_survive_a_dictconfig_like_vllms(tmp_path):
+    """vLLM's engine construction runs `logging.config.dictConfig`, which closes the handlers a
+    Serve replica had (its MemoryHandler then has no target: the replica's log file gets nothing
+    more). Uses the real dictConfig with vLLM's own default config."""
+    import logging
+    import logging.config
+    import logging.handlers
+
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    from tierserve.actors.vllm_fixes import log_handlers_kept
+
+    path = tmp_path / "replica.log"
+    file_handler = logging.FileHandler(path)
+    memory = logging.handlers.MemoryHandler(1, target=file_handler)
+    replica = logging.getLogger("tierserve-test.replica")
+    replica.propagate = False
+    replica.addHandler(memory)
+    try:
+        replica.warning("before")
+        with log_handlers_kept():
+            logging.config.dictConfig(DEFAULT_LOGGING_CONFIG)
+            assert memory.target is None  # what vLLM's configuration does to it
+        replica.warning("after")
+        assert path.read_text().splitlines() == ["before", "after"]
+        assert memory.buffer == []
+    finally:
+        replica.removeHandler(memory)
+        memory.close()
+        file_handler.close()
