@@ -65,15 +65,27 @@ def structured_outputs(structured: StructuredOutput | None) -> Any:
 
 def _step_logger_factory(on_step: Callable[[Any, Any], None]) -> Any:
     """A vLLM stat-logger factory calling `on_step(scheduler_stats, iteration_stats)` once per
-    engine step (vLLM calls it from its output-handler task, on the engine's event loop)."""
+    engine step (vLLM calls it from its output-handler task, on the engine's event loop).
+
+    An exception from `on_step` is logged and goes no further: raised into vLLM's output
+    handler it would kill the engine, and with it every request on the tier, for bookkeeping
+    (the step-cost fit once did, on a singular matrix). The first failure is logged with its
+    traceback, then one in `LOG_EVERY`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class StepLogger(StatLoggerBase):
+        LOG_EVERY = 1000
+
         def __init__(self, vllm_config: Any, engine_index: int = 0):
-            pass
+            self.failures = 0
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
-            on_step(scheduler_stats, iteration_stats)
+            try:
+                on_step(scheduler_stats, iteration_stats)
+            except Exception:
+                if self.failures % self.LOG_EVERY == 0:
+                    logger.exception("engine step bookkeeping failed (%d times so far)", self.failures + 1)
+                self.failures += 1
 
         def log_engine_initialized(self) -> None:
             pass

@@ -29,6 +29,13 @@ class StepCostModel:
 
     FEATURES = 3
 
+    SLOPE_RIDGE = 1e-4
+    """A lasting pull of the two slopes towards 0 (in the units of the normal equations: one
+    step's weight is 1). Steps that vary the load outweigh it at once; it decides only what
+    the steps cannot: with one request at a time for thousands of steps every step runs one
+    sequence, the constant and the per-sequence term are the same column, and once the prior
+    has faded the equations are singular. Then the fit takes no slope, as the prior does."""
+
     def __init__(self, forgetting: float = 0.995, prior_ms: float = 50.0, prior_weight: float = 0.01):
         self.forgetting = forgetting
         # A weak prior: `prior_ms` per step whatever the load, until steps say otherwise.
@@ -52,11 +59,13 @@ class StepCostModel:
     def _solve(self) -> np.ndarray:
         """Least squares with the slopes kept >= 0: step time never falls with load, and a
         negative slope is what noise over a narrow range of loads looks like. A slope that
-        comes out negative is fixed at 0 and the rest refitted without it."""
+        comes out negative is fixed at 0 and the rest refitted without it. The equations stay
+        solvable (`SLOPE_RIDGE`): the constant's own entry is the decayed count of steps, > 0."""
+        a = self._a + np.diag([0.0] + [self.SLOPE_RIDGE] * (self.FEATURES - 1))
         free = [0, 1, 2]
         while True:
             coef = np.zeros(self.FEATURES)
-            coef[free] = np.linalg.solve(self._a[np.ix_(free, free)], self._b[free])
+            coef[free] = np.linalg.solve(a[np.ix_(free, free)], self._b[free])
             negative = [i for i in free[1:] if coef[i] < 0]
             if not negative:
                 coef[0] = max(coef[0], 1e-3)

@@ -300,6 +300,21 @@ def test_step_cost_model_recovers_a_linear_cost():
     assert per_kprompt == pytest.approx(25.0, rel=0.05)
 
 
+def test_step_cost_model_survives_steps_that_cannot_tell_its_terms_apart():
+    """One request at a time for a long while: every step runs one sequence, and a few prefill
+    a short prompt. Once the prior has faded, base and per-sequence cost cannot be told apart;
+    the fit must still give the step's cost (it raised `LinAlgError: Singular matrix` after
+    about 10,000 such steps, inside vLLM's output handler, which killed the engine)."""
+    model = StepCostModel(prior_ms=50.0)
+    for i in range(20_000):
+        prefill = 30 if i % 64 == 0 else 0
+        model.observe(1, prefill, 40.0 + 200.0 * prefill / 1000)
+    base, per_seq, per_kprompt = model.coefficients
+    assert base + per_seq == pytest.approx(40.0, rel=0.01)
+    assert per_seq == pytest.approx(0.0, abs=0.5)  # no evidence of a slope: none assumed
+    assert per_kprompt == pytest.approx(200.0, rel=0.05)
+
+
 def test_latency_tracker_reports_a_load():
     tracker = LatencyTracker(max_num_seqs=16)
     for _ in range(50):

@@ -81,3 +81,22 @@ def test_log_handlers_kept_survive_a_dictconfig_like_vllms(tmp_path):
         replica.removeHandler(memory)
         memory.close()
         file_handler.close()
+
+
+def test_engine_step_bookkeeping_that_fails_does_not_reach_vllm(caplog):
+    """vLLM calls its stat loggers from the output handler, where an exception kills the
+    engine; tierserve's step logger logs a failing step callback instead of raising."""
+    from tierserve.actors.engine import _step_logger_factory
+
+    calls = []
+
+    def on_step(scheduler_stats, iteration_stats):
+        calls.append(1)
+        raise ValueError("bookkeeping bug")
+
+    step_logger = _step_logger_factory(on_step)(vllm_config=None)
+    with caplog.at_level("ERROR", logger="tierserve.actors.engine"):
+        for _ in range(3):
+            step_logger.record(None, None)
+    assert len(calls) == 3 and step_logger.failures == 3
+    assert [r.getMessage() for r in caplog.records] == ["engine step bookkeeping failed (1 times so far)"]
