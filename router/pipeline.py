@@ -272,9 +272,11 @@ class Pipeline:
             request.priority = routed.sla.priority
             if ctx.retrieval is not None:
                 question = question_of(body, guarded.texts)
+                began = self.router.clock()
                 ctx.retrieved = await self.retrieval.retrieve(ctx.retrieval, question, span)
                 hits = await self.safety.check_retrieved(ctx.retrieved.result.hits, ctx.safety, span)
                 ctx.retrieved.result.hits = hits
+                routed.retrieval_s = self.router.clock() - began
                 request = self.retrieval.augment(request, ctx.retrieved)
             try:
                 start = lambda tier: self.start_tier(tier, request, span)  # noqa: E731

@@ -13,7 +13,8 @@ How a tier is chosen for `model: auto`:
    and the target is the strongest tier whose threshold the score reaches.
 2. A tier is **admitted** if it is healthy, the prompt fits its context, its queue (requests
    beyond its engine's slots) is shorter than its `max_queue`, (with `shed_over_budget`) its
-   predicted time to first token is within that many times the request's TTFT budget, and (with
+   predicted time to first token is within that many times the request's TTFT budget (a
+   request beyond it even on the idle tier: while no engine slot is free, `_too_late`), and (with
    `shed_over_tpot_budget`) its predicted time per token within that many times the TPOT budget.
 3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
    at least as strong as the target (weakest first on equal cost), else the strongest below
@@ -153,6 +154,9 @@ class Prediction:
     """How long a typical request holds a slot there now."""
     modelled_ttft_ms: float | None = None
     """`ttft_ms` before the tier's `TtftCorrection`: what the step-cost model alone says."""
+    idle_ttft_ms: float | None = None
+    """The request's TTFT on the same tier with nothing else running (corrected as `ttft_ms`):
+    the best the tier can do for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +224,8 @@ def predict(
     # Slots free up at `slots` per `request_ms` when every slot is taken.
     wait = queued * request_ms / slots
     modelled = wait + step / 2 + load.step_ms(batch, prompt_tokens)
-    return Prediction(view.ttft_correction(modelled), tpot, queued, request_ms, modelled)
+    idle = view.ttft_correction(load.step_ms(1) / 2 + load.step_ms(1, prompt_tokens))
+    return Prediction(view.ttft_correction(modelled), tpot, queued, request_ms, modelled, idle)
 
 
 def ranked_tiers(views: list[TierView]) -> list[TierView]:
@@ -256,6 +261,19 @@ def _over(predicted: float | None, budget: float | None, factor: float | None) -
     return None not in (predicted, budget, factor) and predicted > factor * budget
 
 
+def _too_late(prediction: Prediction, budget: float | None, factor: float | None) -> bool:
+    """Whether `shed_over_budget` (`factor`) sheds a request: its first token predicted past
+    `factor` times its TTFT budget. Measured so, a request the tier cannot answer within that
+    even when idle (a long prompt, or retrieved passages counted at their most) would be refused
+    on every try, with a `Retry-After` that never comes true: it is shed only when it would wait
+    for an engine slot, and served while the tier has room."""
+    if None in (prediction.ttft_ms, budget, factor):
+        return False
+    if prediction.idle_ttft_ms is not None and prediction.idle_ttft_ms > factor * budget:
+        return prediction.queued_ahead > 0
+    return prediction.ttft_ms > factor * budget
+
+
 def _overshoot(choice: Choice, sla: Sla) -> float:
     """How far over its budget a tier is predicted to serve a request: the larger ratio of a
     prediction to its budget (TTFT, TPOT); 0 with nothing budgeted or predicted."""
@@ -275,8 +293,10 @@ def _retry_after(
             excess = p.queued_ahead - view.max_queue
             if excess > 0:
                 waits.append(excess * p.request_ms / view.slots() / 1e3)
-            elif _over(p.ttft_ms, sla.ttft_ms, factor):
-                waits.append((p.ttft_ms - factor * sla.ttft_ms) / 1e3)
+            elif _too_late(p, sla.ttft_ms, factor):  # until the wait is back within the bar, or gone
+                idle = p.idle_ttft_ms
+                bar = factor * sla.ttft_ms if idle is None or idle <= factor * sla.ttft_ms else idle
+                waits.append((p.ttft_ms - bar) / 1e3)
     return max(1.0, math.ceil(min(waits))) if waits else 1.0
 
 
@@ -315,7 +335,7 @@ def decide(
         p = predictions[view.name]
         why = _refusal(view, features, p)
         if why is None and (
-            _over(p.ttft_ms, sla.ttft_ms, shed_over_budget) or _over(p.tpot_ms, sla.tpot_ms, shed_over_tpot_budget)
+            _too_late(p, sla.ttft_ms, shed_over_budget) or _over(p.tpot_ms, sla.tpot_ms, shed_over_tpot_budget)
         ):
             why = "over_budget"
         if why is not None:

@@ -59,6 +59,9 @@ class Routed:
     tried: list[tuple[str, str]] = field(default_factory=list)
     """Tiers that failed before their first token, with the error code."""
     first_token_at: float | None = None
+    retrieval_s: float = 0.0
+    """Time spent retrieving passages before the tier: part of the client's wait, but not of any
+    tier's, so the TTFT fit (`RouterStates.first_token`) leaves it out."""
     usage: Usage | None = None
     cost: float | None = None
     reserved: str | None = None
@@ -304,7 +307,7 @@ class Router:
             routed.tier, routed.choice = choice.tier, choice
             routed.first_token_at = self.clock()
             if first is not None and not routed.tried and choice.modelled_ttft_ms is not None:
-                observed_ms = 1e3 * (routed.first_token_at - routed.arrived)
+                observed_ms = 1e3 * (routed.first_token_at - routed.arrived - routed.retrieval_s)
                 self.states.first_token(choice.tier, choice.modelled_ttft_ms, observed_ms)
             return await primed(self._counted(choice.tier, first, stream, routed.arrived, sla))
         assert last is not None

@@ -380,6 +380,29 @@ def test_a_request_every_tier_would_answer_far_too_late_is_shed():
     assert decide(RequestFeatures(50, 64, 0.2), interactive, tiers(), shed_over_budget=3.0).choices
 
 
+def test_a_request_no_tier_can_answer_within_budget_even_idle_is_served_when_there_is_room():
+    """A long prompt (or retrieved passages counted at their most) whose own prefill takes
+    longer than its TTFT budget on an idle tier: shedding it against the budget would refuse it
+    on every try. It is served while the tier has a free engine slot, and shed when it would
+    wait for one."""
+    idle = load(base=60.0, per_kprompt=2000.0)
+    light = load(running=1, base=60.0, per_kprompt=2000.0)
+    busy = load(running=8, waiting=20, base=60.0, per_kprompt=2000.0)
+    standard = Sla("standard", ttft_ms=3000, tpot_ms=250)
+    long_prompt = RequestFeatures(1600, 64, 0.2, "small")  # prefill alone: 60 + 3,200 ms
+    alone = predict(TierView("small", load=idle), 1600, 64)
+    assert alone.ttft_ms > 3000 and alone.idle_ttft_ms == pytest.approx(alone.ttft_ms)
+    for room in (idle, light):
+        served = decide(long_prompt, standard, tiers(small_load=room), shed_over_budget=1.0)
+        assert [c.tier for c in served.choices] == ["small"] and not served.first.meets_sla
+    shed = decide(long_prompt, standard, tiers(small_load=busy), shed_over_budget=1.0)
+    assert shed.refused == {"small": "over_budget"} and shed.retry_after_s >= 1
+    # A prompt the idle tier answers within budget is still measured against the budget.
+    short = predict(TierView("small", load=busy), 50, 64)
+    assert short.idle_ttft_ms < 3000 < short.ttft_ms
+    assert decide(RequestFeatures(50, 64, 0.2, "small"), standard, tiers(small_load=busy), shed_over_budget=1.0).refused
+
+
 def test_a_ttft_correction_scales_the_modelled_prediction_and_is_what_sheds():
     """The tier's first tokens have come 2x the model: the prediction says so, the model's own
     figure stays beside it, and a request the model would admit is shed."""

@@ -143,3 +143,17 @@ async def test_the_first_token_teaches_the_router_how_late_it_comes():
         assert len([b async for b in batches]) == 3
     assert router.states.snapshot()[0].ttft_correction.scale > 2.5  # 3x, beside a prior of 1
     assert (await router.plan(Body(), None)).decision.first.predicted_ttft_ms > 2.5 * modelled
+
+
+async def test_time_spent_retrieving_teaches_the_ttft_fit_nothing():
+    """Retrieval happens before any tier: a slow or dead retriever (its handle waits for a new
+    replica) makes the client wait, but says nothing of how late a tier's first tokens come."""
+    router = Router(RoutingConfig(ttft_feedback=True), ["small"], "small")
+    router.states.polled("small", TierLoad(0, 0, 8, 2048, 20.0, 5.0, 40.0, 1.0, 100.0))
+    for _ in range(40):
+        r = await router.plan(Body(), None)
+        r.arrived -= 10.0  # ten seconds waiting for the retriever
+        r.retrieval_s = 10.0
+        batches = await router.open(r, lambda name: Tier().stream())
+        assert len([b async for b in batches]) == 3
+    assert router.states.snapshot()[0].ttft_correction.scale < 1.5
