@@ -75,7 +75,8 @@ async def observed(
     clock: Callable[[], float] = time.perf_counter,
 ) -> AsyncIterator[T]:
     """`stream`, passed through unchanged, with its life reported to `observers`. Its start is
-    `started` (a `clock()` reading taken where the request began), else the first `anext`."""
+    `started` (a `clock()` reading taken where the request began), else the first `anext`.
+    Closed early, it closes `stream` too."""
     start = clock() if started is None else started
     watching = list(observers)
     outcome, error = Outcome.CANCELLED, None
@@ -98,6 +99,9 @@ async def observed(
         raise
     finally:
         _notify(watching, "end", outcome, error if outcome is not Outcome.CANCELLED else None, clock() - start)
+        close = getattr(stream, "aclose", None)
+        if close is not None:  # left early: `stream` ends now, not when collected
+            await close()
 
 
 def _notify(observers: list[StreamObserver], hook: str, *args: object) -> list[StreamObserver]:

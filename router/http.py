@@ -8,6 +8,7 @@ a request goes through is `tierserve.router.pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -279,10 +280,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def sse(batches: AsyncIterator[list[BaseModel]]) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's framing, one write per batch; a late error becomes a final
-    error event."""
+    error event. Closing it closes `batches` (and so the tier's stream) at once."""
     try:
-        async for batch in batches:
-            yield "".join(f"data: {obj.model_dump_json(exclude_unset=True)}\n\n" for obj in batch)
+        async with contextlib.aclosing(batches) as source:
+            async for batch in source:
+                yield "".join(f"data: {obj.model_dump_json(exclude_unset=True)}\n\n" for obj in batch)
     except TierServeError as exc:
         yield f"data: {json.dumps(exc.to_openai())}\n\n"
     except Exception as exc:

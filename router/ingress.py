@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -253,9 +253,12 @@ class Ingress:
         """A chat completion as `chat.completion.chunk` objects (call with `stream=True`)."""
         with request_span("tierserve.chat_stream") as span, self._caller("chat_stream", api_key) as (principal, audit):
             body = self._accept(_coerce(request, ChatCompletionRequest), audit)
-            async for batch in await self._stream(body, ChatStreamFormatter, span, principal, audit):
-                for item in batch:
-                    yield item
+            # Closed as this generator is (the caller cancelled, or went away): the tier's stream
+            # and the engine's request end now, not when the garbage collector finds them.
+            async with aclosing(await self._stream(body, ChatStreamFormatter, span, principal, audit)) as batches:
+                async for batch in batches:
+                    for item in batch:
+                        yield item
 
     async def complete(self, request: CompletionRequest | dict[str, Any], api_key: str | None = None) -> Completion:
         """A whole text completion (`stream` is ignored)."""
@@ -272,9 +275,10 @@ class Ingress:
             self._caller("complete_stream", api_key) as (principal, audit),
         ):
             body = self._accept(_coerce(request, CompletionRequest), audit)
-            async for batch in await self._stream(body, CompletionStreamFormatter, span, principal, audit):
-                for item in batch:
-                    yield item
+            async with aclosing(await self._stream(body, CompletionStreamFormatter, span, principal, audit)) as batches:
+                async for batch in batches:
+                    for item in batch:
+                        yield item
 
     async def embeddings(
         self, request: EmbeddingRequest | dict[str, Any], api_key: str | None = None

@@ -18,6 +18,7 @@ results fill in. In order, for one request:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -140,16 +141,17 @@ class Pipeline:
 
         async def formatted() -> AsyncIterator[list[BaseModel]]:
             answer: list[str] = []  # the first choice's text, for grounding
-            async for batch in batches:
-                items = [item for chunk in batch for item in fmt.format(chunk)]
-                if retrieved is not None:
-                    answer += [chunk.text for chunk in batch if chunk.index == 0]
-                last = any(chunk.usage is not None or chunk.finish_reason == "content_filter" for chunk in batch)
-                if items and last:
+            async with contextlib.aclosing(batches) as source:  # closed with this one
+                async for batch in source:
+                    items = [item for chunk in batch for item in fmt.format(chunk)]
                     if retrieved is not None:
-                        await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
-                    items[-1].tierserve = self._extension(ctx)
-                yield items
+                        answer += [chunk.text for chunk in batch if chunk.index == 0]
+                    last = any(chunk.usage is not None or chunk.finish_reason == "content_filter" for chunk in batch)
+                    if items and last:
+                        if retrieved is not None:
+                            await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
+                        items[-1].tierserve = self._extension(ctx)
+                    yield items
 
         return ctx, formatted()
 

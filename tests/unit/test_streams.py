@@ -93,6 +93,29 @@ def test_a_consumer_that_leaves_cancels_without_an_error():
     assert outcome_of(asyncio.CancelledError()) is Outcome.CANCELLED
 
 
+def test_a_consumer_that_leaves_closes_the_stream_underneath_at_once():
+    """What is under an observed stream (a tier's stream, an engine request) ends when its
+    consumer leaves, not when the garbage collector finds it."""
+    closed = []
+
+    async def source():
+        try:
+            for letter in "abc":
+                yield letter
+        finally:
+            closed.append(True)
+
+    async def run():
+        inner = source()
+        stream = observed(inner, [], clock=Clock())
+        assert await anext(stream) == "a"
+        await stream.aclose()
+        assert closed == [True]
+        del inner  # still referenced here until now: only the close can have ended it
+
+    asyncio.run(run())
+
+
 def test_a_stream_with_no_items_has_no_first():
     recorder = Recorder()
     assert drain(observed(letters(), [recorder], clock=Clock())) == []
