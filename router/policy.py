@@ -14,7 +14,7 @@ How a tier is chosen for `model: auto`:
 2. A tier is **admitted** if it is healthy, the prompt fits its context, its queue (requests
    beyond its engine's slots) is shorter than its `max_queue`, (with `shed_over_budget`) its
    predicted time to first token is within that many times the request's TTFT budget (a
-   request beyond it even on the idle tier: while no engine slot is free, `_too_late`), and (with
+   request beyond it even on the idle tier: while no engine slot is free, `_late_ms`), and (with
    `shed_over_tpot_budget`) its predicted time per token within that many times the TPOT budget.
 3. Among admitted tiers, those **predicted to meet the budget** come first: the cheapest tier
    at least as strong as the target (weakest first on equal cost), else the strongest below
@@ -261,17 +261,19 @@ def _over(predicted: float | None, budget: float | None, factor: float | None) -
     return None not in (predicted, budget, factor) and predicted > factor * budget
 
 
-def _too_late(prediction: Prediction, budget: float | None, factor: float | None) -> bool:
-    """Whether `shed_over_budget` (`factor`) sheds a request: its first token predicted past
-    `factor` times its TTFT budget. Measured so, a request the tier cannot answer within that
-    even when idle (a long prompt, or retrieved passages counted at their most) would be refused
-    on every try, with a `Retry-After` that never comes true: it is shed only when it would wait
-    for an engine slot, and served while the tier has room."""
+def _late_ms(prediction: Prediction, budget: float | None, factor: float | None) -> float:
+    """How far past what `shed_over_budget` (`factor`) allows a request's first token is
+    predicted, in ms (0: within it, and not shed): past `factor` times its TTFT budget.
+    Measured so, a request the tier cannot answer within that even when idle (a long prompt, or
+    retrieved passages counted at their most) would be refused on every try, with a
+    `Retry-After` that never comes true: it is shed only when it would wait for an engine slot
+    (late by that wait), and served while the tier has room."""
     if None in (prediction.ttft_ms, budget, factor):
-        return False
-    if prediction.idle_ttft_ms is not None and prediction.idle_ttft_ms > factor * budget:
-        return prediction.queued_ahead > 0
-    return prediction.ttft_ms > factor * budget
+        return 0.0
+    idle = prediction.idle_ttft_ms
+    if idle is not None and idle > factor * budget:
+        return prediction.ttft_ms - idle if prediction.queued_ahead > 0 else 0.0
+    return max(0.0, prediction.ttft_ms - factor * budget)
 
 
 def _overshoot(choice: Choice, sla: Sla) -> float:
@@ -293,10 +295,8 @@ def _retry_after(
             excess = p.queued_ahead - view.max_queue
             if excess > 0:
                 waits.append(excess * p.request_ms / view.slots() / 1e3)
-            elif _too_late(p, sla.ttft_ms, factor):  # until the wait is back within the bar, or gone
-                idle = p.idle_ttft_ms
-                bar = factor * sla.ttft_ms if idle is None or idle <= factor * sla.ttft_ms else idle
-                waits.append((p.ttft_ms - bar) / 1e3)
+            elif (late_ms := _late_ms(p, sla.ttft_ms, factor)) > 0:
+                waits.append(late_ms / 1e3)
     return max(1.0, math.ceil(min(waits))) if waits else 1.0
 
 
@@ -335,7 +335,7 @@ def decide(
         p = predictions[view.name]
         why = _refusal(view, features, p)
         if why is None and (
-            _too_late(p, sla.ttft_ms, shed_over_budget) or _over(p.tpot_ms, sla.tpot_ms, shed_over_tpot_budget)
+            _late_ms(p, sla.ttft_ms, shed_over_budget) > 0 or _over(p.tpot_ms, sla.tpot_ms, shed_over_tpot_budget)
         ):
             why = "over_budget"
         if why is not None:

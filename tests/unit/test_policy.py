@@ -304,7 +304,7 @@ def test_step_cost_model_survives_steps_that_cannot_tell_its_terms_apart():
     """One request at a time for a long while: every step runs one sequence, and a few prefill
     a short prompt. Once the prior has faded, base and per-sequence cost cannot be told apart;
     the fit must still give the step's cost (it raised `LinAlgError: Singular matrix` after
-    about 10,000 such steps, inside vLLM's output handler, which killed the engine)."""
+    some thousands of such steps, inside vLLM's output handler, which killed the engine)."""
     model = StepCostModel(prior_ms=50.0)
     for i in range(20_000):
         prefill = 30 if i % 64 == 0 else 0
