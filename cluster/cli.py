@@ -36,9 +36,14 @@ from pathlib import Path
 
 from tierserve.cluster.config import AppConfig, ConfigError, load_config, model_cache_dir
 from tierserve.cluster.key_commands import add_key_commands
-from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError
+from tierserve.cluster.ops import DEFAULT_DASHBOARD, OpsError, wait_serving
 from tierserve.cluster.rag_commands import add_rag_commands
 from tierserve.cluster.router_commands import add_router_commands
+
+READY_WAIT_S = 60.0
+"""How long `tierserve serve` waits, once Serve runs the application, for `/health` to say
+every tier serves before it prints that it is ready (the router sees a tier that has just
+started within a poll interval)."""
 
 
 def prepare_models(config: AppConfig, cache_dir: Path) -> None:
@@ -90,6 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options=http)
     print("starting tierserve: each tier's engine loads and warms up (a minute or more)", flush=True)
     serve.run(build_application(config), name=config.name, route_prefix="/")
+    local = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    local = f"[{local}]" if ":" in local else local
+    health = wait_serving(f"http://{local}:{server.port}", READY_WAIT_S)
+    if health != "ok":
+        print(f"warning: /health says {health!r} {READY_WAIT_S:g}s after start: see `tierserve status`", flush=True)
     print(f"tierserve is ready: http://{server.host}:{server.port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
     auth = config.ingress.auth
     if not auth.enabled:

@@ -287,6 +287,24 @@ class ServeAdmin:
         raise OpsError(f"{app!r} is not running after {timeout_s:g}s: {last}")
 
 
+def wait_serving(url: str, timeout_s: float, interval_s: float = 0.5) -> str:
+    """Poll the ingress's `GET /health` at `url` (the service's base) until every tier serves;
+    return its last `status` (`ok`, or `degraded` / `unavailable` / why it did not answer after
+    `timeout_s`). Serve reports an application running as soon as its replicas are; the
+    ingress's router sees its tiers within a poll interval after, and `/health` says so."""
+    deadline = time.monotonic() + timeout_s
+    status = "no answer"
+    while True:
+        try:
+            r = httpx.get(url.rstrip("/") + "/health", timeout=max(interval_s, 10.0))
+            status = str(r.json().get("status", f"HTTP {r.status_code}"))
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            status = f"no answer ({type(exc).__name__})"
+        if status == "ok" or time.monotonic() >= deadline:
+            return status
+        time.sleep(interval_s)
+
+
 def ingress_tiers(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> list[dict[str, Any]]:
     """The ingress's `GET /v1/tiers` at `url` (the service's base, e.g. http://127.0.0.1:8000),
     with an admin-scope API key when auth is on (default `$TIERSERVE_API_KEY`)."""

@@ -114,7 +114,9 @@ class IngressConfig(BaseModel):
     past it fails the request with 504 `retriever_timeout`, a grounding past it goes without a score."""
     replicas_poll_interval_s: float = Field(2.0, gt=0)
     """How often the ingress reads each tier's replicas from Serve's controller: a tier with no
-    running replica (its node is gone, it is restarting) is skipped until one runs again."""
+    running replica (its node is gone, it is restarting, it is starting) is skipped until one
+    runs again. While some tier has none, the ingress reads every `routing.poll_interval_s`
+    instead, so a tier that comes up is served within a fraction of a second."""
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=256)
     )

@@ -214,7 +214,8 @@ class Ingress:
                         self.retrieval.replicas_seen(replicas.running)
                     else:
                         self.router.states.replicas_seen(name, replicas)
-            await asyncio.sleep(self.config.replicas_poll_interval_s)
+            waiting = self.router.states.without_replicas  # read again soon while a tier comes up
+            await asyncio.sleep(self.router.config.poll_interval_s if waiting else self.config.replicas_poll_interval_s)
 
     # ----- Python handle API -------------------------------------------------------------
     # With auth on, each method takes the caller's API key as `api_key=` and applies the same

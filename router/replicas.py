@@ -3,7 +3,8 @@
 A tier whose replica actor died with its node is not an error Serve's handles report: Serve
 starts a replacement, which waits for a node that has the tier's resources, and requests sent to
 the deployment meanwhile wait with it. The ingress therefore also reads Serve's status every few
-seconds: a tier with no running replica is unhealthy (`auto` goes elsewhere, a request naming it
+seconds (every poll interval while some tier has none running, so a tier that starts or comes
+back is served at once): a tier with no running replica is unhealthy (`auto` goes elsewhere, a request naming it
 gets a 503 at once), and the number of running replicas is what the router's capacity counts
 (so `tierserve scale` and Serve's autoscaler are seen without a restart of the ingress).
 """

@@ -26,16 +26,22 @@ class TierStatus:
 
     async def health(self) -> dict[str, str]:
         """Each tier's state: 'ok', or why it cannot serve now (no answer to `ready` in time, or
-        its error). A replica that restarts its engine passes Serve's health check but is not ready."""
+        its error). A replica that restarts its engine passes Serve's health check but is not ready.
+        A tier that answers but that the router still has down (it has not yet seen the tier
+        since Serve reported no running replica, or since a failed request) is not 'ok' either:
+        `/health` says what requests would get, so a caller that waits for it (a load balancer,
+        `tierserve serve` before it prints that it is ready) is not answered 503 right after."""
 
         async def check(name: str) -> str:
             try:
                 await asyncio.wait_for(self.handles[name].ready.remote(), self.timeout_s)
-                return "ok"
             except asyncio.TimeoutError:
                 return f"no answer within {self.timeout_s:g}s"
             except Exception as exc:
                 return str(tier_error(exc, name))
+            if not self.states.views[name].healthy:
+                return f"the router has it down: {self.states.last_error.get(name) or 'not polled yet'}"
+            return "ok"
 
         names = list(self.directory.tiers)
         return dict(zip(names, await asyncio.gather(*(check(n) for n in names))))

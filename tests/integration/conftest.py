@@ -49,6 +49,7 @@ def app() -> RunningApp:
     from tierserve.cluster.app import build_app
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
+    from tierserve.cluster.ops import wait_serving
 
     config_path = REPO / "configs" / "local.yaml"
     prepare_embedded("smollm2-135m-instruct", progress=False)
@@ -64,6 +65,8 @@ def app() -> RunningApp:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(config_path)}), name=APP_NAME, route_prefix="/")
     running = RunningApp(APP_NAME, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    status = wait_serving(running.http, 60)
+    assert status == "ok", f"/health says {status!r} a minute after Serve runs the app"
     yield running
     serve.shutdown()
     ray.shutdown()
@@ -96,6 +99,20 @@ def tier_handle(app):
     from tierserve.cluster.app import tier_deployment_name
 
     return serve.get_deployment_handle(tier_deployment_name(TIER), app_name=app.name)
+
+
+def run_app(app: RunningApp, application, name: str) -> str:
+    """`serve.run` an application at /`name` beside the shared one and wait, as `tierserve serve`
+    does, until its `/health` says every tier serves; return its base URL."""
+    from ray import serve
+
+    from tierserve.cluster.ops import wait_serving
+
+    serve.run(application, name=name, route_prefix=f"/{name}")
+    base = f"{app.http}/{name}"
+    status = wait_serving(base, 60)
+    assert status == "ok", f"{name}: /health says {status!r} a minute after Serve runs it"
+    return base
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2):

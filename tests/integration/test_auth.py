@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from tierserve.core.errors import PermissionDenied, QuotaExceeded, RateLimited, Unauthenticated, unwrap_error
 
-from .conftest import wait_for
+from .conftest import run_app, wait_for
 from .tiny_models import build_tiny_llama, tiny_tier
 
 pytestmark = pytest.mark.integration
@@ -79,8 +79,7 @@ def authed(app, receiver, tmp_path_factory):
         }
     )
     (root / "auth").mkdir()
-    serve.run(build_application(config), name=APP, route_prefix=f"/{APP}")
-    yield f"{app.http}/{APP}", root / "auth" / "keys.db"
+    yield run_app(app, build_application(config), APP), root / "auth" / "keys.db"
     serve.delete(APP)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tierserve.core.errors import Overloaded, unwrap_error
 
-from .conftest import wait_for
+from .conftest import run_app, wait_for
 from .tiny_models import build_tiny_llama
 
 pytestmark = pytest.mark.integration
@@ -155,7 +155,6 @@ def tier(name: str, model, max_model_len: int = 512, max_num_seqs: int = 4, **de
 
 
 def deploy(app, name: str, tiers: list[dict], routing: dict) -> str:
-    from ray import serve
 
     from tierserve.cluster.app import build_application
     from tierserve.cluster.config import parse_config
@@ -163,8 +162,7 @@ def deploy(app, name: str, tiers: list[dict], routing: dict) -> str:
     config = parse_config(
         {"name": name, "tiers": tiers, "routing": routing, "ingress": {"deployment": {"num_cpus": 0}}}
     )
-    serve.run(build_application(config), name=name, route_prefix=f"/{name}")
-    base = f"{app.http}/{name}"
+    base = run_app(app, build_application(config), name)
     ready = wait_for(
         lambda: all(t["router"]["load"] for t in httpx.get(f"{base}/v1/tiers", timeout=30).json()["data"]), timeout=60
     )

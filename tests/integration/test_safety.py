@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import wait_for
+from .conftest import run_app, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -209,8 +209,8 @@ def guarded(app):
             ),
         }
     )
-    serve.run(build_application(config), name=GUARDED, route_prefix=f"/{GUARDED}")
-    yield OpenAI(base_url=f"{app.http}/{GUARDED}/v1", api_key="unused", max_retries=0, timeout=300)
+    base = run_app(app, build_application(config), GUARDED)
+    yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
     serve.delete(GUARDED)
 
 

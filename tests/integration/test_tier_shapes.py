@@ -14,6 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from .conftest import run_app
 from .tiny_models import build_tiny_llama
 
 pytestmark = pytest.mark.integration
@@ -47,14 +48,12 @@ def tier(name: str, model, **fields) -> dict:
 def deploy(app, name: str, tiers: list[dict], **sections) -> tuple[OpenAI, str]:
     """Run an application with `tiers` (and any other config `sections`, such as `rag`) at
     /<name>; return an OpenAI client and its base URL."""
-    from ray import serve
 
     from tierserve.cluster.app import build_application
     from tierserve.cluster.config import parse_config
 
     config = parse_config({"name": name, "tiers": tiers, "ingress": {"deployment": {"num_cpus": 0}}, **sections})
-    serve.run(build_application(config), name=name, route_prefix=f"/{name}")
-    base = f"{app.http}/{name}"
+    base = run_app(app, build_application(config), name)
     return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300), base
 
 

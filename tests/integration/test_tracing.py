@@ -16,6 +16,7 @@ import secrets
 import pytest
 from openai import OpenAI
 
+from .conftest import run_app
 from .tiny_models import build_tiny_llama, tiny_tier
 
 pytestmark = pytest.mark.integration
@@ -53,8 +54,8 @@ def traced(app, receiver, tmp_path_factory):
             "telemetry": {"exporter": "otlp", "endpoint": receiver.endpoint, "batch_delay_ms": 100, "token_text": True},
         }
     )
-    serve.run(build_application(config), name=APP, route_prefix=f"/{APP}")
-    yield OpenAI(base_url=f"{app.http}/{APP}/v1", api_key="unused", max_retries=0, timeout=300)
+    base = run_app(app, build_application(config), APP)
+    yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
     serve.delete(APP)
 
 
