@@ -108,6 +108,7 @@ def main() -> int:
     from tierserve.cluster.app import build_application
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
+    from tierserve.cluster.ops import wait_serving
 
     base = load_config(REPO / "configs" / "local.yaml")
     prepare_embedded("smollm2-135m-instruct", progress=False)
@@ -117,6 +118,7 @@ def main() -> int:
     for name, overlap in VARIANTS.items():
         print(f"starting {name} ...", flush=True)
         serve.run(build_application(app_config(base, overlap)), name=f"guards-{name}", route_prefix=f"/{name}")
+        wait_serving(f"http://127.0.0.1:{port}/{name}", 60)
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)

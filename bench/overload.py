@@ -115,6 +115,7 @@ def serve_embedded(app_name: str, routing: dict | None = None) -> str:
     from tierserve.cluster.app import build_application
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
+    from tierserve.cluster.ops import wait_serving
 
     prepare_embedded("smollm2-135m-instruct", progress=False)
     config = load_config(REPO / "configs" / "local.yaml")
@@ -123,7 +124,9 @@ def serve_embedded(app_name: str, routing: dict | None = None) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_application(config), name=app_name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    wait_serving(base, 60)
+    return base
 
 
 def ingress_rss_mb(app_name: str) -> float:

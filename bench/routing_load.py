@@ -176,15 +176,17 @@ def start_ray_and_serve() -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", config
 
 
-def deploy(config, policy: str) -> None:
-    """The app with every tier's engine on `policy` (vLLM `scheduling_policy`); replaces the
-    running one (its tiers restart)."""
+def deploy(base: str, config, policy: str) -> None:
+    """The app with every tier's engine on `policy` (vLLM `scheduling_policy`) at `base`;
+    replaces the running one (its tiers restart)."""
     from ray import serve
 
     from tierserve.cluster.app import build_application
+    from tierserve.cluster.ops import wait_serving
 
     tiers = [t.model_copy(update={"engine": {**t.engine, "scheduling_policy": policy}}) for t in config.tiers]
     serve.run(build_application(config.model_copy(update={"tiers": tiers})), name="tierserve", route_prefix="/")
+    wait_serving(base, 60)
 
 
 def table(runs: list[Run]) -> str:
@@ -237,7 +239,7 @@ def main() -> None:
             runs.append(await drive(base, f"router (auto), {policy}", "auto", rate, seconds, args.seed, budgets))
 
     for policy in args.policies.split(","):
-        deploy(config, policy)
+        deploy(base, config, policy)
         asyncio.run(measure(policy))
     text = table(runs)
     print(text)

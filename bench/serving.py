@@ -236,10 +236,11 @@ def wait_http(
     proc: subprocess.Popen,
     timeout: float,
     what: str = "server",
-    ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+    ready: Callable[[httpx.Response], bool] | None = None,
 ) -> None:
-    """Poll `url` until its answer is `ready` (200 by default); fail early if `proc` exits, or
+    """Poll `url` until its answer is `ready` (200 when None); fail early if `proc` exits, or
     after `timeout` seconds."""
+    ready = ready or (lambda r: r.status_code == 200)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -253,12 +254,9 @@ def wait_http(
     raise TimeoutError(f"{what}: {url} not ready after {timeout:.0f}s")
 
 
-def routed(response: httpx.Response) -> bool:
-    """Whether tierserve's `GET /v1/tiers` says its router counts every tier healthy. `/health`
-    asks the tiers themselves and can pass a moment before the router's own view of a tier that
-    has just started does (its first load poll), when a request would still get a 503."""
-    tiers = response.json()["data"]
-    return bool(tiers) and all(t["router"]["healthy"] for t in tiers)
+def serving_every_tier(response: httpx.Response) -> bool:
+    """Whether tierserve's `GET /health` says every tier serves (its router routes to it)."""
+    return response.json().get("status") == "ok"
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -510,13 +508,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[Result], list[Split], str | 
                 shutdown()
                 continue
             port = free_port()
-            cmd, ready, model = server_command(system, checkpoint, port, receiver_port)
+            cmd, ready_url, model = server_command(system, checkpoint, port, receiver_port)
             name = re.sub(r"[^\w.-]+", "_", system)
             proc = spawn(cmd, logs / f"{name}.log")
             try:
-                wait_http(ready, proc, timeout=600)
-                if system in TIERSERVE:  # and its router has seen the tier answer (see below)
-                    wait_http(f"http://127.0.0.1:{port}/v1/tiers", proc, timeout=120, ready=routed)
+                wait_http(ready_url, proc, timeout=600, ready=serving_every_tier if system in TIERSERVE else None)
                 stream = openai_stream(f"http://127.0.0.1:{port}/v1", model)
                 runs, split = asyncio.run(bench_system(system, stream, args))
                 results += runs

@@ -68,6 +68,7 @@ def start(receiver_port: int) -> str:
 
     from tierserve.cluster.app import build_application
     from tierserve.cluster.config import SERVE_THROUGHPUT_ENV, parse_config
+    from tierserve.cluster.ops import wait_serving
 
     os.environ.update(SERVE_THROUGHPUT_ENV)
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": dict(SERVE_THROUGHPUT_ENV)})
@@ -83,6 +84,7 @@ def start(receiver_port: int) -> str:
     }
     for app in (untraced, traced):
         serve.run(build_application(parse_config(app)), name=app["name"], route_prefix=f"/{app['name']}")
+        wait_serving(f"http://127.0.0.1:{port}/{app['name']}", 60)
     return f"http://127.0.0.1:{port}"
 
 

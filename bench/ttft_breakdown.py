@@ -47,6 +47,7 @@ def main() -> None:
     from tierserve.cluster.app import build_application, tier_deployment_name
     from tierserve.cluster.cli import start_ray
     from tierserve.cluster.config import load_config
+    from tierserve.cluster.ops import wait_serving
     from tierserve.core.types import ChatMessage
 
     config = load_config(REPO / "configs" / "local.yaml")
@@ -54,6 +55,7 @@ def main() -> None:
     start_ray(config, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_application(config), name="ttft", route_prefix="/")
+    wait_serving(f"http://127.0.0.1:{port}", 60)
     tier = serve.get_deployment_handle(tier_deployment_name(config.tiers[0].name), app_name="ttft").options(stream=True)
     ingress = serve.get_app_handle("ttft").options(stream=True)
     body = {
