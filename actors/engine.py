@@ -334,6 +334,7 @@ class VLLMEngine:
                 seed=options.seed,
                 stop=list(options.stop) or None,
                 stop_token_ids=list(options.stop_token_ids) or None,
+                logit_bias=dict(options.logit_bias) or None,
                 presence_penalty=options.presence_penalty,
                 frequency_penalty=options.frequency_penalty,
                 repetition_penalty=options.repetition_penalty,

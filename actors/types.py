@@ -55,6 +55,8 @@ class SamplingOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> bias added to its logit (OpenAI's `logit_bias`); ids past the tier's vocabulary are a 400."""
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

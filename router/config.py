@@ -33,6 +33,8 @@ class RequestLimits(BaseModel):
     """Characters of one stop sequence."""
     max_stop_token_ids: int = Field(64, ge=0)
     """Token ids in `stop_token_ids`."""
+    max_logit_bias: int = Field(300, ge=0)
+    """Tokens in `logit_bias`."""
     max_embedding_inputs: int = Field(2048, ge=1)
     """Texts in one `POST /v1/embeddings` request (OpenAI's limit); `max_prompt_chars` bounds
     their characters together."""

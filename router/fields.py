@@ -23,6 +23,8 @@ Text = Annotated[str, AfterValidator(_encodable)]
 """A string from the caller: valid Unicode that encodes as UTF-8."""
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+"""A `logit_bias` value: added to the token's logit before sampling (-100 bans it, 100 all but forces it)."""
 
 REQUEST_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
 """Unknown fields are ignored (as OpenAI-compatible servers do); `1e999` and NaN are refused."""

@@ -104,4 +104,7 @@ def check_limits(body: Any, limits: RequestLimits) -> None:
         raise _over(
             "the number of stop_token_ids", len(ids), limits.max_stop_token_ids, "max_stop_token_ids", "stop_token_ids"
         )
+    biased = len(body.logit_bias or {})
+    if biased > limits.max_logit_bias:
+        raise _over("the number of tokens in logit_bias", biased, limits.max_logit_bias, "max_logit_bias", "logit_bias")
     body.check_fields()

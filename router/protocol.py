@@ -21,7 +21,7 @@ from tierserve.core.errors import InvalidRequest
 from tierserve.core.types import ChatMessage
 from tierserve.rag.config import RetrievalOptions
 from tierserve.rag.types import INT64_MAX, INT64_MIN
-from tierserve.router.fields import INT32_MAX, REQUEST_CONFIG, Count, Text, TokenId
+from tierserve.router.fields import INT32_MAX, REQUEST_CONFIG, Bias, Count, Text, TokenId
 from tierserve.router.structured import answer_problem, check_schema
 from tierserve.router.tools import MAX_CALL_ID_CHARS, NamedToolChoice, ToolCallIn, ToolDef, check_tools, tool_calling
 
@@ -172,6 +172,8 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[TokenId] | None = None
+    logit_bias: dict[TokenId, Bias] | None = None
+    """Token id (a JSON object's keys are strings of digits) -> a bias added to its logit."""
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)
@@ -252,6 +254,7 @@ class _SamplingFields(BaseModel):
                 setattr(s, name, value)
         s.stop = list(self.stop or [])
         s.stop_token_ids = list(self.stop_token_ids or [])
+        s.logit_bias = dict(self.logit_bias or {})
         s.min_tokens = self.min_tokens
         s.ignore_eos = self.ignore_eos
         s.structured = self.response_format.structured() if self.response_format is not None else None

@@ -151,3 +151,29 @@ def test_completion_stream(client):
     whole = client.completions.create(model="auto", prompt="The sky is", max_tokens=8, temperature=0)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_logit_bias_bans_and_forces_tokens_and_refuses_ids_past_the_vocabulary(client):
+    from transformers import AutoTokenizer
+
+    from tierserve.actors.checkpoints import prepare_embedded
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded("smollm2-135m-instruct", progress=False))
+    prompt = "The capital of France is"
+
+    def greedy(**fields) -> str:
+        reply = client.completions.create(model=TIER, prompt=prompt, max_tokens=3, temperature=0, **fields)
+        return reply.choices[0].text
+
+    first = tokenizer.encode(greedy(), add_special_tokens=False)[0]
+    banned = greedy(logit_bias={str(first): -100})
+    assert tokenizer.encode(banned, add_special_tokens=False)[0] != first
+    (banana,) = tokenizer.encode(" banana", add_special_tokens=False)
+    assert greedy(logit_bias={str(banana): 100}) == " banana" * 3
+
+    with pytest.raises(openai.BadRequestError) as err:
+        greedy(logit_bias={str(len(tokenizer) + 1000): 5})
+    assert err.value.param == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="auto", messages=CAPITAL, max_tokens=1, logit_bias={"7": 500})
+    assert err.value.param == "logit_bias.7"

@@ -37,6 +37,12 @@ def refusal(model: type, body: dict, limits: RequestLimits | None = None) -> Inv
         ({"min_tokens": 20, "max_completion_tokens": 10}, "min_tokens"),
         ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
         ({"stop_token_ids": [2**40]}, "stop_token_ids.0"),
+        ({"logit_bias": {"-1": 5}}, "logit_bias.-1"),
+        ({"logit_bias": {"the": 5}}, "logit_bias.the"),
+        ({"logit_bias": {str(2**40): 5}}, "logit_bias"),
+        ({"logit_bias": {"7": 101}}, "logit_bias.7"),
+        ({"logit_bias": {"7": math.inf}}, "logit_bias.7"),
+        ({"logit_bias": [7]}, "logit_bias"),
         ({"repetition_penalty": math.inf}, "repetition_penalty"),
         ({"temperature": math.nan}, "temperature"),
         ({"slo_ttft_ms": math.inf}, "slo_ttft_ms"),
@@ -81,7 +87,13 @@ def test_completion_bad_values_name_the_field(fields, param):
 
 
 LIMITS = RequestLimits(
-    max_messages=3, max_prompt_chars=100, max_prompt_token_ids=10, max_stop=2, max_stop_chars=5, max_stop_token_ids=2
+    max_messages=3,
+    max_prompt_chars=100,
+    max_prompt_token_ids=10,
+    max_stop=2,
+    max_stop_chars=5,
+    max_stop_token_ids=2,
+    max_logit_bias=2,
 )
 
 
@@ -106,6 +118,7 @@ LIMITS = RequestLimits(
         (CompletionRequest, {"prompt": "x", "stop": ["a", "b", "c"]}, "max_stop", "stop"),
         (CompletionRequest, {"prompt": "x", "stop": ["abcdef"]}, "max_stop_chars", "stop.0"),
         (CompletionRequest, {"prompt": "x", "stop_token_ids": [1, 2, 3]}, "max_stop_token_ids", "stop_token_ids"),
+        (CompletionRequest, {"prompt": "x", "logit_bias": {"1": 1, "2": 1, "3": 1}}, "max_logit_bias", "logit_bias"),
     ],
 )
 def test_limits_name_the_limit_and_the_field(model, fields, limit, param):
@@ -118,6 +131,9 @@ def test_limits_name_the_limit_and_the_field(model, fields, limit, param):
 def test_requests_within_the_limits_pass():
     check_limits(ChatCompletionRequest(model="auto", messages=MSG * 3, stop=["a", "b"]), LIMITS)
     check_limits(CompletionRequest(model="auto", prompt=list(range(10)), stop_token_ids=[1, 2]), LIMITS)
+    biased = CompletionRequest.model_validate({"model": "auto", "prompt": "x", "logit_bias": {"1": -100, "2": 100}})
+    check_limits(biased, LIMITS)
+    assert biased.to_generate("r").sampling.logit_bias == {1: -100.0, 2: 100.0}
 
 
 # --- generated bodies -------------------------------------------------------------------------
@@ -136,9 +152,9 @@ values = st.recursive(
 )
 FIELDS = [
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop",
-    "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-    "stream", "stream_options", "user", "sla_class", "slo_ttft_ms", "slo_tpot_ms", "retrieval", "logprobs",
-    "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format", "echo", "suffix",
+    "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+    "ignore_eos", "stream", "stream_options", "user", "sla_class", "slo_ttft_ms", "slo_tpot_ms", "retrieval",
+    "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format", "echo", "suffix",
 ]  # fmt: skip
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "robot"])},
