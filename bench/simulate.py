@@ -90,7 +90,7 @@ def calibrate(args: argparse.Namespace) -> None:
     rates = [float(r) for r in args.rates.split(",")]
     model = args.tier or "auto"
     base, config = start_ray_and_serve()
-    deploy(config, "priority")
+    deploy(base, config, "priority")
     budgets = {name: (c.ttft_ms, c.tpot_ms) for name, c in config.routing.sla_classes.items()}
     tokenizer = AutoTokenizer.from_pretrained(prepare_embedded("smollm2-135m-instruct"))
 
