@@ -406,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TIERSERVE_LOG_LEVEL", "INFO"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request the commands make
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
-from tierserve.core.errors import ServiceUnavailable, TierServeError, Unauthenticated
+from tierserve.core.errors import ModelNotFound, ServiceUnavailable, TierServeError, Unauthenticated
 from tierserve.core.telemetry import TelemetryConfig, setup_telemetry
 from tierserve.rag.config import RagConfig
 from tierserve.router.access import Access, Principal
@@ -60,11 +60,7 @@ from tierserve.router.protocol import (
     validation_error,
 )
 from tierserve.router.replicas import tier_replicas
-from tierserve.router.responses import (
-    ChatStreamFormatter,
-    CompletionStreamFormatter,
-    StreamFormatter,
-)
+from tierserve.router.responses import ChatStreamFormatter, CompletionStreamFormatter, StreamFormatter
 from tierserve.router.retrieval_step import RetrievalStep
 from tierserve.router.routing import Router, primed
 from tierserve.router.safety_step import SafetyStep
@@ -375,6 +371,13 @@ class Ingress:
     async def _http_models(self, request: Request) -> JSONResponse:
         models = self._models(principal_of(request))
         return JSONResponse({"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]})
+
+    @app.get("/v1/models/{model:path}", responses=error_responses(401, 404, 429, 500))
+    async def _http_model(self, model: str, request: Request) -> JSONResponse:
+        """One model as `/v1/models` lists it; 404 for one the caller may not use, as for one that does not exist."""
+        for m in (m for m in self._models(principal_of(request)) if m.id == model):
+            return JSONResponse(m.model_dump(exclude_unset=True))
+        raise ModelNotFound(f"no model named {model[:256]!r}", "model")
 
     @app.get("/v1/tiers", responses=error_responses(401, 403, 429, 500))
     async def _http_tiers(self) -> JSONResponse:

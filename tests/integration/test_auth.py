@@ -183,6 +183,9 @@ def test_a_key_reaches_only_its_tiers_and_auto_routes_among_them(authed):
     c = client(base, key)
     ask(c, "two")
     assert [m.id for m in c.models.list()] == ["auto", "two"]
+    assert c.models.retrieve("two").id == "two"
+    with pytest.raises(openai.NotFoundError):  # as the list, retrieving tells only of its own tiers
+        c.models.retrieve("one")
     with pytest.raises(openai.PermissionDeniedError) as denied:
         ask(c, "one")
     assert denied.value.body["code"] == "model_not_allowed" and denied.value.body["param"] == "model"

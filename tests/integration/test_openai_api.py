@@ -16,6 +16,15 @@ def test_models_lists_auto_and_tiers(client):
     assert [m.id for m in client.models.list()] == MODELS
 
 
+def test_a_model_is_retrieved_as_listed_and_an_unknown_one_is_404(client):
+    listed = {m.id: m for m in client.models.list()}
+    for name in MODELS:
+        assert client.models.retrieve(name) == listed[name]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+
+
 def test_health_reports_each_tier(http):
     r = http.get("/health")
     assert r.status_code == 200
