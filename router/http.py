@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tierserve.core.errors import TierServeError
+from tierserve.core.errors import InvalidRequest, TierServeError
 from tierserve.router.access import ANONYMOUS, Access, Principal
 from tierserve.router.audit import Auditor, AuditRecord
 from tierserve.router.config import RequestLimits
@@ -252,12 +252,27 @@ def refused(request: Request, exc: TierServeError, headers: dict[str, str] | Non
     return error_response(exc, headers)
 
 
+def _reads_as_json(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this type as JSON: none given, application/json or
+    application/*+json. It reads any other as bytes, on purpose here too: a browser must ask
+    CORS before it may send one of these, not before a form or text/plain."""
+    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
+    return not content_type or (main == "application" and (sub == "json" or sub.endswith("+json")))
+
+
 @app.exception_handler(RequestValidationError)
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    about_body = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+    if about_body and not _reads_as_json(content_type):  # `curl -d` sends application/x-www-form-urlencoded
+        message = f"the request body must be JSON sent as Content-Type: application/json, not {content_type[:100]!r}"
+        return refused(request, InvalidRequest(message, None, "invalid_content_type"))
     return refused(request, validation_error(list(exc.errors())))
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+"""Starlette's errors as OpenAI codes (FastAPI's only 400 is a body its JSON decoder failed on
+in a way other than a syntax error, such as nesting too deep)."""
 
 
 @app.exception_handler(StarletteHTTPException)

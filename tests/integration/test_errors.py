@@ -50,6 +50,28 @@ def test_malformed_requests(http, path, body, status, code, param):
         assert err["param"].startswith(param)
 
 
+GOOD = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_a_json_body_of_another_content_type_is_a_400_that_says_so(http, content_type):
+    """What `curl -d` without a header sends. JSON is read only from application/json (or none
+    given): a browser must ask CORS before it may send that, not before a form."""
+    r = http.post("/v1/chat/completions", content=GOOD, headers={"content-type": content_type})
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["code"] == "invalid_content_type" and "Content-Type: application/json" in err["message"]
+    for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        assert (
+            http.post("/v1/chat/completions", content=GOOD, headers={"content-type": content_type}).status_code == 200
+        )
+
+
+def test_json_nested_past_the_decoders_depth_is_invalid_json(http):
+    r = http.post("/v1/chat/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_unknown_model_is_404(client, stream):
     with pytest.raises(openai.NotFoundError) as err:
