@@ -406,7 +406,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TIERSERVE_LOG_LEVEL", "INFO"))
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request the commands make
+    # Not a line per HTTP request the commands make, nor faiss's report of each CPU build it tries.
+    for chatty in ("httpx", "faiss.loader"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:
         return args.func(args)
