@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from tierserve.actors.types import GenerateRequest, SamplingOptions, StructuredOutput
 from tierserve.core.errors import InvalidRequest
@@ -272,12 +272,23 @@ class ChatCompletionRequest(_SamplingFields):
     """Functions the model may call (docs/tools.md); only tiers with `tools` set serve them."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = Field(None, json_schema_extra={"deprecated": True})
+    """OpenAI's deprecated function calling: refused (send `tools`), never silently ignored."""
+    function_call: Any = Field(None, json_schema_extra={"deprecated": True})
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_function_calling(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            current = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"OpenAI's deprecated function calling is not supported; send {current} (docs/tools.md)")
+        return v
 
     def uses_tools(self) -> bool:
         """Whether only a tier that serves tools can take it: it offers functions, or its history
@@ -329,6 +340,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     @field_validator("prompt")
     @classmethod
@@ -348,6 +360,13 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_of_each(cls, v: int | None) -> int | None:
+        if v is not None and v > 1:
+            raise ValueError("best_of is not supported; ask for n choices and pick among them")
+        return v
 
     def routing_text(self) -> tuple[str, int]:
         return (self.prompt if isinstance(self.prompt, str) else ""), 1

@@ -43,6 +43,8 @@ def refusal(model: type, body: dict, limits: RequestLimits | None = None) -> Inv
         ({"logit_bias": {"7": 101}}, "logit_bias.7"),
         ({"logit_bias": {"7": math.inf}}, "logit_bias.7"),
         ({"logit_bias": [7]}, "logit_bias"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
         ({"repetition_penalty": math.inf}, "repetition_penalty"),
         ({"temperature": math.nan}, "temperature"),
         ({"slo_ttft_ms": math.inf}, "slo_ttft_ms"),
@@ -79,6 +81,7 @@ def test_chat_bad_values_name_the_field(fields, param):
         ({"prompt": [1, -5]}, "prompt"),
         ({"prompt": "x", "min_tokens": 17}, "min_tokens"),  # max_tokens defaults to 16
         ({"prompt": "\ud800"}, "prompt"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
     ],
 )
 def test_completion_bad_values_name_the_field(fields, param):
@@ -133,6 +136,7 @@ def test_requests_within_the_limits_pass():
     check_limits(CompletionRequest(model="auto", prompt=list(range(10)), stop_token_ids=[1, 2]), LIMITS)
     biased = CompletionRequest.model_validate({"model": "auto", "prompt": "x", "logit_bias": {"1": -100, "2": 100}})
     check_limits(biased, LIMITS)
+    check_limits(CompletionRequest(model="auto", prompt="x", best_of=1), LIMITS)  # what some clients send by default
     assert biased.to_generate("r").sampling.logit_bias == {1: -100.0, 2: 100.0}
 
 
