@@ -30,6 +30,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -53,6 +54,25 @@ def prepare_models(config: AppConfig, cache_dir: Path) -> None:
     for name in sorted({t.embedded_name for t in config.tiers if t.embedded_name}):
         path = prepare_embedded(name, cache_dir, progress=True)
         print(f"model {name}: {path}", flush=True)
+
+
+def taken_ports(config: AppConfig) -> list[str]:
+    """The ports `tierserve serve` must bind that something else holds: the HTTP port, and on a
+    private local cluster its metrics port (taken, Ray's node would wait half a minute and fail
+    with a message that names neither). Checked by binding each one for a moment."""
+    wanted = [(config.server.host, config.server.port, "the HTTP port (server.port, or --port)")]
+    if not config.ray.address and config.ray.metrics_export_port:
+        wanted.append(("", config.ray.metrics_export_port, "Ray's metrics port (ray.metrics_export_port)"))
+    taken = []
+    for host, port, what in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                taken.append(f"{what} {host or '*'}:{port} ({exc.strerror})")
+    return taken
 
 
 def start_ray(config: AppConfig, **init_kwargs: object) -> None:
@@ -85,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     cache = model_cache_dir(config, None)
     config = config.model_copy(update={"server": server, "model_cache": str(cache)})
+    taken = taken_ports(config)
+    if taken:
+        raise OpsError(f"cannot bind {'; '.join(taken)}. Is tierserve already running? (`tierserve status`)")
     if not args.no_prepare:
         prepare_models(config, cache)
 

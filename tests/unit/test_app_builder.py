@@ -106,3 +106,24 @@ def test_cli_config_check(tmp_path):
     )
     assert res.returncode == 2
     assert f"{bad}:5: tiers[0].engine.max_modle_len: not an option of vLLM's AsyncEngineArgs" in res.stderr
+
+
+def test_serve_refuses_at_once_when_its_ports_are_taken():
+    """`tierserve serve` checks its HTTP and metrics ports before it starts Ray (taken, Ray's node
+    waited half a minute and failed naming neither)."""
+    import socket
+
+    from tierserve.cluster.cli import main, taken_ports
+
+    config = load_config(REPO / "configs" / "local.yaml", check_engine=False)
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"metrics_export_port": None})})
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        server = config.server.model_copy(update={"host": "127.0.0.1", "port": port})
+        taken = taken_ports(config.model_copy(update={"server": server}))
+        assert len(taken) == 1 and f"127.0.0.1:{port}" in taken[0] and "server.port" in taken[0]
+        assert main(["serve", "--port", str(port), "--no-prepare"]) == 2  # before Ray starts
+    server = config.server.model_copy(update={"host": "127.0.0.1", "port": port})
+    assert taken_ports(config.model_copy(update={"server": server})) == []
