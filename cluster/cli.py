@@ -429,9 +429,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TIERSERVE_LOG_LEVEL", "INFO"))
-    # Not a line per HTTP request the commands make, nor faiss's report of each CPU build it tries.
-    for chatty in ("httpx", "faiss.loader"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    # Not a line per HTTP request the commands make, nor faiss's report of each CPU build it
+    # tries, nor vLLM's of a Triton without a CPU backend (it runs without one here).
+    quiet = {"httpx": logging.WARNING, "faiss.loader": logging.WARNING, "vllm.triton_utils.importing": logging.ERROR}
+    for chatty, level in quiet.items():
+        logging.getLogger(chatty).setLevel(level)
     args = parser().parse_args(argv)
     try:
         return args.func(args)
