@@ -377,7 +377,7 @@ class Ingress:
         """One model as `/v1/models` lists it; 404 for one the caller may not use, as for one that does not exist."""
         for m in (m for m in self._models(principal_of(request)) if m.id == model):
             return JSONResponse(m.model_dump(exclude_unset=True))
-        raise ModelNotFound(f"no model named {model[:256]!r}", "model")
+        raise ModelNotFound(f"The model {model[:256]!r} does not exist or you do not have access to it.", "model")
 
     @app.get("/v1/tiers", responses=error_responses(401, 403, 429, 500))
     async def _http_tiers(self) -> JSONResponse:
