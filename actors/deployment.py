@@ -33,6 +33,7 @@ from tierserve.actors.restarts import EngineRestarts
 from tierserve.actors.speculation import ResolvedSpeculation, resolve_speculation, vllm_speculative_config
 from tierserve.actors.tracing import generation_span
 from tierserve.actors.types import GenerateRequest, TierInfo, TierLoad, TierStats, TokenChunk
+from tierserve.core.errors import ServiceUnavailable
 from tierserve.core.streams import StreamObserver, observed
 from tierserve.core.telemetry import TelemetryConfig, setup_telemetry, shutdown_telemetry
 
@@ -213,11 +214,15 @@ class TierDeployment:
         """The batch-size → k lookup this replica's engine runs now (see `adaptive.py`)."""
         return await self.engine.speculation_schedule()
 
-    async def ready(self) -> None:
-        """Raise unless this replica's engine can serve now (the ingress's `/health` asks): a
-        dead or restarting engine raises `ServiceUnavailable`, while Serve's `check_health`
-        may still pass."""
-        await self.engine.check_health()
+    async def ready(self) -> str | None:
+        """None if this replica's engine can serve now, else why not (the ingress's `/health`
+        asks): a dead or restarting engine is not ready while Serve's `check_health` may still
+        pass. Returned, not raised: Serve logs a traceback for every call that raises."""
+        try:
+            await self.engine.check_health()
+        except ServiceUnavailable as exc:
+            return str(exc)
+        return None
 
     async def check_health(self) -> None:
         """Called by Serve every `health_check_period_s`; raising marks the replica unhealthy.

@@ -253,22 +253,30 @@ class VLLMEngine:
         self._require_serving()
         await self._llm.check_health()
 
-    def _require_serving(self) -> None:
-        """Raise `ServiceUnavailable` unless an engine runs (none while it (re)starts) and lives."""
+    def unavailable(self) -> str | None:
+        """Why no engine can serve now (none runs while it (re)starts, or it died); None if one can."""
         if self._llm is None:
-            raise ServiceUnavailable(f"engine for {self.model} is not running")
+            return f"engine for {self.model} is not running"
         if self.dead:
-            raise ServiceUnavailable(f"engine for {self.model} is dead: {self._llm.dead_error}")
+            return f"engine for {self.model} is dead: {self._llm.dead_error}"
+        return None
+
+    def _require_serving(self) -> None:
+        why = self.unavailable()
+        if why is not None:
+            raise ServiceUnavailable(why)
 
     def waiting(self) -> int:
         """Requests queued in the engine's scheduler for a slot, as of the last step."""
         return self._waiting
 
     def load(self) -> TierLoad:
-        """Load and latency model for the router; raises `ServiceUnavailable` while the engine
-        cannot serve, so a poll never reports a dead engine's tier as healthy."""
-        self._require_serving()
-        return self.latency.load(self._running, self._waiting, self.max_model_len)
+        """Load and latency model for the router; while the engine cannot serve it says why
+        (`unavailable`), so a poll never reports a dead engine's tier as healthy. Said, not
+        raised: Serve logs a traceback for every call that raises, four a second here."""
+        load = self.latency.load(self._running, self._waiting, self.max_model_len)
+        why = self.unavailable()
+        return load if why is None else dataclasses.replace(load, unavailable=why)
 
     def stats(self) -> TierStats:
         spec = self._steps.speculation

@@ -302,6 +302,9 @@ class TierLoad:
     """The engine orders its queue by request priority (vLLM `scheduling_policy: priority`)."""
     at: float = 0.0
     """When this was measured (Unix time)."""
+    unavailable: str | None = None
+    """Why the replica's engine cannot serve now (dead, restarting); None when it can. The
+    router counts such a poll as a failure of the tier, never as a sign of health."""
 
     def step_ms(self, sequences: int, prefill_tokens: int = 0) -> float:
         return self.step_ms_base + self.step_ms_per_seq * sequences + self.step_ms_per_kprompt * prefill_tokens / 1000

@@ -221,7 +221,10 @@ class TierStates:
                 else:
                     logger.debug("polling tier %s failed", tier, exc_info=True)
                 return
-            self.polled(tier, load)
+            if load.unavailable is not None:  # the replica answers, its engine cannot serve
+                self.failed(tier, load.unavailable)
+            else:
+                self.polled(tier, load)
 
         while True:
             await asyncio.gather(*(one(t) for t in self.views))

@@ -34,11 +34,13 @@ class TierStatus:
 
         async def check(name: str) -> str:
             try:
-                await asyncio.wait_for(self.handles[name].ready.remote(), self.timeout_s)
+                why = await asyncio.wait_for(self.handles[name].ready.remote(), self.timeout_s)
             except asyncio.TimeoutError:
                 return f"no answer within {self.timeout_s:g}s"
             except Exception as exc:
                 return str(tier_error(exc, name))
+            if why is not None:
+                return why
             if not self.states.views[name].healthy:
                 return f"the router has it down: {self.states.last_error.get(name) or 'not polled yet'}"
             return "ok"

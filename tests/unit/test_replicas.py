@@ -104,3 +104,33 @@ def test_a_tier_that_answers_polls_stays_healthy_while_serves_count_catches_up()
     now[0] += 1.0  # no poll answered since: Serve's report counts
     states.replicas_seen("small", starting)
     assert not states.views["small"].healthy
+
+
+async def test_a_poll_answered_by_a_replica_whose_engine_cannot_serve_takes_the_tier_down():
+    """A replica restarting its engine answers its load poll with why it cannot serve (rather
+    than raising, which Serve would log with a traceback four times a second): the tier goes
+    down on it and comes back with the first poll its engine answers."""
+    import asyncio
+
+    from tierserve.actors.types import TierLoad
+
+    serving = TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1)
+    answers = {"small": TierLoad(0, 0, 8, 2048, 10.0, 1.0, 0.1, unavailable="engine for m is not running")}
+    polled = asyncio.Event()
+
+    async def fetch(tier: str) -> TierLoad:
+        polled.set()
+        return answers[tier]
+
+    states = TierStates(["small"], RoutingConfig())
+    poller = asyncio.create_task(states.poll_forever(fetch, 0.01, lambda exc: None))
+    try:
+        await asyncio.wait_for(polled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not states.views["small"].healthy
+        assert states.last_error["small"] == "engine for m is not running"
+        answers["small"] = serving
+        await asyncio.sleep(0.05)
+        assert states.views["small"].healthy and states.views["small"].load == serving
+    finally:
+        poller.cancel()
