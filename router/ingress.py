@@ -375,9 +375,10 @@ class Ingress:
     @app.get("/v1/models/{model:path}", responses=error_responses(401, 404, 429, 500))
     async def _http_model(self, model: str, request: Request) -> JSONResponse:
         """One model as `/v1/models` lists it; 404 for one the caller may not use, as for one that does not exist."""
-        for m in (m for m in self._models(principal_of(request)) if m.id == model):
-            return JSONResponse(m.model_dump(exclude_unset=True))
-        raise ModelNotFound(f"The model {model[:256]!r} does not exist or you do not have access to it.", "model")
+        found = next((m for m in self._models(principal_of(request)) if m.id == model), None)
+        if found is None:
+            raise ModelNotFound(f"The model {model[:256]!r} does not exist or you do not have access to it.", "model")
+        return JSONResponse(found.model_dump(exclude_unset=True))
 
     @app.get("/v1/tiers", responses=error_responses(401, 403, 429, 500))
     async def _http_tiers(self) -> JSONResponse:
