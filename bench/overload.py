@@ -17,8 +17,14 @@ while offered load stays above capacity.
 
     .venv/bin/python bench/overload.py [--burst 240] [--tokens 64] [--rounds 3] [--no-write]
     .venv/bin/python bench/overload.py --rate [--variants ...] [--multiples 4] [--duration-s 60] [--seed 0]
+    .venv/bin/python bench/overload.py --rate --tier small ...
 
-Prints a table and writes it to docs/reliability.md (section `overload`, or `overload-rate`).
+With `--tier`, every request names that tier, so one engine runs on its core and the HTTP proxy,
+the ingress and this load generator have the other core: the front end is not short of CPU, as
+on a GPU node, where it has cores of its own.
+
+Prints a table and writes it to docs/reliability.md (section `overload`, `overload-rate`, or
+`overload-rate-TIER`).
 """
 
 from __future__ import annotations
@@ -68,10 +74,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one(client: httpx.AsyncClient, i: int, tokens: int) -> Outcome:
+async def one(client: httpx.AsyncClient, i: int, tokens: int, model: str = "auto") -> Outcome:
     sla = "interactive" if i % 3 == 0 else "standard"
     body = {
-        "model": "auto",
+        "model": model,
         "messages": [
             {"role": "user", "content": f"Request {i}: write a short note about rivers and {i % 17} bridges."}
         ],
@@ -149,9 +155,9 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-async def burst(base: str, n: int, tokens: int) -> list[Outcome]:
+async def burst(base: str, n: int, tokens: int, model: str) -> list[Outcome]:
     async with client_for(base, n + 8) as client:
-        return list(await asyncio.gather(*(one(client, i, tokens) for i in range(n))))
+        return list(await asyncio.gather(*(one(client, i, tokens, model) for i in range(n))))
 
 
 def client_for(base: str, connections: int) -> httpx.AsyncClient:
@@ -159,7 +165,7 @@ def client_for(base: str, connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, timeout=600, limits=limits)
 
 
-async def capacity(base: str, clients: int, duration_s: float, tokens: int) -> float:
+async def capacity(base: str, clients: int, duration_s: float, tokens: int, model: str) -> float:
     """Completed requests per second with `clients` sending back to back (a closed loop, so the
     service is never offered more than it holds): the answers that end in the last three
     quarters of `duration_s` (the first quarter holds the clients' first answers)."""
@@ -169,7 +175,7 @@ async def capacity(base: str, clients: int, duration_s: float, tokens: int) -> f
     async def client(c: httpx.AsyncClient, k: int) -> None:
         i = k
         while time.perf_counter() < stop:
-            out = await one(c, 3 * i + 1, tokens)  # standard: i % 3 != 0
+            out = await one(c, 3 * i + 1, tokens, model)  # standard: i % 3 != 0
             if out.status == 200 and out.tokens:
                 done.append(time.perf_counter())
             i += clients
@@ -182,7 +188,7 @@ async def capacity(base: str, clients: int, duration_s: float, tokens: int) -> f
     return len(counted) / (0.75 * duration_s)
 
 
-async def open_loop(base: str, rate: float, duration_s: float, tokens: int, seed: int) -> list[Outcome]:
+async def open_loop(base: str, rate: float, duration_s: float, tokens: int, seed: int, model: str) -> list[Outcome]:
     """Poisson arrivals at `rate` per second for `duration_s`, each sent when it arrives
     whatever the service is doing (an open loop); every outcome, once all have ended."""
     rng = random.Random(seed)
@@ -195,7 +201,7 @@ async def open_loop(base: str, rate: float, duration_s: float, tokens: int, seed
         tasks = []
         for i, at in enumerate(arrivals):
             await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(c, i, tokens)))
+            tasks.append(asyncio.create_task(one(c, i, tokens, model)))
         outcomes = list(await asyncio.gather(*tasks))
     for out, at in zip(outcomes, arrivals):
         out.sent_s = at
@@ -267,11 +273,12 @@ def settle(http: httpx.Client, row: dict) -> dict:
 
 VARIANTS = {
     "shipped": {},
+    "shed past 1x budget": {"shed_over_budget": 1.0},
     "no TTFT feedback": {"ttft_feedback": False},
     "shed past 3x budget": {"shed_over_budget": 3.0},
     "neither": {"ttft_feedback": False, "shed_over_budget": 3.0},
 }
-"""Routing options changed from configs/local.yaml's (TTFT feedback on, shed past 1x budget),
+"""Routing options changed from configs/local.yaml's (TTFT feedback on, shed past 0.8x budget),
 by name; `neither` is the embedded default before 2026-12-07."""
 
 
@@ -289,10 +296,14 @@ def main() -> int:
     parser.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), help="with --rate, default: all; else: shipped"
     )
+    parser.add_argument(
+        "--tier", help="every request names this tier (one engine runs, the other core is left to the front end)"
+    )
     parser.add_argument("--outcomes", type=Path, help="also write every request's outcome here (JSON lines)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     variants = args.variants or (list(VARIANTS) if args.rate else ["shipped"])
+    model = args.tier or "auto"
 
     import ray
     from ray import serve
@@ -321,15 +332,17 @@ def main() -> int:
                 if args.rate:
                     # Every variant runs the closed loop (it also warms the router's fits); the
                     # offered load is the first variant's capacity, so all see the same arrivals.
-                    measured = asyncio.run(capacity(base, args.capacity_clients, args.capacity_s, args.tokens))
+                    measured = asyncio.run(capacity(base, args.capacity_clients, args.capacity_s, args.tokens, model))
                     settle(http, {"variant": variant, "capacity_rps": measured})
                     served = served or measured
                     for k, multiple in enumerate(float(m) for m in args.multiples.split(",")):
-                        arrivals = open_loop(base, multiple * served, args.duration_s, args.tokens, args.seed + k)
+                        arrivals = open_loop(
+                            base, multiple * served, args.duration_s, args.tokens, args.seed + k, model
+                        )
                         record(asyncio.run(arrivals), f"{prefix}{multiple:g}x ({multiple * served:.1f}/s)")
                 else:
                     for i in range(args.rounds):
-                        record(asyncio.run(burst(base, args.burst, args.tokens)), f"{prefix}{i + 1}")
+                        record(asyncio.run(burst(base, args.burst, args.tokens, model)), f"{prefix}{i + 1}")
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -340,15 +353,17 @@ def main() -> int:
     if not args.no_write:
         cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
         if args.rate:
-            section = "overload-rate"
+            section = "overload-rate" + (f"-{args.tier}" if args.tier else "")
             named = " ".join(f'"{v}"' for v in variants)
+            tier = f" --tier {args.tier}" if args.tier else ""
+            asked = f"chats for `{args.tier}` (one engine runs)" if args.tier else "`auto` chats"
             head = (
                 f"`.venv/bin/python bench/overload.py --rate --variants {named} "
                 f"--multiples {args.multiples} --duration-s {args.duration_s:g} --tokens {args.tokens} "
-                f"--seed {args.seed}` "
+                f"--seed {args.seed}{tier}` "
                 f"({time.strftime('%Y-%m-%d')}, {cpu}; capacity "
                 f"{served:.2f} completed requests/s with {args.capacity_clients} clients back to back; then Poisson "
-                f"arrivals of streamed `auto` chats for {args.duration_s:g} s at each multiple of it, a third "
+                f"arrivals of streamed {asked} for {args.duration_s:g} s at each multiple of it, a third "
                 f"interactive, {args.tokens} tokens each):\n\n"
             )
         else:

@@ -209,11 +209,13 @@ class RoutingConfig(BaseModel):
     """A tier counts as meeting a budget when its predicted TTFT and TPOT are within this share
     of it, and its predicted TPOT within this share of the tightest TPOT budget of the requests
     already running there (one more request must not push theirs over)."""
-    shed_over_budget: float | None = Field(3.0, ge=1)
+    shed_over_budget: float | None = Field(3.0, gt=0)
     """Shed (429, `Retry-After`) a request that every tier is predicted to keep waiting for its
     first token more than this many times its TTFT budget: under overload, the requests admitted
-    can still be answered in time. None: serve such requests best effort. Requests without a
-    TTFT budget (the `batch` class) are shed only by `max_queue`."""
+    can still be answered in time. Below 1 it leaves a margin for the prediction's error (a
+    prediction just within the budget is as likely to be late as early). None: serve such
+    requests best effort. Requests without a TTFT budget (the `batch` class) are shed only by
+    `max_queue`."""
     ttft_feedback: bool = False
     """Correct each tier's predicted TTFT by the first tokens the ingress has measured against
     the step-cost model's predictions lately (`TtftFit`, docs/routing.md): the model sees only

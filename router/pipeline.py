@@ -141,12 +141,16 @@ class Pipeline:
 
         async def formatted() -> AsyncIterator[list[BaseModel]]:
             answer: list[str] = []  # the first choice's text, for grounding
+            waiting = True  # for the first text
             async with contextlib.aclosing(batches) as source:  # closed with this one
                 async for batch in source:
                     items = [item for chunk in batch for item in fmt.format(chunk)]
                     if retrieved is not None:
                         answer += [chunk.text for chunk in batch if chunk.index == 0]
-                    last = any(chunk.usage is not None or chunk.finish_reason == "content_filter" for chunk in batch)
+                    last = _is_last(batch)
+                    if waiting and (last or _has_text(batch)):
+                        waiting = False
+                        self.router.first_token(routed, last, _held_steps(batch))
                     if items and last:
                         if retrieved is not None:
                             await self.retrieval.ground(retrieved, "".join(answer), routed.tier)
@@ -169,9 +173,15 @@ class Pipeline:
         routed, batches = ctx.routed, ctx.batches
         assert routed is not None and batches is not None
         built = CompletionBuilder(body.n)
+        waiting = True  # for the first text
         async for batch in batches:
+            if waiting and _has_text(batch):
+                waiting = False
+                self.router.first_token(routed, _is_last(batch), _held_steps(batch))
             for chunk in batch:
                 built.add(chunk)
+        if waiting:
+            self.router.first_token(routed, True, 0)
         whole = built.chat(ctx.rid, routed.tier) if ctx.chat else built.completion(ctx.rid, routed.tier)
         if ctx.retrieved is not None:
             await self.retrieval.ground(ctx.retrieved, "".join(built.texts[0]), routed.tier)
@@ -312,6 +322,21 @@ class Pipeline:
         if self.safety.chain is not None:
             extension["safety"] = ctx.safety.extension()
         return extension
+
+
+def _is_last(batch: list[TokenChunk]) -> bool:
+    """Whether the batch ends the request (its usage, or the guards' refusal, is in it)."""
+    return any(chunk.usage is not None or chunk.finish_reason == "content_filter" for chunk in batch)
+
+
+def _has_text(batch: list[TokenChunk]) -> bool:
+    """Whether the batch gives the caller any of the answer (text or a tool call)."""
+    return any(chunk.text or chunk.tool_calls for chunk in batch)
+
+
+def _held_steps(batch: list[TokenChunk]) -> int:
+    """Engine steps after the tier's first that came before this batch could leave."""
+    return max(chunk.step for chunk in batch) - 1
 
 
 class _Spent(StreamObserver[list[TokenChunk]]):

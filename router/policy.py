@@ -123,6 +123,9 @@ class TierView:
     """Requests this ingress has in flight there, by priority."""
     ttft_correction: TtftCorrection = TtftCorrection()
     """Applied to the modelled TTFT (`routing.ttft_feedback`)."""
+    hold_steps: float = 0.0
+    """Engine steps the output guards lately held a caller's first text back after the tier's
+    first token (a decayed mean): the caller's first token comes that many steps later."""
 
     def in_system(self) -> int:
         """Requests in the tier: as reported (all replicas), or as this ingress counts them."""
@@ -224,8 +227,11 @@ def predict(
     # Slots free up at `slots` per `request_ms` when every slot is taken.
     wait = queued * request_ms / slots
     modelled = wait + step / 2 + load.step_ms(batch, prompt_tokens)
-    idle = view.ttft_correction(load.step_ms(1) / 2 + load.step_ms(1, prompt_tokens))
-    return Prediction(view.ttft_correction(modelled), tpot, queued, request_ms, modelled, idle)
+    # The caller's first token comes the output guards' recent hold after the tier's.
+    hold = view.hold_steps
+    idle = view.ttft_correction(load.step_ms(1) / 2 + load.step_ms(1, prompt_tokens)) + hold * load.step_ms(1)
+    ttft = view.ttft_correction(modelled) + hold * step
+    return Prediction(ttft, tpot, queued, request_ms, modelled, idle)
 
 
 def ranked_tiers(views: list[TierView]) -> list[TierView]:

@@ -59,9 +59,12 @@ class Routed:
     tried: list[tuple[str, str]] = field(default_factory=list)
     """Tiers that failed before their first token, with the error code."""
     first_token_at: float | None = None
+    """When the caller's first token left: set when the tier's first tokens are in and the input
+    guards have passed (`Router.open`), and moved to when the output guards let the first text
+    through (`Router.first_token`), which can be a few tokens later."""
     retrieval_s: float = 0.0
     """Time spent retrieving passages before the tier: part of the client's wait, but not of any
-    tier's, so the TTFT fit (`RouterStates.first_token`) leaves it out."""
+    tier's, so the TTFT fit (`TierStates.first_token`) leaves it out."""
     usage: Usage | None = None
     cost: float | None = None
     reserved: str | None = None
@@ -316,6 +319,21 @@ class Router:
         if isinstance(last, ServiceUnavailable) and last.retry_after_s is None:
             last.retry_after_s = 1.0
         raise last
+
+    def first_token(self, routed: Routed, last: bool, held_steps: int) -> None:
+        """The caller's first text left the ingress, `held_steps` engine steps after the tier's
+        first token (in the answer's last batch if `last`). Called once a started request, by
+        whoever relays its stream (the pipeline, after the output guards).
+
+        The output guards hold back text that may be the start of a name or an address until the
+        word ends, often a few tokens, so the caller's first token comes later than the tier's.
+        That later time is what the SLA's TTFT budget is about: it is the time to first token in
+        the metrics and the audit log, and the tier's recent holds (`TierView.hold_steps`) are
+        added to its predictions. An answer held back to its end (a whole tool call) says how
+        long the answer was, not how long guards hold a first word, so it does not count."""
+        routed.first_token_at = self.clock()
+        if not last and routed.choice is not None and not routed.tried:
+            self.states.held(routed.choice.tier, held_steps)
 
     async def _first(self, stream: AsyncIterator[list[TokenChunk]]) -> list[TokenChunk] | None:
         timeout = self.config.first_token_timeout_s

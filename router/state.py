@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from tierserve.actors.latency import Ewma
 from tierserve.actors.types import TierLoad
 from tierserve.router.config import RoutingConfig, TierRouting
 from tierserve.router.policy import Sla, TierView, TtftCorrection
@@ -109,6 +110,8 @@ class TierStates:
         """Each tier's replicas as Serve last reported them (empty until the first report)."""
         self.without_replicas: set[str] = set()
         """Tiers down because Serve reported no running replica (not because a request failed)."""
+        self.holds = {name: Ewma(0.1) for name in names}
+        """Per tier, engine steps the output guards lately held a first text back (`held`)."""
         self.ttft_fits: dict[str, TtftFit] | None = None
         """Per tier, how its first tokens came against the model (None: `ttft_feedback` off)."""
         if routing.ttft_feedback:
@@ -125,6 +128,7 @@ class TierStates:
                 tightest_tpot_ms=min(self.budgets[v.name], default=None),
                 priorities=dict(self.priorities[v.name]),
                 ttft_correction=self.ttft_fits[v.name].correction(now) if self.ttft_fits else v.ttft_correction,
+                hold_steps=self.holds[v.name].value or 0.0,
             )
             for v in self.views.values()
         ]
@@ -134,6 +138,11 @@ class TierStates:
         `modelled_ms` (before correction)."""
         if self.ttft_fits is not None:
             self.ttft_fits[tier].observe(modelled_ms, observed_ms, self.clock())
+
+    def held(self, tier: str, steps: int) -> None:
+        """A request's first text reached its caller `steps` engine steps after the tier's
+        first token (the output guards held the start of a word back until it ended)."""
+        self.holds[tier].add(steps)
 
     def started(self, tier: str, sla: Sla | None = None) -> None:
         """A request with this budget and priority went to `tier`."""

@@ -67,6 +67,7 @@ class TierStatus:
                 "cost": view.cost.model_dump(),
                 "load": dataclasses.asdict(view.load) if view.load is not None else None,
                 "ttft_correction": dataclasses.asdict(view.ttft_correction),
+                "hold_steps": round(view.hold_steps, 2),
                 "last_error": self.states.last_error.get(name),
             }
             entry: dict[str, Any] = {"name": name, "description": self.directory.tiers[name].description}

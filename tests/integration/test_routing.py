@@ -128,6 +128,22 @@ def test_tiers_show_the_routers_view(http):
         assert router["load"]["step_ms_base"] > 0
 
 
+def test_the_output_guards_hold_on_the_first_word_counts_in_predicted_first_tokens(client, http):
+    """The output guard holds the first word back until the next token shows it ended (it could
+    grow into an e-mail address), so the caller's first text leaves at least one engine step after
+    the tier's first token: the router measures that hold and adds it to what it predicts."""
+    stream = client.chat.completions.create(
+        model="small",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    small = {t["name"]: t for t in http.get("/v1/tiers").json()["data"]}["small"]["router"]
+    assert small["hold_steps"] > 0.5  # a decayed mean over this ingress's answers, each held 1+ steps
+
+
 # ----- apps of tiny tiers beside the shared one ----------------------------------------------
 
 

@@ -403,6 +403,22 @@ def test_a_request_no_tier_can_answer_within_budget_even_idle_is_served_when_the
     assert decide(RequestFeatures(50, 64, 0.2, "small"), standard, tiers(small_load=busy), shed_over_budget=1.0).refused
 
 
+def test_shedding_below_1x_the_budget_keeps_a_margin_under_load_only():
+    """`shed_over_budget` below 1 refuses, under load, a request predicted just within its
+    budget (such a prediction misses about half the time); a tier with room still serves a
+    prompt whose own prefill takes most of the budget."""
+    busy = load(running=8, waiting=8, slots=8)
+    p = predict(TierView("small", load=busy), 100, 64)
+    sla = Sla(ttft_ms=p.ttft_ms / 0.9)  # predicted at 0.9x the budget
+    assert decide(RequestFeatures(100, 64), sla, [TierView("small", load=busy)], shed_over_budget=1.0).choices
+    shed = decide(RequestFeatures(100, 64), sla, [TierView("small", load=busy)], shed_over_budget=0.8)
+    assert not shed.choices and shed.refused == {"small": "over_budget"}
+    idle = load(base=60.0, per_kprompt=2000.0)
+    alone = predict(TierView("small", load=idle), 1000, 64)  # prefill alone: most of the budget
+    tight = Sla(ttft_ms=alone.ttft_ms / 0.9)
+    assert decide(RequestFeatures(1000, 64), tight, [TierView("small", load=idle)], shed_over_budget=0.8).choices
+
+
 def test_a_ttft_correction_scales_the_modelled_prediction_and_is_what_sheds():
     """The tier's first tokens have come 2x the model: the prediction says so, the model's own
     figure stays beside it, and a request the model would admit is shed."""

@@ -157,3 +157,35 @@ async def test_time_spent_retrieving_teaches_the_ttft_fit_nothing():
         batches = await router.open(r, lambda name: Tier().stream())
         assert len([b async for b in batches]) == 3
     assert router.states.snapshot()[0].ttft_correction.scale < 1.5
+
+
+async def test_the_output_guards_hold_is_added_to_the_first_token_predicted():
+    """The output guards hold back the start of a word until it ends, so the caller's first
+    text can leave a few engine steps after the tier's first token: the router adds the tier's
+    recent hold to what it predicts, and takes the caller's time as the request's TTFT. An
+    answer held back whole (a tool call) says nothing about that hold."""
+    router = Router(RoutingConfig(), ["small"], "small")
+    router.states.polled("small", TierLoad(0, 0, 8, 2048, 20.0, 5.0, 40.0, 1.0, 100.0))
+    first = await router.plan(Body(), None)
+    router.release(first)
+    before = first.decision.first.predicted_ttft_ms
+
+    async def served(held_steps: int, last: bool) -> Routed:
+        r = await router.plan(Body(), None)
+        batches = await router.open(r, lambda name: Tier().stream())
+        tier_first = r.first_token_at
+        router.first_token(r, last, held_steps)
+        assert r.first_token_at >= tier_first
+        assert len([b async for b in batches]) == 3
+        return r
+
+    for _ in range(40):
+        await served(12, last=True)
+    assert router.states.snapshot()[0].hold_steps == 0.0
+    for _ in range(40):
+        await served(3, last=False)
+    assert router.states.snapshot()[0].hold_steps == pytest.approx(3.0, rel=0.02)
+    after = (await router.plan(Body(), None)).decision  # with nothing running, as `first`
+    step_ms = router.states.snapshot()[0].load.step_ms(1)  # one request running
+    assert after.first.predicted_ttft_ms == pytest.approx(before + 3 * step_ms, rel=0.02)
+    assert after.first.modelled_ttft_ms == pytest.approx(before, rel=0.02)  # what the TTFT fit learns from
