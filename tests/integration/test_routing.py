@@ -141,7 +141,8 @@ def test_the_output_guards_hold_on_the_first_word_counts_in_predicted_first_toke
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
     small = {t["name"]: t for t in http.get("/v1/tiers").json()["data"]}["small"]["router"]
-    assert small["hold_steps"] > 0.5  # a decayed mean over this ingress's answers, each held 1+ steps
+    # A decayed mean over this ingress's answers (this one held 1+ steps; others may be held less).
+    assert small["hold_steps"] > 0
 
 
 # ----- apps of tiny tiers beside the shared one ----------------------------------------------
