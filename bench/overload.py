@@ -23,8 +23,8 @@ With `--tier`, every request names that tier, so one engine runs on its core and
 the ingress and this load generator have the other core: the front end is not short of CPU, as
 on a GPU node, where it has cores of its own.
 
-Prints a table and writes it to docs/reliability.md (section `overload`, `overload-rate`, or
-`overload-rate-TIER`).
+Prints a table and writes it to docs/reliability.md (section `overload` or `overload-rate`,
+with `-TIER` after it for `--tier`).
 """
 
 from __future__ import annotations
@@ -352,11 +352,12 @@ def main() -> int:
     print(text)
     if not args.no_write:
         cpu = f"{platform.machine()}, {psutil.cpu_count()} cores"
+        suffix = f"-{args.tier}" if args.tier else ""
+        tier = f" --tier {args.tier}" if args.tier else ""
+        asked = f"chats for `{args.tier}` (one engine runs)" if args.tier else "`auto` chats"
         if args.rate:
-            section = "overload-rate" + (f"-{args.tier}" if args.tier else "")
+            section = "overload-rate" + suffix
             named = " ".join(f'"{v}"' for v in variants)
-            tier = f" --tier {args.tier}" if args.tier else ""
-            asked = f"chats for `{args.tier}` (one engine runs)" if args.tier else "`auto` chats"
             head = (
                 f"`.venv/bin/python bench/overload.py --rate --variants {named} "
                 f"--multiples {args.multiples} --duration-s {args.duration_s:g} --tokens {args.tokens} "
@@ -367,11 +368,11 @@ def main() -> int:
                 f"interactive, {args.tokens} tokens each):\n\n"
             )
         else:
-            section = "overload"
+            section = "overload" + suffix
             head = (
                 f"`.venv/bin/python bench/overload.py --burst {args.burst} --tokens {args.tokens} "
-                f"--rounds {args.rounds}` "
-                f"({time.strftime('%Y-%m-%d')}, {cpu}; {args.burst} streamed `auto` chats at once, a third "
+                f"--rounds {args.rounds}{tier}` "
+                f"({time.strftime('%Y-%m-%d')}, {cpu}; {args.burst} streamed {asked} at once, a third "
                 f"interactive, {args.tokens} tokens each):\n\n"
             )
         other = sorted({str(x) for r in rows for x in r["other"]})
