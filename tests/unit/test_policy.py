@@ -405,7 +405,7 @@ def test_a_request_no_tier_can_answer_within_budget_even_idle_is_served_when_the
 
 def test_shedding_below_1x_the_budget_keeps_a_margin_under_load_only():
     """`shed_over_budget` below 1 refuses, under load, a request predicted just within its
-    budget (such a prediction misses about half the time); a tier with room still serves a
+    budget (such a prediction is as likely to be late as early); a tier with room still serves a
     prompt whose own prefill takes most of the budget."""
     busy = load(running=8, waiting=8, slots=8)
     p = predict(TierView("small", load=busy), 100, 64)
